@@ -1,0 +1,1 @@
+"""LoRA-DA: data-aware initialization for LoRA."""
