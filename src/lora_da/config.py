@@ -1,0 +1,98 @@
+"""`LoraDAConfig`: every knob of the LoRA-DA method, validated once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+TOKEN_MASKS = ("attention", "labels")
+EIGENSOLVERS = ("auto", "eigh", "lobpcg")
+FISHERS = ("kfac", "identity")
+FACTOR_BALANCES = ("released", "kaiming", "svd")
+OUTPUT_SCALINGS = ("mean", "token")
+DAMPING_MODES = ("absolute", "relative")
+
+
+class LoraDAError(ValueError):
+    """Bad input to LoRA-DA: the message says what to change."""
+
+
+@dataclass
+class LoraDAConfig:
+    """Settings of LoRA-DA; the defaults reproduce the authors' released configuration.
+
+    Args:
+        bias_weight: alpha, weight of the bias term (the natural-gradient step the subspace must express).
+        variance_weight: beta, weight of the variance term (estimation noise of the fine-tuning data).
+        gamma: initial factors are divided by sqrt(gamma); acts as the initial step size.
+        damping: lambda added to both Kronecker factors before inverting them.
+        population_size: N_pop, the number of examples of the whole fine-tuning set (not the calibration
+            set). Required when `variance_weight != 0`.
+        token_mask: which positions feed the statistics: "attention" (every attended position) or
+            "labels" (positions that make a supervised prediction).
+        normalize: divide the natural-gradient step by its largest singular value.
+        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), or "auto" (by size).
+        eigensolver_tol: relative residual tolerance of LOBPCG; "auto" falls back to "eigh" above it.
+        seed: seeds the iterative eigensolver's start so runs are reproducible.
+        fisher: "kfac" (the method) or "identity" (Z = I, y = 1: an ablation).
+        factor_balance: how the scale of `B @ A` is split: "released" (A = U^T / sqrt(gamma)), "kaiming"
+            (rows of A at the norm of PEFT's default A, B absorbs the rest) or "svd" (B = P S^1/2,
+            A = S^1/2 Q^T). `B @ A` is the same for all three.
+        output_scaling: "mean" (per-example mean loss, the method) or "token" (output gradients
+            scaled by the example's supervised token count: the Fisher of the per-token loss).
+        damping_mode: "absolute" (lambda as given) or "relative" (lambda times median(y) for the output
+            factor and times mean(diag(Z)) for the input factor).
+        show_progress: show tqdm progress bars.
+    """
+
+    bias_weight: float = 1.0
+    variance_weight: float = 0.03
+    gamma: float = 1024.0
+    damping: float = 1e-6
+    population_size: int | None = None
+    token_mask: Literal["attention", "labels"] = "attention"
+    normalize: bool = True
+    eigensolver: Literal["auto", "eigh", "lobpcg"] = "auto"
+    eigensolver_tol: float = 1e-4
+    seed: int = 0
+    fisher: Literal["kfac", "identity"] = "kfac"
+    factor_balance: Literal["released", "kaiming", "svd"] = "released"
+    output_scaling: Literal["mean", "token"] = "mean"
+    damping_mode: Literal["absolute", "relative"] = "absolute"
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("token_mask", self.token_mask, TOKEN_MASKS)
+        _check_choice("eigensolver", self.eigensolver, EIGENSOLVERS)
+        _check_choice("fisher", self.fisher, FISHERS)
+        _check_choice("factor_balance", self.factor_balance, FACTOR_BALANCES)
+        _check_choice("output_scaling", self.output_scaling, OUTPUT_SCALINGS)
+        _check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        for name in ("bias_weight", "variance_weight", "damping"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise LoraDAError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if self.bias_weight == 0 and self.variance_weight == 0:
+            raise LoraDAError("`bias_weight` and `variance_weight` cannot both be 0: nothing would pick A.")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            raise LoraDAError(f"`gamma` must be a finite number > 0, got {self.gamma!r}.")
+        if not self.eigensolver_tol > 0:
+            raise LoraDAError(f"`eigensolver_tol` must be > 0, got {self.eigensolver_tol!r}.")
+        if self.variance_weight != 0:
+            if self.population_size is None:
+                raise LoraDAError(
+                    "`variance_weight` != 0 needs `population_size`: pass the number of examples in your whole "
+                    "fine-tuning set (e.g. population_size=len(train_dataset)), or set variance_weight=0."
+                )
+            if int(self.population_size) != self.population_size or self.population_size < 1:
+                raise LoraDAError(f"`population_size` must be a positive integer, got {self.population_size!r}.")
+
+    def to_dict(self) -> dict:
+        """The settings as a JSON-ready dict."""
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LoraDAError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")

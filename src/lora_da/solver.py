@@ -1,0 +1,239 @@
+"""The LoRA-DA solve: per layer, from (G, Z, y) to the initial factors (A, B). Pure tensor math."""
+
+from __future__ import annotations
+
+import math
+import time
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .config import LoraDAConfig, LoraDAError
+
+# Above this input size "auto" tries LOBPCG first: below it exact `eigh` costs only tens of milliseconds.
+AUTO_LOBPCG_MIN_SIZE = 1024
+LOBPCG_MAX_ITERATIONS = 200
+# Norm of a row of PEFT's default A (Kaiming-uniform, a=sqrt(5)): entries U(-1/sqrt(n), 1/sqrt(n)).
+KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
+
+
+class LayerStatistics(Protocol):
+    """What the solver reads from a statistics object (see `lora_da.statistics.LoraDAStatistics`)."""
+
+    num_examples: int
+
+    @property
+    def layer_names(self) -> list[str]: ...
+
+    def gradient(self, name: str) -> torch.Tensor: ...
+
+    def input_factor(self, name: str) -> torch.Tensor: ...
+
+    def output_factor(self, name: str) -> torch.Tensor: ...
+
+    def input_group(self, name: str) -> str: ...
+
+
+@dataclass
+class LayerSolution:
+    """Initial factors of one layer and what the solve saw on the way."""
+
+    A: torch.Tensor  # [r, n]
+    B: torch.Tensor  # [m, r]
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class _InputFactor:
+    """Cholesky factor of the damped input factor `Z + lam I`, shared by the layers that read one input."""
+
+    cholesky: torch.Tensor
+    damping: float
+    inverse: torch.Tensor | None = None
+
+    def get_inverse(self) -> torch.Tensor:
+        if self.inverse is None:
+            self.inverse = torch.cholesky_inverse(self.cholesky)
+        return self.inverse
+
+
+def factor_input(input_factor: torch.Tensor, config: LoraDAConfig, layer: str = "layer") -> _InputFactor:
+    """Cholesky-factor `Z + lam I` in float64 (Z: [n, n])."""
+    z = input_factor.to(torch.float64)
+    n = z.shape[0]
+    if config.fisher == "identity":
+        z = torch.eye(n, dtype=torch.float64, device=z.device)
+    damping = config.damping
+    if config.damping_mode == "relative":
+        damping = config.damping * float(torch.diagonal(z).mean())
+    damped = z + damping * torch.eye(n, dtype=torch.float64, device=z.device)
+    cholesky, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        raise LoraDAError(
+            f"Layer {layer!r}: the input factor Z + damping*I is not positive definite (damping={damping:g}); "
+            "increase `damping`."
+        )
+    return _InputFactor(cholesky=cholesky, damping=damping)
+
+
+def solve_layer(
+    gradient: torch.Tensor,
+    input_factor: torch.Tensor | _InputFactor,
+    output_factor: torch.Tensor,
+    rank: int,
+    config: LoraDAConfig,
+    *,
+    layer: str = "layer",
+) -> LayerSolution:
+    """Solve one layer: G [m, n], Z [n, n] (or its factorization), y [m] -> A [r, n], B [m, r] (float32)."""
+    start = time.perf_counter()
+    m, n = gradient.shape
+    if not 1 <= rank <= min(m, n):
+        raise LoraDAError(f"Layer {layer!r}: rank {rank} must be between 1 and min(in, out) = {min(m, n)}.")
+    if not isinstance(input_factor, _InputFactor):
+        input_factor = factor_input(input_factor, config, layer)
+    g = gradient.to(torch.float64)
+    y = output_factor.to(torch.float64)
+    if config.fisher == "identity":
+        y = torch.ones_like(y)
+    median_y = float(y.median())
+    y_damping = config.damping * median_y if config.damping_mode == "relative" else config.damping
+    inv_y = 1.0 / (y + y_damping)
+
+    # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [n, m].
+    step = -torch.cholesky_solve(g.T, input_factor.cholesky) * inv_y[None, :]
+    sigma = float(torch.linalg.matrix_norm(step, ord=2))
+    if not math.isfinite(sigma):
+        raise LoraDAError(f"Layer {layer!r}: the natural-gradient step is not finite; check the statistics.")
+    if sigma == 0.0:
+        raise LoraDAError(f"Layer {layer!r}: the gradient is exactly zero, so LoRA-DA has no direction to pick.")
+    scale = sigma if config.normalize else 1.0
+    step = step / scale
+
+    bias = step @ step.T
+    guidance = -config.bias_weight * bias
+    variance_ratio = None
+    if config.variance_weight != 0:
+        c = float(inv_y.sum()) / config.population_size / scale**2
+        variance = (config.variance_weight * c) * input_factor.get_inverse()
+        guidance = guidance + variance
+        if config.bias_weight != 0:
+            variance_ratio = float(variance.norm() / (config.bias_weight * bias.norm()))
+    guidance = (guidance + guidance.T) / 2  # exact symmetry for the eigensolvers
+
+    basis, eigenvalues, residual, solver_used, gap = _smallest_eigenvectors(guidance, rank, config, layer)
+    basis = _fix_signs(basis)
+    a, b = _balance(basis.T.contiguous(), step.T @ basis, config)
+    info = {
+        "shape": [m, n],
+        "rank": rank,
+        "sigma": sigma,
+        "eigenvalues": eigenvalues.tolist(),
+        "eigengap": gap,
+        "eigensolver": solver_used,
+        "residual": residual,
+        "median_y_over_damping": median_y / y_damping if y_damping > 0 else math.inf,
+        "variance_bias_ratio": variance_ratio,
+        "seconds": time.perf_counter() - start,
+    }
+    return LayerSolution(A=a.to(torch.float32), B=b.to(torch.float32), info=info)
+
+
+def solve_all(
+    stats: LayerStatistics,
+    rank: int | Mapping[str, int],
+    config: LoraDAConfig,
+    *,
+    layers: Iterable[str] | None = None,
+    progress: bool | None = None,
+) -> dict[str, LayerSolution]:
+    """Solve every layer of `stats` (or just `layers`); `rank` is one int or a rank per layer."""
+    from tqdm.auto import tqdm  # local: keeps the math importable without the progress bar
+
+    names = list(stats.layer_names if layers is None else layers)
+    ranks = {name: rank if isinstance(rank, int) else rank[name] for name in names}
+    for name in names:  # every rank is checked before any work is done
+        m, n = stats.gradient(name).shape
+        if not 1 <= ranks[name] <= min(m, n):
+            raise LoraDAError(
+                f"Layer {name!r}: rank {ranks[name]} must be between 1 and min(in, out) = {min(m, n)}."
+            )
+    show = config.show_progress if progress is None else progress
+    solutions: dict[str, LayerSolution] = {}
+    cached_group, cached_factor = None, None
+    for name in tqdm(names, desc="LoRA-DA solve", unit="layer", disable=not show):
+        group = stats.input_group(name)
+        if group != cached_group:  # layers sharing an input come in a row: factor Z once for them
+            cached_group, cached_factor = group, factor_input(stats.input_factor(name), config, name)
+        solutions[name] = solve_layer(
+            stats.gradient(name), cached_factor, stats.output_factor(name), ranks[name], config, layer=name
+        )
+        solutions[name].info["seed"] = layer_seed(config.seed, name)
+    return solutions
+
+
+def solve_factors(
+    stats: LayerStatistics, rank: int | Mapping[str, int], config: LoraDAConfig
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Initial factors `{layer: (A [r, n], B [m, r])}` from statistics, with no model pass."""
+    return {name: (s.A, s.B) for name, s in solve_all(stats, rank, config).items()}
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """A per-layer seed that does not depend on the order or number of layers solved."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
+
+
+def _smallest_eigenvectors(
+    matrix: torch.Tensor, rank: int, config: LoraDAConfig, layer: str
+) -> tuple[torch.Tensor, torch.Tensor, float, str, float | None]:
+    """The `rank` eigenvectors of the smallest eigenvalues of a symmetric [n, n] matrix."""
+    n = matrix.shape[0]
+    want = min(rank + 1, n)  # one more than needed, for the eigen-gap
+    use_lobpcg = config.eigensolver == "lobpcg" or (config.eigensolver == "auto" and n >= AUTO_LOBPCG_MIN_SIZE)
+    if use_lobpcg and n >= 3 * want:  # torch's LOBPCG needs n >= 3k
+        generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer))
+        start = torch.randn(n, want, generator=generator, dtype=matrix.dtype).to(matrix.device)
+        values, vectors = torch.lobpcg(
+            matrix, k=want, X=start, largest=False, tol=config.eigensolver_tol, niter=LOBPCG_MAX_ITERATIONS
+        )
+        order = torch.argsort(values)
+        values, vectors = values[order], vectors[:, order]
+        residual = _residual(matrix, vectors[:, :rank], values[:rank])
+        if residual <= config.eigensolver_tol or config.eigensolver == "lobpcg":
+            gap = float(values[rank] - values[rank - 1]) if want > rank else None
+            return vectors[:, :rank], values[:rank], residual, "lobpcg", gap
+    values, vectors = torch.linalg.eigh(matrix)
+    gap = float(values[rank] - values[rank - 1]) if n > rank else None
+    residual = _residual(matrix, vectors[:, :rank], values[:rank])
+    return vectors[:, :rank], values[:rank], residual, "eigh", gap
+
+
+def _residual(matrix: torch.Tensor, vectors: torch.Tensor, values: torch.Tensor) -> float:
+    """Relative residual ||M U - U diag(values)||_F / ||M||_F."""
+    scale = float(matrix.norm()) or 1.0
+    return float((matrix @ vectors - vectors * values[None, :]).norm()) / scale
+
+
+def _fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive (eigenvectors have no sign)."""
+    index = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors.gather(0, index[None, :]))
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+def _balance(basis_t: torch.Tensor, projected: torch.Tensor, config: LoraDAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split `projected @ basis_t / gamma` ([m, n], rank r) into B [m, r] @ A [r, n] per `factor_balance`."""
+    root = math.sqrt(config.gamma)
+    if config.factor_balance == "released":
+        return basis_t / root, projected / root
+    if config.factor_balance == "kaiming":
+        return basis_t * KAIMING_ROW_NORM, projected / (config.gamma * KAIMING_ROW_NORM)
+    # "svd": projected = P S Q^T, so the update is P S (basis Q)^T; give each side S^1/2.
+    left, singular, right_t = torch.linalg.svd(projected, full_matrices=False)
+    half = singular.sqrt()
+    return (half[:, None] * (right_t @ basis_t)) / root, (left * half[None, :]) / root

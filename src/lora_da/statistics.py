@@ -1,0 +1,444 @@
+"""One forward+backward pass that gathers LoRA-DA's per-layer statistics from hooks.
+
+For every target layer `y = W x` it sums, in float32:
+- `G`: per-example loss gradients `dL_i/dW = sum_t g_t x_t^T`, built from the hooked input `x_t` and
+  output gradient `g_t` (so base weights need no `requires_grad` and may be quantized);
+- `Z`: `x_t x_t^T`, once per distinct input tensor (q/k/v projections share one);
+- `y`: `g_t * g_t`.
+Sums (not means) are kept so that shards, batches and workers combine by addition.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import LoraDAConfig, LoraDAError
+
+PerExampleLoss = Callable[[object, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+_FORMAT_VERSION = "1"
+
+
+@dataclass
+class LoraDAStatistics:
+    """Summed LoRA-DA statistics of a set of layers; means are taken on access."""
+
+    gradient_sums: dict[str, torch.Tensor]  # layer -> [m, n], sum over examples of dL_i/dW
+    output_sq_sums: dict[str, torch.Tensor]  # layer -> [m], sum over tokens of g_t^2
+    output_token_counts: dict[str, int]  # layer -> tokens summed into output_sq_sums
+    input_groups: dict[str, str]  # layer -> key of the input it reads
+    input_sums: dict[str, torch.Tensor]  # input key -> [n, n], sum over tokens of x_t x_t^T
+    input_token_counts: dict[str, int]  # input key -> tokens summed into input_sums
+    num_examples: int  # examples with at least one supervised token
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Layers in the order they were registered."""
+        return list(self.gradient_sums)
+
+    def input_group(self, name: str) -> str:
+        """Key of the input factor that layer `name` reads."""
+        return self.input_groups[name]
+
+    def gradient(self, name: str) -> torch.Tensor:
+        """`G` [m, n]: mean over examples of dL_i/dW."""
+        return self.gradient_sums[name] / self.num_examples
+
+    def input_factor(self, name: str) -> torch.Tensor:
+        """`Z` [n, n]: mean over tokens of x_t x_t^T."""
+        group = self.input_groups[name]
+        return self.input_sums[group] / self.input_token_counts[group]
+
+    def output_factor(self, name: str) -> torch.Tensor:
+        """`y` [m]: mean over tokens of g_t * g_t."""
+        return self.output_sq_sums[name] / self.output_token_counts[name]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens seen by the statistics (of the first input group)."""
+        return next(iter(self.input_token_counts.values()), 0)
+
+    def nbytes(self) -> int:
+        """Memory held by the accumulators."""
+        tensors = [*self.gradient_sums.values(), *self.output_sq_sums.values(), *self.input_sums.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def to(self, device: torch.device | str) -> LoraDAStatistics:
+        """A copy with every accumulator on `device`."""
+        return LoraDAStatistics(
+            {k: v.to(device) for k, v in self.gradient_sums.items()},
+            {k: v.to(device) for k, v in self.output_sq_sums.items()},
+            dict(self.output_token_counts),
+            dict(self.input_groups),
+            {k: v.to(device) for k, v in self.input_sums.items()},
+            dict(self.input_token_counts),
+            self.num_examples,
+            dict(self.metadata),
+        )
+
+    def check_finite(self) -> None:
+        """Raise naming the first layer whose statistics are not finite."""
+        for name in self.layer_names:
+            group = self.input_groups[name]
+            for what, tensor in (
+                ("gradient G", self.gradient_sums[name]),
+                ("output factor y", self.output_sq_sums[name]),
+                ("input factor Z", self.input_sums[group]),
+            ):
+                if not torch.isfinite(tensor).all():
+                    raise LoraDAError(f"Layer {name!r}: its {what} is not finite (overflow or NaN in the model).")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file atomically (a killed write never leaves a valid-looking file)."""
+        from safetensors.torch import save_file
+
+        tensors = {f"G/{k}": v for k, v in self.gradient_sums.items()}
+        tensors.update({f"y/{k}": v for k, v in self.output_sq_sums.items()})
+        tensors.update({f"Z/{k}": v for k, v in self.input_sums.items()})
+        header = {
+            "output_token_counts": self.output_token_counts,
+            "input_groups": self.input_groups,
+            "input_token_counts": self.input_token_counts,
+            "num_examples": self.num_examples,
+            "layers": self.layer_names,
+        }
+        metadata = {"lora_da_format": _FORMAT_VERSION, "lora_da": json.dumps(header), **self.metadata}
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+        os.close(handle)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> LoraDAStatistics:
+        """Read a file written by `save`."""
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No statistics file at {os.fspath(path)!r}.")
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            if metadata.get("lora_da_format") != _FORMAT_VERSION:
+                raise LoraDAError(f"{os.fspath(path)!r} is not a LoRA-DA statistics file (or of another version).")
+            header = json.loads(metadata.pop("lora_da"))
+            metadata.pop("lora_da_format")
+            groups = header["input_groups"]
+            return cls(
+                gradient_sums={k: handle.get_tensor(f"G/{k}") for k in header["layers"]},
+                output_sq_sums={k: handle.get_tensor(f"y/{k}") for k in header["layers"]},
+                output_token_counts=header["output_token_counts"],
+                input_groups=groups,
+                input_sums={g: handle.get_tensor(f"Z/{g}") for g in dict.fromkeys(groups.values())},
+                input_token_counts=header["input_token_counts"],
+                num_examples=header["num_examples"],
+                metadata=metadata,
+            )
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    target_modules: Sequence[str],
+    config: LoraDAConfig,
+    *,
+    loss_fn: PerExampleLoss | None = None,
+) -> LoraDAStatistics:
+    """Gather LoRA-DA statistics of the named linear layers in one forward+backward pass over `batches`.
+
+    Args:
+        model: a transformers model (or a PEFT model wrapping one); its weights are not changed and its
+            `requires_grad` flags, train/eval mode and hooks are restored afterwards.
+        batches: dicts with `input_ids`, `attention_mask` and optional `labels` (-100 = ignored), any size.
+        target_modules: names of the layers (`nn.Linear`, GPT-2 `Conv1D`, or PEFT LoRA layers around them).
+        config: token mask and output scaling are read from it.
+        loss_fn: optional `(outputs, batch) -> (per-example losses [B], supervised counts [B])`; the default
+            is the model's usual loss per example (shifted cross-entropy for causal LMs).
+    """
+    modules = _resolve_modules(model, target_modules)
+    collector = _Collector(modules, config)
+    task = _Task.of(model)
+    device = _model_device(model)
+    from tqdm.auto import tqdm
+
+    with _statistics_mode(model), collector.attached(model):
+        bar = tqdm(batches, desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
+        for index, batch in enumerate(bar):
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            labels = task.labels(batch)
+            counts = task.supervised_counts(batch, labels)
+            collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
+            outputs = model(**task.model_inputs(batch, labels))
+            losses, counts = loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
+            valid = counts > 0
+            if not valid.any():
+                collector.discard_batch()
+                continue
+            total = losses[valid].sum()
+            if not torch.isfinite(total):
+                raise LoraDAError(f"The loss of calibration batch {index} is not finite ({float(total)}).")
+            collector.finalize_groups()
+            total.backward()
+            collector.num_examples += int(valid.sum())
+            bar.set_postfix(examples=collector.num_examples)
+    if collector.num_examples == 0:
+        raise LoraDAError(
+            "No calibration example has a supervised token: the data is empty, or every label is -100 "
+            "(e.g. prompts longer than max_length leave no completion)."
+        )
+    stats = collector.result()
+    stats.metadata.update({"token_mask": config.token_mask, "output_scaling": config.output_scaling})
+    stats.check_finite()
+    return stats
+
+
+def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Map each name to the module whose input/output is hooked (the base layer inside a PEFT LoRA layer)."""
+    if not names:
+        raise LoraDAError("No target layer given: `target_modules` is empty.")
+    modules = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise LoraDAError(f"No module named {name!r} in the model.") from None
+        if hasattr(module, "get_base_layer"):
+            module = module.get_base_layer()
+        modules[name] = module
+    return modules
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _statistics_mode(model: nn.Module):
+    """Eval mode (no dropout), no parameter gradients; flags and modes restored even on error."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    embeddings_hook = None
+    try:
+        model.eval()
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if isinstance(embeddings, nn.Module):
+            # Gradients must flow from the first block on, also through checkpointed blocks.
+            embeddings_hook = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        with torch.enable_grad():
+            yield
+    finally:
+        if embeddings_hook is not None:
+            embeddings_hook.remove()
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+            parameter.grad = None if not flag else parameter.grad
+        for module, mode in modes:
+            module.training = mode
+
+
+class _Collector:
+    """Hooks on the target layers and the float32 accumulators they fill."""
+
+    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig):
+        self.modules = modules
+        self.config = config
+        self.gradient_sums: dict[str, torch.Tensor] = {}
+        self.output_sq_sums: dict[str, torch.Tensor] = {}
+        self.output_token_counts = dict.fromkeys(modules, 0)
+        self.input_sums: dict[str, torch.Tensor] = {}
+        self.input_token_counts: dict[str, int] = {}
+        self.input_groups: dict[str, str] | None = None
+        self.num_examples = 0
+        self._input_keys: dict[str, tuple] = {}
+        self._masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextmanager
+    def attached(self, model: nn.Module):
+        handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def set_masks(self, masks: dict[tuple[int, ...], torch.Tensor], counts: torch.Tensor) -> None:
+        """Token masks by shape of the hooked inputs' leading dims, with each token's example count."""
+        self._masks = {}
+        for shape, mask in masks.items():
+            per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
+            self._masks[shape] = (mask.reshape(-1), per_token.reshape(-1).float())
+
+    def discard_batch(self) -> None:
+        self._input_keys.clear()
+
+    def finalize_groups(self) -> None:
+        """After the first forward: layers that read the same tensor (same parent) share one `Z`."""
+        if self.input_groups is not None:
+            return
+        missing = [name for name in self.modules if name not in self._input_keys]
+        if missing:
+            raise LoraDAError(f"Target layer {missing[0]!r} was not called in the forward pass.")
+        leaders: dict[tuple, str] = {}
+        self.input_groups = {name: leaders.setdefault(self._input_keys[name], name) for name in self.modules}
+
+    def _forward_hook(self, name: str):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+
+        def hook(module, args, output):
+            if not args or not isinstance(output, torch.Tensor):
+                return
+            x = args[0]
+            if self.input_groups is None:
+                self._input_keys[name] = (parent, x.data_ptr(), tuple(x.shape), x.dtype)
+            if not torch.is_grad_enabled():
+                return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute counts
+            if not output.requires_grad:
+                output.requires_grad_(True)  # a leaf here: the layer's inputs and weight need no grad
+            x = x.detach()
+            # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
+            output.register_hook(lambda grad: self._accumulate(name, x, grad))
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        n, m = x.shape[-1], grad.shape[-1]
+        mask, per_token_count = self._masks.get(tuple(x.shape[:-1]), (None, None))
+        xs, gs = x.reshape(-1, n), grad.reshape(-1, m)
+        if mask is not None:
+            xs, gs, per_token_count = xs[mask], gs[mask], per_token_count[mask]
+        xs, gs = xs.float(), gs.float()
+        _add(self.gradient_sums, name, gs.T @ xs)
+        if self.config.output_scaling == "token" and per_token_count is not None:
+            gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
+        _add(self.output_sq_sums, name, (gs * gs).sum(0))
+        self.output_token_counts[name] += xs.shape[0]
+        group = self.input_groups[name]
+        if group == name:
+            _add(self.input_sums, group, xs.T @ xs)
+            self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
+
+    def result(self) -> LoraDAStatistics:
+        unreached = [name for name in self.modules if name not in self.gradient_sums]
+        if unreached:
+            raise LoraDAError(
+                f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any "
+                "calibration token."
+            )
+        return LoraDAStatistics(
+            self.gradient_sums,
+            self.output_sq_sums,
+            self.output_token_counts,
+            self.input_groups,
+            self.input_sums,
+            self.input_token_counts,
+            self.num_examples,
+        )
+
+
+def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    if key in sums:
+        sums[key] += value
+    else:
+        sums[key] = value.clone()
+
+
+@dataclass
+class _Task:
+    """How a model family turns a batch into inputs, per-example losses and token masks."""
+
+    kind: str  # "causal", "seq2seq", "token" (masked LM, token labels) or "sequence" (classification)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Task:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = getattr(base, "config", None)
+        name = type(base).__name__
+        if getattr(config, "is_encoder_decoder", False):
+            return cls("seq2seq")
+        if name.endswith(("ForCausalLM", "LMHeadModel")):
+            return cls("causal")
+        if name.endswith(("ForSequenceClassification", "ForMultipleChoice")):
+            return cls("sequence")
+        return cls("token")
+
+    def labels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch.get("labels")
+        if labels is not None:
+            return labels
+        if self.kind != "causal":
+            raise LoraDAError(f"Calibration batches for a {self.kind} model need `labels`.")
+        labels = batch["input_ids"].clone()
+        attention = batch.get("attention_mask")
+        if attention is not None:
+            labels[attention == 0] = -100
+        return labels
+
+    def supervised_counts(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Supervised targets per example, [B]."""
+        if self.kind == "sequence":
+            return torch.ones(labels.shape[0], dtype=torch.long, device=labels.device)
+        targets = labels[:, 1:] if self.kind == "causal" else labels
+        return (targets != -100).sum(dim=1)
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if self.kind == "seq2seq" and "decoder_input_ids" not in inputs:
+            inputs["labels"] = labels  # lets the model build decoder inputs; its own loss is ignored
+        return inputs
+
+    def token_masks(
+        self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, counts: torch.Tensor, token_mask: str
+    ) -> dict[tuple[int, ...], torch.Tensor]:
+        """Boolean masks of the positions that feed the statistics, keyed by their shape."""
+        input_ids = batch["input_ids"]
+        attention = batch.get("attention_mask")
+        attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
+        valid = (counts > 0)[:, None]
+        mask = attention & valid
+        if token_mask == "labels" and self.kind == "causal":
+            mask = torch.zeros_like(mask)
+            mask[:, :-1] = labels[:, 1:] != -100  # position t predicts the supervised token t + 1
+        elif token_mask == "labels" and self.kind == "token":
+            mask = labels != -100
+        masks = {tuple(mask.shape): mask, (mask.shape[0],): valid[:, 0]}
+        if self.kind == "seq2seq":
+            decoder = batch.get("decoder_attention_mask")
+            decoder = (labels != -100) if decoder is None else decoder.bool() & valid
+            masks.setdefault(tuple(decoder.shape), decoder)
+        return masks
+
+    def losses(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example mean loss over its supervised targets, and the target counts; [B] each."""
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
+        logits = logits.float()
+        if self.kind == "sequence":
+            if logits.shape[-1] == 1:
+                losses = (logits.squeeze(-1) - labels.float()) ** 2
+            else:
+                losses = nn.functional.cross_entropy(logits, labels, reduction="none")
+            return losses, torch.ones_like(losses, dtype=torch.long)
+        if self.kind == "causal":
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        token_losses = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+        ).reshape(labels.shape)
+        counts = (labels != -100).sum(dim=1)
+        return token_losses.sum(dim=1) / counts.clamp(min=1), counts
