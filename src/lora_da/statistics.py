@@ -1,7 +1,7 @@
 """One forward+backward pass that gathers LoRA-DA's per-layer statistics from hooks.
 
 For every target layer `y = W x` it sums, in float32:
-- `G`: per-example loss gradients `dL_i/dW = sum_t g_t x_t^T`, built from the hooked input `x_t` and
+- `G`: per-example loss gradients `dL_i/dW = sum_t g_t x_t^T` (exact: every position), from the hooked `x_t` and
   output gradient `g_t` (so base weights need no `requires_grad` and may be quantized);
 - `Z`: `x_t x_t^T`, once per distinct input tensor (q/k/v projections share one);
 - `y`: `g_t * g_t`.
@@ -189,8 +189,8 @@ def collect_statistics(
                 collector.discard_batch()
                 continue
             total = losses[valid].sum()
-            if not torch.isfinite(total):
-                raise LoraDAError(f"The loss of calibration batch {index} is not finite ({float(total)}).")
+            if not torch.isfinite(total.detach()):
+                raise LoraDAError(f"The loss of calibration batch {index} is not finite ({total.detach().item()}).")
             collector.finalize_groups()
             total.backward()
             collector.num_examples += int(valid.sum())
@@ -268,7 +268,7 @@ class _Collector:
         self.input_groups: dict[str, str] | None = None
         self.num_examples = 0
         self._input_keys: dict[str, tuple] = {}
-        self._masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
     @contextmanager
     def attached(self, model: nn.Module):
@@ -279,12 +279,12 @@ class _Collector:
             for handle in handles:
                 handle.remove()
 
-    def set_masks(self, masks: dict[tuple[int, ...], torch.Tensor], counts: torch.Tensor) -> None:
-        """Token masks by shape of the hooked inputs' leading dims, with each token's example count."""
+    def set_masks(self, masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
+        """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts."""
         self._masks = {}
-        for shape, mask in masks.items():
+        for shape, (example_mask, token_mask) in masks.items():
             per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
-            self._masks[shape] = (mask.reshape(-1), per_token.reshape(-1).float())
+            self._masks[shape] = (example_mask.reshape(-1), token_mask.reshape(-1), per_token.reshape(-1).float())
 
     def discard_batch(self) -> None:
         self._input_keys.clear()
@@ -320,12 +320,16 @@ class _Collector:
 
     def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
         n, m = x.shape[-1], grad.shape[-1]
-        mask, per_token_count = self._masks.get(tuple(x.shape[:-1]), (None, None))
-        xs, gs = x.reshape(-1, n), grad.reshape(-1, m)
-        if mask is not None:
-            xs, gs, per_token_count = xs[mask], gs[mask], per_token_count[mask]
-        xs, gs = xs.float(), gs.float()
-        _add(self.gradient_sums, name, gs.T @ xs)
+        xs, gs = x.reshape(-1, n).float(), grad.reshape(-1, m).float()
+        masks = self._masks.get(tuple(x.shape[:-1]))
+        if masks is not None:
+            example_mask, token_mask, per_token_count = masks
+            # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
+            _add(self.gradient_sums, name, gs[example_mask].T @ xs[example_mask])
+            xs, gs, per_token_count = xs[token_mask], gs[token_mask], per_token_count[token_mask]
+        else:
+            _add(self.gradient_sums, name, gs.T @ xs)
+            per_token_count = None
         if self.config.output_scaling == "token" and per_token_count is not None:
             gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
         _add(self.output_sq_sums, name, (gs * gs).sum(0))
@@ -406,23 +410,24 @@ class _Task:
 
     def token_masks(
         self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, counts: torch.Tensor, token_mask: str
-    ) -> dict[tuple[int, ...], torch.Tensor]:
-        """Boolean masks of the positions that feed the statistics, keyed by their shape."""
+    ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
+        """(positions of supervised examples, positions that feed Z and y), keyed by their shape."""
         input_ids = batch["input_ids"]
         attention = batch.get("attention_mask")
         attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
         valid = (counts > 0)[:, None]
-        mask = attention & valid
+        example_mask = attention & valid
+        factor_mask = example_mask
         if token_mask == "labels" and self.kind == "causal":
-            mask = torch.zeros_like(mask)
-            mask[:, :-1] = labels[:, 1:] != -100  # position t predicts the supervised token t + 1
+            factor_mask = torch.zeros_like(example_mask)
+            factor_mask[:, :-1] = labels[:, 1:] != -100  # position t predicts the supervised token t + 1
         elif token_mask == "labels" and self.kind == "token":
-            mask = labels != -100
-        masks = {tuple(mask.shape): mask, (mask.shape[0],): valid[:, 0]}
+            factor_mask = labels != -100
+        masks = {tuple(example_mask.shape): (example_mask, factor_mask), (valid.shape[0],): (valid[:, 0],) * 2}
         if self.kind == "seq2seq":
             decoder = batch.get("decoder_attention_mask")
             decoder = (labels != -100) if decoder is None else decoder.bool() & valid
-            masks.setdefault(tuple(decoder.shape), decoder)
+            masks.setdefault(tuple(decoder.shape), (decoder, decoder))
         return masks
 
     def losses(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

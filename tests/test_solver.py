@@ -1,0 +1,152 @@
+"""The solver against a direct float64 computation of ALGORITHM.md, and its sanity properties."""
+
+import math
+
+import pytest
+import torch
+
+from lora_da import LoraDAConfig, LoraDAError, solve_layer
+
+
+def random_problem(m=24, n=16, seed=0, spread=3.0):
+    """G [m, n], an anisotropic SPD Z [n, n] and a positive y [m]."""
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    z = q @ torch.diag(torch.logspace(-spread, 0, n, dtype=torch.float64)) @ q.T
+    g = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    y = torch.rand(m, generator=gen, dtype=torch.float64) + 0.1
+    return g, z, y
+
+
+def reference(g, z, y, rank, alpha, beta, lam, n_pop, gamma):
+    """ALGORITHM.md with explicit inverses and a dense eigendecomposition, in float64."""
+    n = z.shape[0]
+    z_inv = torch.linalg.inv(z + lam * torch.eye(n, dtype=torch.float64))
+    d = -z_inv @ g.T @ torch.diag(1 / (y + lam))
+    sigma = torch.linalg.svdvals(d)[0]
+    d = d / sigma
+    c = (1 / (y + lam)).sum() / n_pop / sigma**2
+    m_mat = -alpha * d @ d.T + beta * c * z_inv
+    values, vectors = torch.linalg.eigh(m_mat)
+    u = vectors[:, :rank]
+    index = u.abs().argmax(dim=0)
+    u = u * torch.sign(u[index, torch.arange(rank)])
+    return u.T / math.sqrt(gamma), d.T @ u / math.sqrt(gamma), m_mat, values[:rank]
+
+
+class TestSolveLayer:
+    def test_matches_dense_reference(self):
+        g, z, y = random_problem()
+        cfg = LoraDAConfig(variance_weight=0.3, population_size=50, damping=1e-3, eigensolver="eigh")
+        solution = solve_layer(g, z, y, 4, cfg)
+        a_ref, b_ref, _, values = reference(g, z, y, 4, 1.0, 0.3, 1e-3, 50, 1024.0)
+        torch.testing.assert_close(solution.A, a_ref.float(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(solution.B, b_ref.float(), rtol=1e-4, atol=1e-6)
+        assert solution.info["eigenvalues"] == pytest.approx(values.tolist(), rel=1e-8, abs=1e-10)
+        assert solution.info["residual"] < 1e-10
+        assert solution.info["variance_bias_ratio"] > 0
+
+    def test_lora_one_reduction(self):
+        """beta = 0, Z = I, y constant: B @ A is proportional to the best rank-r approximation of -G."""
+        g, z, y = random_problem(seed=1)
+        cfg = LoraDAConfig(variance_weight=0.0, fisher="identity", eigensolver="eigh")
+        solution = solve_layer(g, z, y, 3, cfg)
+        u, s, vh = torch.linalg.svd(-g)
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        update = (solution.B @ solution.A).double()
+        cosine = (update * best).sum() / (update.norm() * best.norm())
+        assert float(cosine) == pytest.approx(1.0, abs=1e-6)
+
+    def test_subspace_beats_random_orthonormal(self):
+        g, z, y = random_problem(seed=2)
+        cfg = LoraDAConfig(variance_weight=0.5, population_size=20, damping=1e-3, eigensolver="eigh")
+        rank = 3
+        solution = solve_layer(g, z, y, rank, cfg)
+        _, _, m_mat, _ = reference(g, z, y, rank, 1.0, 0.5, 1e-3, 20, 1024.0)
+        u = solution.A.double().T * math.sqrt(cfg.gamma)
+        best = torch.trace(u.T @ m_mat @ u)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(200):
+            q, _ = torch.linalg.qr(torch.randn(z.shape[0], rank, generator=gen, dtype=torch.float64))
+            assert torch.trace(q.T @ m_mat @ q) >= best - 1e-9
+
+    @pytest.mark.parametrize("scaled", ["inputs", "loss"])
+    def test_scale_invariance(self, scaled):
+        g, z, y = random_problem(seed=4)
+        cfg = LoraDAConfig(variance_weight=0.2, population_size=30, damping=1e-12, eigensolver="eigh")
+        k = 7.0
+        if scaled == "inputs":
+            g2, z2, y2 = g * k, z * k**2, y
+        else:
+            g2, z2, y2 = g * k, z, y * k**2
+        first, second = solve_layer(g, z, y, 4, cfg), solve_layer(g2, z2, y2, 4, cfg)
+        torch.testing.assert_close(first.A, second.A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(first.B @ first.A, second.B @ second.A, rtol=1e-4, atol=1e-7)
+
+    def test_lobpcg_matches_eigh(self):
+        g, z, y = random_problem(m=64, n=96, seed=5, spread=1.0)
+        base = dict(variance_weight=0.1, population_size=100, damping=1e-4)
+        exact = solve_layer(g, z, y, 4, LoraDAConfig(eigensolver="eigh", **base))
+        iterative = solve_layer(g, z, y, 4, LoraDAConfig(eigensolver="lobpcg", eigensolver_tol=1e-8, **base))
+        assert iterative.info["eigensolver"] == "lobpcg"
+        assert iterative.info["residual"] < 1e-6
+        torch.testing.assert_close(iterative.A, exact.A, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(iterative.B @ iterative.A, exact.B @ exact.A, rtol=1e-3, atol=1e-7)
+
+    @pytest.mark.parametrize("balance", ["kaiming", "svd"])
+    def test_factor_balance_keeps_update(self, balance):
+        g, z, y = random_problem(seed=6)
+        released = solve_layer(g, z, y, 4, LoraDAConfig(variance_weight=0))
+        other = solve_layer(g, z, y, 4, LoraDAConfig(variance_weight=0, factor_balance=balance))
+        torch.testing.assert_close(other.B @ other.A, released.B @ released.A, rtol=1e-5, atol=1e-9)
+        if balance == "kaiming":
+            assert other.A.norm(dim=1).tolist() == pytest.approx([1 / math.sqrt(3)] * 4, rel=1e-5)
+        else:
+            assert torch.allclose(other.A.norm(dim=1), other.B.norm(dim=0), rtol=1e-4)
+
+    def test_released_factor_scale(self):
+        g, z, y = random_problem(seed=7)
+        solution = solve_layer(g, z, y, 4, LoraDAConfig(variance_weight=0))
+        assert solution.A.norm(dim=1).tolist() == pytest.approx([1 / 32] * 4, rel=1e-5)  # 1/sqrt(1024)
+        assert solution.info["sigma"] > 0
+
+    def test_relative_damping_uses_median_y(self):
+        g, z, y = random_problem(seed=8)
+        y = y * 1e-9
+        solution = solve_layer(g, z, y, 2, LoraDAConfig(variance_weight=0, damping=0.5, damping_mode="relative"))
+        assert solution.info["median_y_over_damping"] == pytest.approx(2.0)
+        absolute = solve_layer(g, z, y, 2, LoraDAConfig(variance_weight=0))
+        assert absolute.info["median_y_over_damping"] < 1e-2
+
+    def test_rank_larger_than_layer_is_an_error(self):
+        g, z, y = random_problem(m=24, n=16)
+        with pytest.raises(LoraDAError, match="rank 17"):
+            solve_layer(g, z, y, 17, LoraDAConfig(variance_weight=0))
+
+    def test_deterministic(self):
+        g, z, y = random_problem(m=64, n=96, seed=9)
+        cfg = LoraDAConfig(variance_weight=0.1, population_size=10, eigensolver="lobpcg")
+        first, second = solve_layer(g, z, y, 4, cfg), solve_layer(g, z, y, 4, cfg)
+        assert torch.equal(first.A, second.A) and torch.equal(first.B, second.B)
+
+
+class TestConfig:
+    def test_variance_needs_population_size(self):
+        with pytest.raises(LoraDAError, match="population_size"):
+            LoraDAConfig()
+        LoraDAConfig(variance_weight=0.0)
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"token_mask": "all"},
+            {"eigensolver": "svd"},
+            {"gamma": 0},
+            {"damping": -1},
+            {"variance_weight": 0, "bias_weight": 0},
+            {"population_size": 0},
+        ],
+    )
+    def test_bad_values(self, kwargs):
+        with pytest.raises(LoraDAError):
+            LoraDAConfig(**{"population_size": 100, **kwargs})

@@ -1,0 +1,165 @@
+"""Statistics against a per-example autograd reference; invariances; save/load; state restored."""
+
+import pytest
+import torch
+from _tiny import batches, examples, tiny_llama
+from torch import nn
+
+from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics
+
+TARGETS = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.0.self_attn.k_proj",
+    "model.layers.0.self_attn.o_proj",
+    "model.layers.1.mlp.up_proj",
+    "model.layers.1.mlp.down_proj",
+]
+CFG = LoraDAConfig(variance_weight=0.0, show_progress=False)
+
+
+def reference_statistics(model, items, names, token_mask="attention"):
+    """Per example (batch size 1, no padding): G from W.grad; Z, y from retained activations."""
+    modules = {name: model.get_submodule(name) for name in names}
+    grads = {name: 0 for name in names}
+    z_sum, y_sum, tokens, count = {}, {}, 0, 0
+    for item in items:
+        ids, labels = item["input_ids"][None], item["labels"][None]
+        if (labels[:, 1:] != -100).sum() == 0:
+            continue
+        seen = {}
+        hooks = [
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out)))
+            for name, m in modules.items()
+        ]
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+            m.weight.grad = None
+        try:
+            logits = model(input_ids=ids).logits
+            for _, out in seen.values():
+                out.retain_grad()
+            loss = nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100)
+            loss.backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        if token_mask == "attention":
+            keep = torch.ones(ids.shape[1], dtype=torch.bool)
+        else:
+            keep = torch.zeros(ids.shape[1], dtype=torch.bool)
+            keep[:-1] = labels[0, 1:] != -100
+        for name, m in modules.items():
+            grads[name] = grads[name] + m.weight.grad.double()
+            x, out = seen[name]
+            x, g = x[0][keep].double(), out.grad[0][keep].double()
+            z_sum[name] = z_sum.get(name, 0) + x.T @ x
+            y_sum[name] = y_sum.get(name, 0) + (g * g).sum(0)
+        tokens += int(keep.sum())
+        count += 1
+    for m in modules.values():
+        m.weight.requires_grad_(False)
+    return (
+        {n: grads[n] / count for n in names},
+        {n: z_sum[n] / tokens for n in names},
+        {n: y_sum[n] / tokens for n in names},
+        count,
+    )
+
+
+def assert_same_statistics(first: LoraDAStatistics, second: LoraDAStatistics, rtol=1e-4):
+    for name in first.layer_names:
+        for what in ("gradient", "input_factor", "output_factor"):
+            a, b = getattr(first, what)(name), getattr(second, what)(name)
+            torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6 * float(a.abs().max()))
+
+
+class TestCollectStatistics:
+    @pytest.mark.parametrize("token_mask", ["attention", "labels"])
+    def test_matches_per_example_autograd(self, token_mask):
+        model = tiny_llama()
+        items = examples(6)
+        items[2]["labels"][:] = -100  # an example with no supervised token is skipped entirely
+        cfg = LoraDAConfig(variance_weight=0.0, token_mask=token_mask, show_progress=False)
+        stats = collect_statistics(model, batches(items, 4), TARGETS, cfg)
+        g_ref, z_ref, y_ref, count = reference_statistics(model, items, TARGETS, token_mask)
+        assert stats.num_examples == count == 5
+        for name in TARGETS:
+            torch.testing.assert_close(stats.gradient(name).double(), g_ref[name], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(stats.input_factor(name).double(), z_ref[name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stats.output_factor(name).double(), y_ref[name], rtol=1e-4, atol=1e-12)
+
+    def test_batch_size_invariance(self):
+        model, items = tiny_llama(), examples(7)
+        per_size = [collect_statistics(model, batches(items, size), TARGETS, CFG) for size in (1, 3, 7)]
+        assert_same_statistics(per_size[0], per_size[1])
+        assert_same_statistics(per_size[0], per_size[2])
+
+    def test_duplicated_data_changes_nothing(self):
+        model, items = tiny_llama(), examples(5)
+        once = collect_statistics(model, batches(items, 2), TARGETS, CFG)
+        twice = collect_statistics(model, batches(items + items, 3), TARGETS, CFG)
+        assert twice.num_examples == 2 * once.num_examples
+        assert_same_statistics(once, twice)
+
+    def test_shared_inputs_share_one_input_factor(self):
+        stats = collect_statistics(tiny_llama(), batches(examples(3), 3), TARGETS, CFG)
+        assert stats.input_group(TARGETS[1]) == TARGETS[0]  # k_proj reads q_proj's input
+        assert stats.input_group(TARGETS[2]) == TARGETS[2]
+        assert set(stats.input_sums) == {TARGETS[0], TARGETS[2], TARGETS[3], TARGETS[4]}
+
+    def test_token_scaling_multiplies_y_by_count_squared(self):
+        model, items = tiny_llama(), examples(1)
+        mean = collect_statistics(model, batches(items, 1), TARGETS, CFG)
+        token_cfg = LoraDAConfig(variance_weight=0.0, output_scaling="token", show_progress=False)
+        token = collect_statistics(model, batches(items, 1), TARGETS, token_cfg)
+        count = int((items[0]["labels"][1:] != -100).sum())
+        for name in TARGETS:
+            torch.testing.assert_close(token.output_factor(name), mean.output_factor(name) * count**2)
+            torch.testing.assert_close(token.gradient(name), mean.gradient(name))
+
+    def test_save_load_round_trip(self, tmp_path):
+        stats = collect_statistics(tiny_llama(), batches(examples(3), 2), TARGETS, CFG)
+        path = tmp_path / "stats.safetensors"
+        stats.save(path)
+        loaded = LoraDAStatistics.load(path)
+        assert loaded.layer_names == stats.layer_names and loaded.num_examples == stats.num_examples
+        assert loaded.input_groups == stats.input_groups and loaded.metadata["token_mask"] == "attention"
+        assert_same_statistics(stats, loaded, rtol=0)
+        assert [p.name for p in tmp_path.iterdir()] == ["stats.safetensors"]
+
+    def test_base_weights_need_no_grad_and_state_is_restored(self):
+        model = tiny_llama()
+        model.train()
+        model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        collect_statistics(model, batches(examples(2), 2), TARGETS, CFG)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert all(m.training for m in model.modules())
+        assert all(p.grad is None for p in model.parameters())
+        assert not any(m._forward_hooks for m in model.modules())
+
+    def test_state_restored_when_loss_is_not_finite(self):
+        model = tiny_llama()
+        model.train()
+        with torch.no_grad():
+            model.lm_head.weight[0, 0] = float("nan")
+        with pytest.raises(LoraDAError, match="not finite"):
+            collect_statistics(model, batches(examples(2), 2), TARGETS, CFG)
+        assert all(m.training for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+        assert not any(m._forward_hooks for m in model.modules())
+
+    def test_no_supervised_token_is_an_error(self):
+        items = examples(2)
+        for item in items:
+            item["labels"][:] = -100
+        with pytest.raises(LoraDAError, match="supervised token"):
+            collect_statistics(tiny_llama(), batches(items, 2), TARGETS, CFG)
+
+    def test_empty_data_is_an_error(self):
+        with pytest.raises(LoraDAError, match="supervised token"):
+            collect_statistics(tiny_llama(), [], TARGETS, CFG)
+
+    def test_unknown_layer_is_an_error(self):
+        with pytest.raises(LoraDAError, match="No module named"):
+            collect_statistics(tiny_llama(), batches(examples(2), 2), ["model.nope"], CFG)
