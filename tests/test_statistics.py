@@ -28,7 +28,7 @@ def reference_statistics(model, items, names, token_mask="attention"):
             continue
         seen = {}
         hooks = [
-            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out)))
+            m.register_forward_hook(lambda mod, args, out, name=name, seen=seen: seen.__setitem__(name, (args[0], out)))
             for name, m in modules.items()
         ]
         for m in modules.values():
