@@ -3,7 +3,7 @@
 import pytest
 import torch
 from _tiny import all_weights, batches, examples, lora_state, tiny_gpt2, tiny_llama, wrap
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 from lora_da import (
@@ -29,7 +29,7 @@ class TestInitializeLoraDA:
         report = init(model)
         layers, _ = find_lora_layers(model)
         assert set(report.layers) == set(layers)
-        for name, layer in layers.items():
+        for layer in layers.values():
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             scaling = layer.scaling["default"]
             assert scaling == pytest.approx(8 / 2)  # rsLoRA: alpha / sqrt(r)
