@@ -117,33 +117,3 @@ def load_model_and_tokenizer(
     model.eval()
     return model, tokenizer
 
-
-def linear_layer_shapes(model: nn.Module, target_modules: str | list[str] = "all-linear") -> dict[str, tuple]:
-    """Return {module name: (out_features, in_features)} of the linear layers LoRA would adapt."""
-    shapes = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if target_modules == "all-linear":
-            # PEFT's all-linear excludes the output head.
-            if leaf in ("lm_head", "score", "classifier") or name.endswith("lm_head"):
-                continue
-        elif leaf not in target_modules and name not in target_modules:
-            continue
-        shapes[name] = (module.out_features, module.in_features)
-    return shapes
-
-
-def check_rank(model: nn.Module, rank: int, target_modules: str | list[str] = "all-linear") -> None:
-    """Raise ValueError when `rank` is not positive or exceeds min(out, in) of a target layer."""
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    shapes = linear_layer_shapes(model, target_modules)
-    if not shapes:
-        raise ValueError(f"no linear layers match target modules {target_modules!r}")
-    name, (out_f, in_f) = min(shapes.items(), key=lambda item: min(item[1]))
-    if rank > min(out_f, in_f):
-        raise ValueError(
-            f"rank {rank} is too large: layer {name} is {out_f}x{in_f}, so rank must be <= {min(out_f, in_f)}"
-        )

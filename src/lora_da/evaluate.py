@@ -1,0 +1,130 @@
+"""Evaluation: token-weighted mean loss and perplexity, and exact-match accuracy by greedy generation."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
+from .models import resolve_dtype
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def autocast_context(device: torch.device, dtype: str | torch.dtype = "float32"):
+    """Autocast to bf16/fp16 when asked; a no-op context for float32."""
+    torch_dtype = resolve_dtype(dtype)
+    if torch_dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch_dtype)
+
+
+def supervised_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over supervised positions; logits [b, t, V], labels [b, t]."""
+    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    shifted_labels = labels[:, 1:].reshape(-1)
+    count = int((shifted_labels != IGNORE_INDEX).sum())
+    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, count
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    features: Sequence[dict],
+    pad_token_id: int,
+    batch_size: int = 8,
+    dtype: str | torch.dtype = "float32",
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Mean loss over all supervised tokens (token-weighted) and its perplexity: {loss, perplexity, tokens}."""
+    if not features:
+        raise ValueError("cannot evaluate on an empty set of examples")
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total, count = 0.0, 0
+    batches = iter_batches(features, batch_size, pad_token_id)
+    steps = math.ceil(len(features) / batch_size)
+    for batch in tqdm(batches, total=steps, desc="eval loss", disable=not show_progress, leave=False):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_context(device, dtype):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch_total, batch_count = supervised_loss_sum(logits, batch["labels"])
+        total += float(batch_total)
+        count += batch_count
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no supervised tokens to evaluate")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
+
+
+def score(prediction: str, reference: str) -> bool:
+    """Exact match: of the final `#### <number>` when the reference has one, else of the stripped text."""
+    if "####" in reference:
+        return is_correct(prediction, reference)
+    return prediction.strip() == reference.strip()
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    max_length: int = 512,
+    show_progress: bool = True,
+) -> list[str]:
+    """Greedy completions (decoded, special tokens skipped) for each example's prompt, batched with left padding."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    pad_id = tokenizer.pad_token_id
+    prompts = [{"input_ids": encode_prompt(ex, tokenizer, max_length)} for ex in examples]
+    outputs: list[str] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", disable=not show_progress, leave=False):
+        batch = collate(prompts[start:start + batch_size], pad_id, padding_side="left")
+        generated = model.generate(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    model.train(was_training)
+    return outputs
+
+
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    max_new_tokens: int = 96,
+    max_length: int = 512,
+    show_progress: bool = True,
+) -> dict:
+    """Exact-match accuracy of greedy answers: {accuracy, correct, total, predictions}."""
+    qa = [ex for ex in examples if ex.is_qa]
+    if not qa:
+        raise ValueError("exact-match accuracy needs QA examples (prompt/completion, question/answer or messages)")
+    predictions = generate_answers(model, tokenizer, qa, batch_size, max_new_tokens, max_length, show_progress)
+    correct = sum(score(pred, ex.completion) for pred, ex in zip(predictions, qa, strict=True))
+    return {"accuracy": correct / len(qa), "correct": correct, "total": len(qa), "predictions": predictions}

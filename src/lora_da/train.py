@@ -1,0 +1,156 @@
+"""A small fine-tuning loop: AdamW, warmup + linear/cosine schedule, grad accumulation, periodic eval."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import collate
+from .evaluate import autocast_context, evaluate_loss, model_device, supervised_loss_sum
+from .models import resolve_dtype
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning hyperparameters; `steps` counts optimizer steps of batch_size * grad_accum examples."""
+
+    steps: int = 100
+    lr: float = 2e-4
+    batch_size: int = 8
+    grad_accum: int = 1
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    dtype: str = "float32"
+    eval_every: int = 0  # 0: evaluate only after the last step (when eval data is given)
+    eval_batch_size: int = 8
+    seed: int = 0
+    log_path: str | None = None  # per-step JSONL log
+    show_progress: bool = True
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        resolve_dtype(self.dtype)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Number of warmup steps (rounded from warmup_ratio * steps)."""
+        return int(round(self.warmup_ratio * self.steps))
+
+    def to_dict(self) -> dict:
+        """JSON-able copy of the config."""
+        return asdict(self)
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Multiplier of the peak learning rate at 0-based optimizer step `step`."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, config.steps - warmup)
+    if config.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _example_order(num_examples: int, num_needed: int, seed: int) -> list[int]:
+    """Indices of the examples to visit: seeded reshuffles of the data, epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < num_needed:
+        order.extend(torch.randperm(num_examples, generator=generator).tolist())
+    return order[:num_needed]
+
+
+def train(
+    model: nn.Module,
+    train_features: Sequence[dict],
+    config: TrainConfig,
+    pad_token_id: int,
+    eval_features: Sequence[dict] | None = None,
+) -> list[dict]:
+    """Fine-tune the parameters with requires_grad; return the history [{step, loss, lr[, eval_loss]}].
+
+    Features are dicts with 'input_ids' and 'labels' lists (see `lora_da.data.encode_examples`).
+    """
+    if not train_features:
+        raise ValueError("cannot train on an empty set of examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+    torch.manual_seed(config.seed)
+    device = model_device(model)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    per_step = config.batch_size * config.grad_accum
+    order = _example_order(len(train_features), config.steps * per_step, config.seed)
+    log = None
+    if config.log_path:
+        Path(config.log_path).parent.mkdir(parents=True, exist_ok=True)
+        log = open(config.log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    history: list[dict] = []
+    model.train()
+    bar = tqdm(range(config.steps), desc="train", disable=not config.show_progress)
+    try:
+        for step in bar:
+            lr = optimizer.param_groups[0]["lr"]
+            losses = []
+            for micro in range(config.grad_accum):
+                start = step * per_step + micro * config.batch_size
+                chunk = [train_features[i] for i in order[start:start + config.batch_size]]
+                batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
+                with autocast_context(device, config.dtype):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                total, count = supervised_loss_sum(logits, batch["labels"])
+                loss = total / max(count, 1)
+                (loss / config.grad_accum).backward()
+                losses.append(float(loss.detach()))
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "loss": sum(losses) / len(losses), "lr": lr}
+            last = step + 1 == config.steps
+            if eval_features and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
+                record["eval_loss"] = evaluate_loss(
+                    model, eval_features, pad_token_id, config.eval_batch_size, config.dtype, show_progress=False
+                )["loss"]
+                model.train()
+            history.append(record)
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+    finally:
+        if log is not None:
+            log.close()
+        model.eval()
+    return history
