@@ -1,0 +1,144 @@
+"""Benchmark harness on a tiny model: files, per-method lr choice, failed rows, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_da import bench
+from lora_da.bench import BenchConfig, parse_variant, run_bench, select_learning_rate
+
+LOW_LR, HIGH_LR = 1e-6, 3e-2
+
+
+@pytest.fixture(scope="module")
+def sums_jsonl(tmp_path_factory):
+    """40 short question/answer examples (answers end in `#### <number>`)."""
+    path = tmp_path_factory.mktemp("bench-data") / "sums.jsonl"
+    rows = [{"question": f"{a}+{b}?", "answer": f"#### {a + b}"} for a in range(1, 9) for b in range(1, 6)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def tiny_config(model_dir, data, **overrides) -> BenchConfig:
+    """A grid small enough for a few seconds on 2 CPU cores."""
+    options = dict(
+        model=str(model_dir), data=str(data), methods=["lora", "lora_da", "lora_da@damping=-1"], ranks=[4],
+        seeds=[0], learning_rates=[LOW_LR, HIGH_LR], steps=6, batch_size=4, max_length=64, num_train=24,
+        num_val=8, num_test=8, num_accuracy=4, max_new_tokens=6, eval_every=3, calibration_examples=8,
+        eval_batch_size=8,
+    )
+    options.update(overrides)
+    return BenchConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory, tiny_model_dir, sums_jsonl):
+    """One benchmark run: 2 working methods + 1 that must fail, 1 seed, 2 learning rates."""
+    out = tmp_path_factory.mktemp("bench-out")
+    records = run_bench(out, tiny_config(tiny_model_dir, sums_jsonl), show_progress=False)
+    return out, records
+
+
+def test_bench_writes_all_files(bench_run):
+    out, records = bench_run
+    for name in ("results.json", "report.md", "loss_curves_r4.png", "metric_vs_rank.png", "init_overhead.png"):
+        assert (out / name).stat().st_size > 0, name
+    payload = json.loads((out / "results.json").read_text())
+    assert len(payload["records"]) == len(records) == 6
+    required = {"method", "rank", "seed", "lr", "init_seconds", "final_eval_loss", "accuracy", "status",
+                "peak_rss_mb", "train_curve", "eval_curve"}
+    for record in payload["records"]:
+        if record["status"] == "ok":
+            assert required <= set(record)
+            assert record["eval_curve"][0][0] == 0 and record["eval_curve"][-1][0] == 6
+            assert len(record["train_curve"]) == 6
+            assert 0.0 <= record["accuracy"] <= 1.0 and record["peak_rss_mb"] > 0
+    report = (out / "report.md").read_text()
+    assert "| `lora` |" in report and "| `lora_da` |" in report and "![metric_vs_rank]" in report
+
+
+def test_bench_picks_the_better_learning_rate(bench_run):
+    out, records = bench_run
+    config = tiny_config("unused", "unused")
+    for method in ("lora", "lora_da"):
+        runs = {r["lr"]: r["val_loss"] for r in records if r["method"] == method}
+        assert runs[HIGH_LR] < runs[LOW_LR]  # 6 steps at 1e-6 barely move a random model
+        assert select_learning_rate(records, method, 4, config)["lr"] == HIGH_LR
+    summary = {row["method"]: row for row in json.loads((out / "results.json").read_text())["summary"]}
+    assert summary["lora"]["best_lr"] == HIGH_LR and summary["lora"]["seeds_ok"] == 1
+
+
+def test_failed_cell_is_a_row_with_its_error(bench_run):
+    out, records = bench_run
+    failed = [r for r in records if r["method"] == "lora_da@damping=-1"]
+    assert len(failed) == 2 and all(r["status"] == "failed" for r in failed)
+    assert all("damping" in r["error"] for r in failed)
+    assert all(r["status"] == "ok" for r in records if r["method"] in ("lora", "lora_da"))
+    assert "lora_da@damping=-1\\|r4" in (out / "report.md").read_text()
+
+
+def test_resume_skips_finished_cells_and_runs_only_new_ones(bench_run, tmp_path, tiny_model_dir, sums_jsonl,
+                                                           monkeypatch):
+    out, _ = bench_run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "results.json").write_text((out / "results.json").read_text())
+    calls = []
+    real = bench.run_cell
+
+    def counting(*args):
+        calls.append(bench.cell_key(args[4].name, *args[5:]))
+        return real(*args)
+
+    monkeypatch.setattr(bench, "run_cell", counting)
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora", "lora_da@damping=-1"],
+                         learning_rates=[LOW_LR, HIGH_LR, 1e-3])
+    records = run_bench(resumed, config, show_progress=False)
+    # only the new learning rate runs; finished and failed cells are kept as they were
+    expected = [bench.cell_key("lora", 4, 1e-3, 0), bench.cell_key("lora_da@damping=-1", 4, 1e-3, 0)]
+    assert sorted(calls) == sorted(expected)
+    assert len(records) == 8
+    calls.clear()
+    run_bench(resumed, config, show_progress=False, retry_failed=True)
+    assert sorted(calls) == sorted(bench.cell_key("lora_da@damping=-1", 4, lr, 0) for lr in (LOW_LR, HIGH_LR, 1e-3))
+
+
+def test_resume_refuses_a_different_protocol(bench_run, tmp_path, tiny_model_dir, sums_jsonl):
+    out, _ = bench_run
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    with pytest.raises(ValueError, match="steps"):
+        run_bench(tmp_path, tiny_config(tiny_model_dir, sums_jsonl, steps=7), show_progress=False)
+
+
+def test_sweep_seeds_run_extra_seeds_only_at_the_chosen_rate(tmp_path, tiny_model_dir, sums_jsonl):
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], seeds=[0, 1], sweep_seeds=1,
+                         num_accuracy=0, steps=3)
+    records = run_bench(tmp_path, config, show_progress=False)
+    assert sorted((r["seed"], r["lr"]) for r in records) == [(0, LOW_LR), (0, HIGH_LR), (1, HIGH_LR)]
+    assert all(r["accuracy"] is None for r in records)
+    row = json.loads((tmp_path / "results.json").read_text())["summary"][0]
+    assert row["seeds_ok"] == 2 and row["test_loss_std"] > 0
+
+
+def test_parse_variant_named_ablations_and_options():
+    assert parse_variant("lora_da-bias-only").overrides == {"variance_weight": 0.0}
+    identity = parse_variant("lora_da-identity-fisher")
+    assert identity.method == "lora_da" and identity.overrides == {"fisher": "identity"}
+    custom = parse_variant("lora_da@gamma=256,calibration=64,fisher=identity")
+    assert custom.overrides == {"gamma": 256, "fisher": "identity"} and custom.calibration == 64
+    assert parse_variant("LoRA-DA").method == "lora_da"
+    with pytest.raises(ValueError, match="unknown"):
+        parse_variant("lora_da@nonsense=1")
+    with pytest.raises(ValueError, match="only lora_da/lora_one"):
+        parse_variant("pissa@gamma=4")
+    with pytest.raises(ValueError, match="unknown init method"):
+        parse_variant("nope")
+
+
+def test_bench_config_validates():
+    with pytest.raises(ValueError, match="duplicates"):
+        BenchConfig(learning_rates=[1e-3, 1e-3])
+    with pytest.raises(ValueError, match="sweep_seeds"):
+        BenchConfig(seeds=[0, 1], sweep_seeds=3)
