@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -11,8 +13,10 @@ import torch
 from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
-from .solver import solve_all
-from .statistics import LoraDAStatistics, PerExampleLoss, collect_statistics
+from .distributed import get_world_size, is_main_process, local_config, solve_layers, unwrap_model
+from .statistics import LoraDAStatistics, PerExampleLoss, collect_statistics, layer_shape
+
+logger = logging.getLogger("lora_da")
 
 
 @dataclass
@@ -26,6 +30,11 @@ class LoraDAReport:
     statistics_seconds: float = 0.0
     solve_seconds: float = 0.0
     config: dict = field(default_factory=dict)
+    passes: int = 1
+    statistics_bytes_estimate: int = 0  # upper bound of the largest pass's accumulators, before gathering
+    statistics_bytes: int = 0  # the largest pass's accumulators, as gathered
+    world_size: int = 1
+    data_hash: str | None = None
 
     @property
     def total_seconds(self) -> float:
@@ -40,6 +49,11 @@ class LoraDAReport:
             "solve_seconds": self.solve_seconds,
             "total_seconds": self.total_seconds,
             "skipped": self.skipped,
+            "passes": self.passes,
+            "statistics_bytes_estimate": self.statistics_bytes_estimate,
+            "statistics_bytes": self.statistics_bytes,
+            "world_size": self.world_size,
+            "data_hash": self.data_hash,
             "config": self.config,
             "layers": self.layers,
         }
@@ -92,25 +106,39 @@ def check_peft_model(model: nn.Module, adapter_name: str) -> None:
 
 def initialize_lora_da(
     model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
+    batches: Iterable[Mapping[str, torch.Tensor]] | None,
     config: LoraDAConfig,
     adapter_name: str = "default",
     *,
-    statistics: LoraDAStatistics | None = None,
+    statistics: LoraDAStatistics | str | os.PathLike | None = None,
     loss_fn: PerExampleLoss | None = None,
+    layers_per_pass: int | None = None,
+    memory_budget: int | None = None,
+    shard: bool = False,
 ) -> LoraDAReport:
     """Set `lora_A`/`lora_B` of `adapter_name` in place from one pass over calibration `batches`.
 
     Base weights are not changed; on any error no weight is changed. Pass precomputed `statistics`
-    (from `collect_statistics` or `LoraDAStatistics.load`) to skip the model pass.
+    (from `collect_statistics`, or a file written by `LoraDAStatistics.save` / `compute_and_save_statistics`)
+    to skip the model pass; a file is refused if it was gathered on another model or for other layers.
+
+    Under `torch.distributed` (e.g. `torchrun`), each rank passes over its batches (`shard=True` keeps batch
+    i on rank i % world_size; leave it False with a `DistributedSampler`), the statistics are all-reduced,
+    the solves are split across ranks and every rank ends with the same factors. A DDP-wrapped model is
+    unwrapped.
+
+    Memory: `layers_per_pass` (a number of layers) and/or `memory_budget` (bytes of statistics) split the
+    layers into groups that are gathered, solved and freed in turn (one pass over `batches` per group, so
+    `batches` must be re-iterable); the factors are the same as in one pass. By default one pass is made.
     """
+    model = unwrap_model(model)
     check_peft_model(model, adapter_name)
     layers, unsupported = find_lora_layers(model, adapter_name)
     if not layers:
         raise LoraDAError(
             f"Adapter {adapter_name!r} has no LoRA layer over a linear map; check `target_modules`."
         )
-    if unsupported:
+    if unsupported and is_main_process():
         warnings.warn(
             f"LoRA-DA leaves {len(unsupported)} layer(s) of types it cannot handle at PEFT's default init: "
             + ", ".join(unsupported),
@@ -126,19 +154,22 @@ def initialize_lora_da(
                 f"{min(in_features, out_features)}; choose a smaller rank."
             )
 
-    report = LoraDAReport(skipped=unsupported, config=config.to_dict())
-    start = time.perf_counter()
-    if statistics is None:
-        with model.disable_adapter():  # statistics of the base model, whatever the adapters hold now
-            statistics = collect_statistics(model, batches, list(layers), config, loss_fn=loss_fn)
+    report = LoraDAReport(skipped=unsupported, config=config.to_dict(), world_size=get_world_size())
+    local = local_config(config)
+    if statistics is not None:
+        start = time.perf_counter()
+        statistics = _statistics_for(statistics, model, layers, adapter_name, config)
+        report.statistics_seconds = time.perf_counter() - start
+        report.num_examples, report.num_tokens = statistics.num_examples, statistics.num_tokens
+        report.data_hash = statistics.metadata.get("data_hash")
+        start = time.perf_counter()
+        solutions = solve_layers(statistics, ranks, local, list(layers))
+        report.solve_seconds = time.perf_counter() - start
     else:
-        _check_statistics_match(statistics, layers, adapter_name)
-    report.statistics_seconds = time.perf_counter() - start
-    report.num_examples, report.num_tokens = statistics.num_examples, statistics.num_tokens
-
-    start = time.perf_counter()
-    solutions = solve_all(statistics, ranks, config, layers=list(layers))
-    report.solve_seconds = time.perf_counter() - start
+        if batches is None:
+            raise LoraDAError("Pass calibration `batches`, or precomputed `statistics`.")
+        solutions = _gather_and_solve(model, batches, layers, ranks, local, report, loss_fn=loss_fn,
+                                      layers_per_pass=layers_per_pass, memory_budget=memory_budget, shard=shard)
 
     # Every factor is solved before any is written: an error above leaves the model untouched.
     with torch.no_grad():
@@ -151,18 +182,119 @@ def initialize_lora_da(
     return report
 
 
-def _check_statistics_match(stats: LoraDAStatistics, layers: Mapping[str, nn.Module], adapter_name: str) -> None:
-    """Refuse statistics gathered for other layers or shapes."""
-    missing = [name for name in layers if name not in stats.gradient_sums]
-    if missing:
-        raise LoraDAError(
-            f"The statistics do not cover layer {missing[0]!r} ({len(missing)} layer(s) missing): they were "
-            "gathered on another model or with other target modules."
+def plan_passes(
+    sizes: Mapping[str, int], layers_per_pass: int | None = None, memory_budget: int | None = None
+) -> list[list[str]]:
+    """Split layers (in order, with their statistics bytes) into passes of at most `layers_per_pass` layers
+    and `memory_budget` bytes; one pass when neither is given. A layer larger than the budget gets a pass
+    of its own."""
+    if layers_per_pass is not None and (int(layers_per_pass) != layers_per_pass or layers_per_pass < 1):
+        raise LoraDAError(f"`layers_per_pass` must be a positive integer, got {layers_per_pass!r}.")
+    if memory_budget is not None and not memory_budget > 0:
+        raise LoraDAError(f"`memory_budget` must be a positive number of bytes, got {memory_budget!r}.")
+    passes: list[list[str]] = []
+    used = 0
+    for name, size in sizes.items():
+        full = passes and (
+            (layers_per_pass is not None and len(passes[-1]) >= layers_per_pass)
+            or (memory_budget is not None and used + size > memory_budget)
         )
-    for name, module in layers.items():
-        shape = (module.lora_B[adapter_name].out_features, module.lora_A[adapter_name].in_features)
-        if tuple(stats.gradient_sums[name].shape) != shape:
-            raise LoraDAError(
-                f"Layer {name!r}: the statistics have shape {tuple(stats.gradient_sums[name].shape)}, "
-                f"the model's layer {shape}: they come from another model."
+        if not passes or full:
+            passes.append([])
+            used = 0
+        passes[-1].append(name)
+        used += size
+    return passes
+
+
+def _gather_and_solve(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    layers: Mapping[str, nn.Module],
+    ranks: Mapping[str, int],
+    config: LoraDAConfig,
+    report: LoraDAReport,
+    *,
+    loss_fn: PerExampleLoss | None,
+    layers_per_pass: int | None,
+    memory_budget: int | None,
+    shard: bool,
+) -> dict:
+    """Gather statistics of the base model for each planned group of layers, solve and free them."""
+    sizes = {name: 4 * (m * n + m + n * n) for name, (m, n) in ((k, layer_shape(v)) for k, v in layers.items())}
+    passes = plan_passes(sizes, layers_per_pass, memory_budget)
+    report.passes = len(passes)
+    report.statistics_bytes_estimate = max(sum(sizes[name] for name in group) for group in passes)
+    if is_main_process():
+        logger.info(
+            "LoRA-DA statistics: at most %.1f MiB for %d layers (%.1f MiB per pass, %d pass(es) over the data)",
+            sum(sizes.values()) / 2**20, len(layers), report.statistics_bytes_estimate / 2**20, len(passes),
+        )
+        too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
+        if too_big:
+            warnings.warn(
+                f"{len(too_big)} layer(s) alone exceed memory_budget={memory_budget} bytes (e.g. {too_big[0]!r}, "
+                f"{sizes[too_big[0]]} bytes); each gets a pass of its own.",
+                stacklevel=3,
             )
+    if len(passes) > 1 and iter(batches) is batches:
+        raise LoraDAError(
+            f"{len(passes)} passes over the data are planned (layers_per_pass / memory_budget), but `batches` is a "
+            "one-shot iterator: pass a list or a DataLoader."
+        )
+    solutions = {}
+    for group in passes:
+        start = time.perf_counter()
+        with model.disable_adapter():  # statistics of the base model, whatever the adapters hold now
+            stats = collect_statistics(model, batches, group, config, loss_fn=loss_fn, shard=shard)
+        report.statistics_seconds += time.perf_counter() - start
+        report.statistics_bytes = max(report.statistics_bytes, stats.nbytes())
+        report.num_examples, report.num_tokens = stats.num_examples, stats.num_tokens
+        report.data_hash = stats.metadata.get("data_hash")
+        start = time.perf_counter()
+        solutions.update(solve_layers(stats, ranks, config, group))
+        report.solve_seconds += time.perf_counter() - start
+        del stats  # freed before the next group is gathered
+    return solutions
+
+
+def _statistics_for(
+    statistics: LoraDAStatistics | str | os.PathLike,
+    model: nn.Module,
+    layers: Mapping[str, nn.Module],
+    adapter_name: str,
+    config: LoraDAConfig,
+) -> LoraDAStatistics:
+    """Load (if a path) and check statistics, keyed by the model's LoRA layer names."""
+    from .cache import canonical_layer_name, check_statistics
+
+    source = "The statistics"
+    if isinstance(statistics, (str, os.PathLike)):
+        source = f"The statistics in {os.fspath(statistics)!r}"
+        statistics = LoraDAStatistics.load(statistics, device=_model_device(model))
+    shapes = {canonical_layer_name(name): layer_shape(module) for name, module in layers.items()}
+    check_statistics(statistics, model, shapes, config, source=source)
+    return _keyed_by(statistics, list(layers))
+
+
+def _keyed_by(stats: LoraDAStatistics, names: list[str]) -> LoraDAStatistics:
+    """A view of `stats` whose layers are `names` (each found as is, or by its canonical name)."""
+    from .cache import canonical_layer_name
+
+    key = {name: name if name in stats.gradient_sums else canonical_layer_name(name) for name in names}
+    return LoraDAStatistics(
+        {name: stats.gradient_sums[key[name]] for name in names},
+        {name: stats.output_sq_sums[key[name]] for name in names},
+        {name: stats.output_token_counts[key[name]] for name in names},
+        {name: stats.input_groups[key[name]] for name in names},
+        stats.input_sums,
+        stats.input_token_counts,
+        stats.num_examples,
+        dict(stats.metadata),
+    )
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")

@@ -10,6 +10,7 @@ Sums (not means) are kept so that shards, batches and workers combine by additio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,17 @@ import torch
 from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
+from .distributed import (
+    all_gather_objects,
+    all_reduce_counts,
+    all_reduce_sum,
+    communication_device,
+    is_distributed,
+    local_config,
+    raise_if_any_rank_failed,
+    shard_batches,
+    unwrap_model,
+)
 
 PerExampleLoss = Callable[[object, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 _FORMAT_VERSION = "1"
@@ -126,28 +138,37 @@ class LoraDAStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> LoraDAStatistics:
-        """Read a file written by `save`."""
+        """Read a file written by `save`; a truncated or foreign file raises `LoraDAError`."""
         from safetensors import safe_open
 
+        path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"No statistics file at {os.fspath(path)!r}.")
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as handle:
-            metadata = dict(handle.metadata() or {})
-            if metadata.get("lora_da_format") != _FORMAT_VERSION:
-                raise LoraDAError(f"{os.fspath(path)!r} is not a LoRA-DA statistics file (or of another version).")
-            header = json.loads(metadata.pop("lora_da"))
-            metadata.pop("lora_da_format")
-            groups = header["input_groups"]
-            return cls(
-                gradient_sums={k: handle.get_tensor(f"G/{k}") for k in header["layers"]},
-                output_sq_sums={k: handle.get_tensor(f"y/{k}") for k in header["layers"]},
-                output_token_counts=header["output_token_counts"],
-                input_groups=groups,
-                input_sums={g: handle.get_tensor(f"Z/{g}") for g in dict.fromkeys(groups.values())},
-                input_token_counts=header["input_token_counts"],
-                num_examples=header["num_examples"],
-                metadata=metadata,
-            )
+            raise FileNotFoundError(f"No statistics file at {path!r}.")
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as handle:
+                metadata = dict(handle.metadata() or {})
+                if metadata.get("lora_da_format") != _FORMAT_VERSION:
+                    raise LoraDAError(f"{path!r} is not a LoRA-DA statistics file (or of another version).")
+                header = json.loads(metadata.pop("lora_da"))
+                metadata.pop("lora_da_format")
+                groups = header["input_groups"]
+                return cls(
+                    gradient_sums={k: handle.get_tensor(f"G/{k}") for k in header["layers"]},
+                    output_sq_sums={k: handle.get_tensor(f"y/{k}") for k in header["layers"]},
+                    output_token_counts=header["output_token_counts"],
+                    input_groups=groups,
+                    input_sums={g: handle.get_tensor(f"Z/{g}") for g in dict.fromkeys(groups.values())},
+                    input_token_counts=header["input_token_counts"],
+                    num_examples=header["num_examples"],
+                    metadata=metadata,
+                )
+        except LoraDAError:
+            raise
+        except Exception as exc:  # safetensors' own errors for truncated or garbled files
+            raise LoraDAError(
+                f"{path!r} is not a readable LoRA-DA statistics file (truncated or corrupt: {exc}); "
+                "recompute it with `lora-da stats`."
+            ) from exc
 
 
 def collect_statistics(
@@ -157,29 +178,76 @@ def collect_statistics(
     config: LoraDAConfig,
     *,
     loss_fn: PerExampleLoss | None = None,
+    shard: bool = False,
 ) -> LoraDAStatistics:
     """Gather LoRA-DA statistics of the named linear layers in one forward+backward pass over `batches`.
 
+    Under an initialized `torch.distributed` process group each rank passes over its own batches and the
+    sums are all-reduced, so every rank returns the statistics of all ranks' data.
+
     Args:
-        model: a transformers model (or a PEFT model wrapping one); its weights are not changed and its
-            `requires_grad` flags, train/eval mode and hooks are restored afterwards.
+        model: a transformers model (or a PEFT model wrapping one, or either inside DDP); its weights are not
+            changed and its `requires_grad` flags, train/eval mode and hooks are restored afterwards.
         batches: dicts with `input_ids`, `attention_mask` and optional `labels` (-100 = ignored), any size.
         target_modules: names of the layers (`nn.Linear`, GPT-2 `Conv1D`, or PEFT LoRA layers around them).
         config: token mask and output scaling are read from it.
         loss_fn: optional `(outputs, batch) -> (per-example losses [B], supervised counts [B])`; the default
             is the model's usual loss per example (shifted cross-entropy for causal LMs).
+        shard: under `torch.distributed`, keep only batch i with i % world_size == rank (leave False when
+            the batches come from a `DistributedSampler`, which shards already).
     """
+    model = unwrap_model(model)
+    distributed = is_distributed()
+    if shard and distributed:
+        batches = shard_batches(batches)
+    config = local_config(config)
     modules = _resolve_modules(model, target_modules)
     collector = _Collector(modules, config)
-    task = _Task.of(model)
-    device = _model_device(model)
+    error = None
+    try:
+        _run_pass(model, batches, collector, config, loss_fn)
+    except Exception as exc:  # under torch.distributed every rank must learn of it, or the others hang
+        if not distributed:
+            raise
+        error = exc
+    if distributed:
+        raise_if_any_rank_failed(error)
+        stats = _all_reduce(collector, _model_device(model))
+    else:
+        if collector.num_examples == 0:
+            raise LoraDAError(_NO_EXAMPLE)
+        stats = collector.result()
+    stats.metadata.update(
+        {"token_mask": config.token_mask, "output_scaling": config.output_scaling, "data_hash": collector.data_hash()}
+    )
+    stats.check_finite()
+    return stats
+
+
+_NO_EXAMPLE = (
+    "No calibration example has a supervised token: the data is empty, or every label is -100 "
+    "(e.g. prompts longer than max_length leave no completion)."
+)
+
+
+def _run_pass(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    collector: _Collector,
+    config: LoraDAConfig,
+    loss_fn: PerExampleLoss | None,
+) -> None:
+    """One forward+backward over `batches` with the collector's hooks attached."""
     from tqdm.auto import tqdm
 
+    task = _Task.of(model)
+    device = _model_device(model)
     with _statistics_mode(model), collector.attached(model):
         bar = tqdm(batches, desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
         for index, batch in enumerate(bar):
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             labels = task.labels(batch)
+            collector.hash_batch(batch, labels)
             counts = task.supervised_counts(batch, labels)
             collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
             outputs = model(**task.model_inputs(batch, labels))
@@ -195,15 +263,80 @@ def collect_statistics(
             total.backward()
             collector.num_examples += int(valid.sum())
             bar.set_postfix(examples=collector.num_examples)
-    if collector.num_examples == 0:
+
+
+def _all_reduce(collector: _Collector, device: torch.device) -> LoraDAStatistics:
+    """Sum every rank's accumulators; ranks with no (valid) batch contribute zeros."""
+    layouts = all_gather_objects(collector.layout())
+    groups = next((layout["groups"] for layout in layouts if layout["groups"] is not None), None)
+    for rank, layout in enumerate(layouts):
+        if layout["groups"] is not None and layout["groups"] != groups:
+            raise LoraDAError(
+                f"Rank {rank} found other shared-input groups than the other ranks: every rank must run the same "
+                "model with the same target layers."
+            )
+    shapes: dict[str, list[int]] = {}
+    for rank, layout in enumerate(layouts):
+        for name, shape in layout["shapes"].items():
+            if shapes.setdefault(name, shape) != shape:
+                raise LoraDAError(f"Layer {name!r} has shape {shape} on rank {rank} but {shapes[name]} elsewhere.")
+    names = list(collector.modules)
+    hash_counts = all_reduce_counts([collector.num_examples, *collector.data_hash_sums], communication_device(device))
+    if groups is None or hash_counts[0] == 0:
+        raise LoraDAError(_NO_EXAMPLE)
+    unreached = [name for name in names if name not in shapes]
+    if unreached:
         raise LoraDAError(
-            "No calibration example has a supervised token: the data is empty, or every label is -100 "
-            "(e.g. prompts longer than max_length leave no completion)."
+            f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any calibration token."
         )
-    stats = collector.result()
-    stats.metadata.update({"token_mask": config.token_mask, "output_scaling": config.output_scaling})
-    stats.check_finite()
-    return stats
+    leaders = list(dict.fromkeys(groups[name] for name in names))
+
+    def local(sums: dict[str, torch.Tensor], key: str, shape: list[int]) -> torch.Tensor:
+        return sums[key] if key in sums else torch.zeros(shape, dtype=torch.float32, device=device)
+
+    gradient_sums = {name: local(collector.gradient_sums, name, shapes[name]) for name in names}
+    output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1]) for name in names}
+    input_sums = {g: local(collector.input_sums, g, [shapes[g][1]] * 2) for g in leaders}
+    comm = communication_device(device)
+    all_reduce_sum([*gradient_sums.values(), *output_sq_sums.values(), *input_sums.values()], comm)
+    counts = all_reduce_counts(
+        [collector.output_token_counts.get(name, 0) for name in names]
+        + [collector.input_token_counts.get(g, 0) for g in leaders],
+        comm,
+    )
+    collector.num_examples, collector.data_hash_sums = hash_counts[0], hash_counts[1:]
+    return LoraDAStatistics(
+        gradient_sums,
+        output_sq_sums,
+        dict(zip(names, counts[: len(names)], strict=True)),
+        dict(groups),
+        input_sums,
+        dict(zip(leaders, counts[len(names) :], strict=True)),
+        hash_counts[0],
+    )
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear-like layer (a PEFT LoRA layer is read through its base layer)."""
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores the weight as [in, out]
+        n, m = module.weight.shape
+        return int(m), int(n)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.out_features), int(module.in_features)
+    raise LoraDAError(f"Cannot tell the shape of a {type(module).__name__}: LoRA-DA needs a linear layer.")
+
+
+def estimate_statistics_bytes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, int]:
+    """Upper bound of the float32 accumulators per layer: G [m, n] + y [m] + Z [n, n] (Z counted per layer,
+    though layers that read one input, e.g. q/k/v, share a single one)."""
+    model = unwrap_model(model)
+    sizes = {}
+    for name, module in _resolve_modules(model, target_modules).items():
+        m, n = layer_shape(module)
+        sizes[name] = 4 * (m * n + m + n * n)
+    return sizes
 
 
 def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
@@ -267,6 +400,7 @@ class _Collector:
         self.input_token_counts: dict[str, int] = {}
         self.input_groups: dict[str, str] | None = None
         self.num_examples = 0
+        self.data_hash_sums = [0, 0, 0]  # examples seen, and two 31-bit sums of per-example hashes
         self._input_keys: dict[str, tuple] = {}
         self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
@@ -288,6 +422,33 @@ class _Collector:
 
     def discard_batch(self) -> None:
         self._input_keys.clear()
+
+    def hash_batch(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Add each example's hash (its unpadded ids and labels) to an order- and batching-free data hash."""
+        ids = batch["input_ids"]
+        attention = batch.get("attention_mask")
+        attention = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention.bool()
+        ids, labels, attention = ids.cpu(), labels.cpu(), attention.cpu()
+        for row in range(ids.shape[0]):
+            keep = attention[row] if attention.dim() == ids.dim() else slice(None)
+            payload = ids[row][keep].to(torch.int64).numpy().tobytes() + b"|"
+            if labels.dim() == ids.dim():
+                payload += labels[row][keep].to(torch.int64).numpy().tobytes()
+            else:
+                payload += labels[row].to(torch.int64).numpy().tobytes()
+            value = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+            self.data_hash_sums[0] += 1
+            self.data_hash_sums[1] += value & 0x7FFFFFFF
+            self.data_hash_sums[2] += (value >> 31) & 0x7FFFFFFF
+
+    def data_hash(self) -> str:
+        """Hash of the multiset of calibration examples: the same for any batching, order or sharding."""
+        text = "-".join(str(v) for v in self.data_hash_sums)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def layout(self) -> dict:
+        """Input groups and gradient shapes found on this rank (None groups: no valid batch here)."""
+        return {"groups": self.input_groups, "shapes": {k: list(v.shape) for k, v in self.gradient_sums.items()}}
 
     def finalize_groups(self) -> None:
         """After the first forward: layers that read the same tensor (same parent) share one `Z`."""
