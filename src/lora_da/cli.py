@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -138,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "task). Prints a table and writes report.md, results.json and loss_curves.png. Raise "
                        "--steps, --num-train, --num-eval, --num-generate, --max-length to make it bigger.")
     _add_model_args(p)
-    p.set_defaults(max_length=160)
+    p.set_defaults(max_length=192)
     p.add_argument("--data", default="arith", help="training data (default: arith)")
     p.add_argument("--eval-data", default=None, help="evaluation data (default: arith:test)")
     p.add_argument("--output", default="./lora-da-demo", help="output folder (default: ./lora-da-demo)")
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_init_args(p, "", "")
     p.set_defaults(num_calibration=32)
     _add_train_args(p, steps=40, lr=5e-4)
-    p.set_defaults(eval_every=10)
+    p.set_defaults(eval_every=20)
     _add_data_size_args(p, num_eval=48, num_generate=32)
     p.set_defaults(func=cmd_demo)
 
@@ -258,13 +259,16 @@ def _eval_examples(args: argparse.Namespace):
     return load_examples(spec, "test", args.num_eval, args.data_seed)
 
 
-def _evaluate(model, tokenizer, features, examples, args: argparse.Namespace) -> dict:
-    """{'eval_loss', 'perplexity'[, 'accuracy']} of a model on encoded and raw evaluation examples."""
+def _evaluate(model, tokenizer, features, examples, args: argparse.Namespace, known_loss=None) -> dict:
+    """{'eval_loss', 'perplexity'[, 'accuracy']} on encoded and raw evaluation examples.
+
+    `known_loss` (e.g. the training loop's final eval loss on the same features) skips recomputing it.
+    """
     from .evaluate import evaluate_loss, exact_match
 
-    metrics = {}
-    loss = evaluate_loss(model, features, tokenizer.pad_token_id, args.batch_size, args.dtype)
-    metrics["eval_loss"], metrics["perplexity"] = loss["loss"], loss["perplexity"]
+    if known_loss is None:
+        known_loss = evaluate_loss(model, features, tokenizer.pad_token_id, args.batch_size, args.dtype)["loss"]
+    metrics = {"eval_loss": known_loss, "perplexity": math.exp(min(known_loss, 700.0))}
     qa = [ex for ex in examples if ex.is_qa][: args.num_generate]
     if args.num_generate and qa:
         em = exact_match(model, tokenizer, qa, max(args.batch_size, 16), args.max_new_tokens, args.max_length)
@@ -322,7 +326,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     _status(f"{method}: initialized in {info.init_seconds:.2f} s; training {args.steps} steps")
     output.mkdir(parents=True, exist_ok=True)
     history = train(model, features, config, tokenizer.pad_token_id, eval_features)
-    metrics = _evaluate(model, tokenizer, eval_features, eval_examples, args) if eval_features else {}
+    metrics = {}
+    if eval_features:
+        metrics = _evaluate(model, tokenizer, eval_features, eval_examples, args, history[-1]["eval_loss"])
     _save(model, info, tokenizer, output, args)
     summary = {"method": method, "init_seconds": info.init_seconds, "train_config": config.to_dict(),
                "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], **metrics}

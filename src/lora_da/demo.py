@@ -135,7 +135,7 @@ def run_demo(args: Namespace) -> dict:
         config = _train_config(args, output / f"train_log_{method}.jsonl")
         history = train(model, features, config, tokenizer.pad_token_id, eval_features)
         _status(f"{method}: evaluating after training")
-        after = _evaluate(model, tokenizer, eval_features, eval_examples, args)
+        after = _evaluate(model, tokenizer, eval_features, eval_examples, args, history[-1]["eval_loss"])
         rows.append({"method": method, "init_seconds": info.init_seconds, "before": before, "after": after,
                      "history": history, "init_report": info.report})
         del model
