@@ -218,3 +218,30 @@ def test_calibration_batches_are_seeded_and_capped():
     assert [b["input_ids"].tolist() for b in first] == [b["input_ids"].tolist() for b in again]
     assert [b["input_ids"].shape[0] for b in first] == [4, 2]
     assert sum(b["input_ids"].shape[0] for b in calibration_batches(features, 99, 4, 0)) == 10
+
+
+# ------------------------------------------------------------------------------------------- stdlib-code
+def test_stdlib_code_splits_by_module_and_is_deterministic():
+    from lora_da.data.stdlib_code import module_files
+
+    train_modules = {p.stem for p in module_files("train")}
+    test_modules = {p.stem for p in module_files("test")}
+    assert len(test_modules) >= 5 and len(train_modules) > 3 * len(test_modules)
+    assert not train_modules & test_modules
+    train = load_examples("stdlib-code", num_examples=300)
+    test = load_examples("stdlib-code:test", num_examples=50)
+    assert {e.meta["module"] for e in train} <= train_modules
+    assert {e.meta["module"] for e in test} <= test_modules
+    assert all(e.kind == "text" and e.completion.strip() for e in train + test)
+    assert [e.completion for e in test] == [e.completion for e in load_examples("stdlib-code:test", num_examples=50)]
+    assert [e.completion for e in load_examples("stdlib-code", num_examples=20, seed=1)] != [
+        e.completion for e in train[:20]]
+
+
+def test_stdlib_chunks_keep_the_source():
+    from lora_da.data.stdlib_code import chunk_source
+
+    source = "".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(100))
+    chunks = chunk_source(source, chunk_chars=200)
+    assert "".join(chunks) == source
+    assert all(len(c) < 200 + 40 for c in chunks) and len(chunks) > 5

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .arith import generate_arith
 from .jsonl import Example, read_jsonl, record_to_example
+from .stdlib_code import generate_stdlib_code
 
 #: Default number of generated examples per split of a built-in task.
 DEFAULT_SIZES = {"train": 1000, "test": 200}
@@ -17,8 +18,16 @@ def _arith(split: str, num_examples: int, seed: int) -> list[Example]:
     return [record_to_example(r, "arith") for r in generate_arith(split, num_examples, seed)]
 
 
+def _stdlib_code(split: str, num_examples: int, seed: int) -> list[Example]:
+    """Standard-library source chunks as plain-text Examples (every token supervised)."""
+    return [record_to_example(r, "stdlib-code") for r in generate_stdlib_code(split, num_examples, seed)]
+
+
 #: Built-in tasks: name -> function(split, num_examples, seed) returning Examples.
-BUILTIN_TASKS: dict[str, Callable[[str, int, int], list[Example]]] = {"arith": _arith}
+BUILTIN_TASKS: dict[str, Callable[[str, int, int], list[Example]]] = {
+    "arith": _arith,
+    "stdlib-code": _stdlib_code,
+}
 
 
 def register_task(name: str, loader: Callable[[str, int, int], list[Example]]) -> None:
