@@ -636,10 +636,12 @@ def run_bench(
     task = load_bench_task(config, tokenizer)
     variants = {spec: parse_variant(spec) for spec in config.methods}
 
+    plots: list[str] = []
+
     def save() -> None:
         _write_json_atomic(results_path, {"config": config.to_dict(), "records": records,
                                           "summary": summarize(records, config), "updated": time.time()})
-        write_report(output, records, config, [])
+        write_report(output, records, config, plots)
 
     def run(spec: str, rank: int, lr: float, seed: int, bar) -> None:
         key = cell_key(spec, rank, lr, seed)
@@ -669,7 +671,9 @@ def run_bench(
                         bar.update(1)  # no learning rate worked: nothing to confirm on more seeds
                         continue
                     run(spec, rank, choice["lr"], seed, bar)
+                # refresh plots once per finished (method, rank) so that a long grid has partial figures
+                plots[:] = write_plots(output, records, config)
+                save()
+    plots[:] = write_plots(output, records, config)
     save()
-    plots = write_plots(output, records, config)
-    write_report(output, records, config, plots)
     return records
