@@ -186,3 +186,25 @@ def test_demo_on_tiny_model_writes_every_file(capsys, tmp_path, tiny_model_dir):
     assert lora["before"]["eval_loss"] != lora_da["before"]["eval_loss"]  # LoRA-DA moves the start point
     assert "exact match before" in (out / "report.md").read_text()
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("method", ["pissa", "lora_one", "full"])
+def test_trained_output_reloads_with_the_same_eval_loss(method, capsys, tmp_path, tiny_model_dir, tiny_jsonl):
+    """Base-modifying methods are saved for the unmodified base; `full` saves a model folder."""
+    out = tmp_path / method
+    status, _, err = run_cli(capsys, "train", *_common(tiny_model_dir), "--data", tiny_jsonl, "--eval-data",
+                             tiny_jsonl, "--init", method, "--rank", 4, "--lr", "5e-3", "--steps", 3,
+                             "--num-calibration", 8, "--output", out)
+    assert status == 0, err
+    trained = json.loads((out / "results.json").read_text())["eval_loss"]
+    source = ["--model", str(out)] if method == "full" else ["--model", str(tiny_model_dir), "--adapter", str(out)]
+    status, stdout, err = run_cli(capsys, "eval", *source, "--device", "cpu", "--batch-size", "4",
+                                  "--max-length", "64", "--data", tiny_jsonl, "--num-generate", 0, "--json")
+    assert status == 0, err
+    assert json.loads(stdout)["eval_loss"] == pytest.approx(trained, rel=1e-4, abs=1e-5)
+
+
+def test_eval_rejects_a_folder_that_is_not_an_adapter(capsys, tmp_path, tiny_model_dir, tiny_jsonl):
+    status, _, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--adapter", tiny_model_dir,
+                             "--data", tiny_jsonl, "--device", "cpu")
+    assert status == 1 and "not a PEFT adapter folder" in err

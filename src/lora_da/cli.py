@@ -299,6 +299,8 @@ def _save(model, info, tokenizer, output: Path, args: argparse.Namespace) -> Non
 
     output.mkdir(parents=True, exist_ok=True)
     save_adapter(model, info, output)
+    if info.method == "full":
+        tokenizer.save_pretrained(output)  # a full model folder is used as --model, so it needs its tokenizer
     report = {"method": info.method, "init_seconds": info.init_seconds, "modifies_base": info.modifies_base,
               "rank": args.rank, "lora_alpha": args.lora_alpha, "use_rslora": args.rslora,
               "target_modules": args.target_modules, "model": args.model, "data": args.data,
@@ -357,6 +359,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = load_examples(args.data, "test", args.num_eval, args.data_seed)
     if args.adapter is not None and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter folder not found: {args.adapter}")
+    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json); "
+            "pass a fully fine-tuned model folder as --model instead"
+        )
     model, tokenizer = _load(args)
     if args.adapter is not None:
         from peft import PeftModel

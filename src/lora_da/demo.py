@@ -133,11 +133,13 @@ def run_demo(args: Namespace) -> dict:
         _status(f"{method}: initialized in {info.init_seconds:.1f} s; evaluating before training")
         before = _evaluate(model, tokenizer, eval_features, eval_examples, args)
         config = _train_config(args, output / f"train_log_{method}.jsonl")
+        started = time.perf_counter()
         history = train(model, features, config, tokenizer.pad_token_id, eval_features)
+        train_seconds = time.perf_counter() - started
         _status(f"{method}: evaluating after training")
         after = _evaluate(model, tokenizer, eval_features, eval_examples, args, history[-1]["eval_loss"])
         rows.append({"method": method, "init_seconds": info.init_seconds, "before": before, "after": after,
-                     "history": history, "init_report": info.report})
+                     "train_seconds": train_seconds, "history": history, "init_report": info.report})
         del model
         gc.collect()
     seconds = time.perf_counter() - start
