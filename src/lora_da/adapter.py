@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_world_size, is_main_process, local_config, solve_layers, unwrap_model
-from .statistics import LoraDAStatistics, PerExampleLoss, collect_statistics, layer_shape
+from .statistics import LoraDAStatistics, PerExampleLoss, collect_statistics, layer_shape, statistics_bytes
 
 logger = logging.getLogger("lora_da")
 
@@ -221,7 +221,7 @@ def _gather_and_solve(
     shard: bool,
 ) -> dict:
     """Gather statistics of the base model for each planned group of layers, solve and free them."""
-    sizes = {name: 4 * (m * n + m + n * n) for name, (m, n) in ((k, layer_shape(v)) for k, v in layers.items())}
+    sizes = {name: statistics_bytes(*layer_shape(module)) for name, module in layers.items()}
     passes = plan_passes(sizes, layers_per_pass, memory_budget)
     report.passes = len(passes)
     report.statistics_bytes_estimate = max(sum(sizes[name] for name in group) for group in passes)

@@ -18,7 +18,7 @@ from .config import LoraDAConfig, LoraDAError
 
 logger = logging.getLogger("lora_da")
 
-# Tensors are packed into flat float32 buffers of at most this many elements per all-reduce (256 MiB).
+# Tensors are packed into flat buffers of at most this many elements per all-reduce (512 MiB in float64).
 BUCKET_ELEMENTS = 1 << 26
 
 
@@ -143,7 +143,7 @@ def raise_if_any_rank_failed(error: BaseException | None) -> None:
 
 
 def all_reduce_sum(tensors: Sequence[torch.Tensor], device: torch.device) -> None:
-    """Sum float tensors over ranks in place, packed into a few large flat all-reduces."""
+    """Sum float tensors (of one dtype) over ranks in place, packed into a few large flat all-reduces."""
     import torch.distributed as dist
 
     bucket: list[torch.Tensor] = []
@@ -154,7 +154,7 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], device: torch.device) -> Non
             size += tensor.numel()
             continue
         if bucket:
-            flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in bucket])
+            flat = torch.cat([t.reshape(-1).to(device=device, dtype=bucket[0].dtype) for t in bucket])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             offset = 0
             for t in bucket:

@@ -1,6 +1,6 @@
 """One forward+backward pass that gathers LoRA-DA's per-layer statistics from hooks.
 
-For every target layer `y = W x` it sums, in float32:
+For every target layer `y = W x` it sums (float32 products per batch, float64 running sums):
 - `G`: per-example loss gradients `dL_i/dW = sum_t g_t x_t^T` (exact: every position), from the hooked `x_t` and
   output gradient `g_t` (so base weights need no `requires_grad` and may be quantized);
 - `Z`: `x_t x_t^T`, once per distinct input tensor (q/k/v projections share one);
@@ -36,6 +36,7 @@ from .distributed import (
 
 PerExampleLoss = Callable[[object, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 _FORMAT_VERSION = "1"
+ACCUMULATOR_DTYPE = torch.float64
 
 
 @dataclass
@@ -292,7 +293,7 @@ def _all_reduce(collector: _Collector, device: torch.device) -> LoraDAStatistics
     leaders = list(dict.fromkeys(groups[name] for name in names))
 
     def local(sums: dict[str, torch.Tensor], key: str, shape: list[int]) -> torch.Tensor:
-        return sums[key] if key in sums else torch.zeros(shape, dtype=torch.float32, device=device)
+        return sums[key] if key in sums else torch.zeros(shape, dtype=ACCUMULATOR_DTYPE, device=device)
 
     gradient_sums = {name: local(collector.gradient_sums, name, shapes[name]) for name in names}
     output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1]) for name in names}
@@ -328,14 +329,19 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     raise LoraDAError(f"Cannot tell the shape of a {type(module).__name__}: LoRA-DA needs a linear layer.")
 
 
+def statistics_bytes(m: int, n: int) -> int:
+    """Bytes of the accumulators of one [m, n] layer with its own input factor."""
+    return ACCUMULATOR_DTYPE.itemsize * (m * n + m + n * n)
+
+
 def estimate_statistics_bytes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, int]:
-    """Upper bound of the float32 accumulators per layer: G [m, n] + y [m] + Z [n, n] (Z counted per layer,
+    """Upper bound of the accumulators' bytes per layer: G [m, n] + y [m] + Z [n, n] (Z counted per layer,
     though layers that read one input, e.g. q/k/v, share a single one)."""
     model = unwrap_model(model)
     sizes = {}
     for name, module in _resolve_modules(model, target_modules).items():
         m, n = layer_shape(module)
-        sizes[name] = 4 * (m * n + m + n * n)
+        sizes[name] = statistics_bytes(m, n)
     return sizes
 
 
@@ -519,10 +525,12 @@ class _Collector:
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    # float64 running sums of float32 per-batch products: the sums, and so the factors of ill-conditioned layers
+    # (e.g. o_proj under grouped-query attention), do not depend on batching, batch order or number of ranks.
     if key in sums:
         sums[key] += value
     else:
-        sums[key] = value.clone()
+        sums[key] = value.to(ACCUMULATOR_DTYPE)
 
 
 @dataclass

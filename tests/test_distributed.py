@@ -1,0 +1,150 @@
+"""Two gloo processes on the tiny model give the single-process factors and statistics on every rank."""
+
+import multiprocessing
+import os
+import socket
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+from _tiny import batches, examples, lora_state, tiny_llama, wrap
+
+from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, initialize_lora_da
+from lora_da.cache import compute_and_save_statistics
+from lora_da.distributed import assign_groups, shard_batches
+
+CFG = LoraDAConfig(population_size=1000, show_progress=False)
+WORLD = 2
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    """One rank: every scenario in a row (one process group start-up for all of them)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from lora_da.distributed import local_config
+
+    torch.set_num_threads(1)  # forked from a process that used OpenMP; also 2 ranks on 2 cores
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+        results = {"progress": local_config(LoraDAConfig(population_size=10)).show_progress}
+        # A DDP-wrapped PEFT model; the library shards the batches (rank 0: 0, 2; rank 1: 1, 3).
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(DistributedDataParallel(model), batches(examples(8), 2), CFG, shard=True)
+        results["ddp"], results["ddp_report"] = lora_state(model), report.to_dict()
+        # The user shards (rank 1 gets nothing) and memory is bounded to 3 layers per pass.
+        model = wrap(tiny_llama())
+        data = batches(examples(5), 2) if rank == 0 else []
+        report = initialize_lora_da(model, data, CFG, layers_per_pass=3)
+        results["empty_rank"], results["empty_rank_passes"] = lora_state(model), report.passes
+        # Cache written by rank 0 only, from both ranks' shards.
+        compute_and_save_statistics(tiny_llama(), batches(examples(8), 2), os.path.join(out, "stats.safetensors"),
+                                    CFG, shard=True)
+        # A failure on one rank reaches every rank instead of hanging the other.
+        def loss_fn(outputs, batch):
+            raise RuntimeError("boom on rank 1") if rank == 1 else NotImplementedError
+        try:
+            collect_statistics(tiny_llama(), batches(examples(2), 2), ["model.layers.0.mlp.up_proj"], CFG,
+                               loss_fn=loss_fn if rank == 1 else None)
+            results["error"] = None
+        except Exception as exc:
+            results["error"] = f"{type(exc).__name__}: {exc}"
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Run the scenarios on 2 forked gloo ranks; their results, rank 0 first, and the output folder."""
+    out = tmp_path_factory.mktemp("dist")
+    context = multiprocessing.get_context("fork")  # no re-import of torch/transformers: a fast start
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=240)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+    errors = [(out / f"rank{r}.error").read_text() for r in range(WORLD) if (out / f"rank{r}.error").exists()]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
+
+
+def assert_factors_match(per_rank: list[dict], reference: dict) -> None:
+    assert per_rank[0].keys() == reference.keys()
+    for key, expected in reference.items():
+        assert torch.equal(per_rank[0][key], per_rank[1][key]), f"ranks differ at {key}"
+        assert relative_error(per_rank[0][key], expected) <= 1e-5, key
+
+
+class TestTwoRanks:
+    def test_ddp_sharded_factors_equal_single_process(self, ranks):
+        results, _ = ranks
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(8), 2), CFG)
+        assert_factors_match([r["ddp"] for r in results], lora_state(model))
+        report = results[0]["ddp_report"]
+        assert report["world_size"] == 2 and report["num_examples"] == 8
+        assert results[1]["ddp_report"]["layers"].keys() == report["layers"].keys()
+
+    def test_empty_rank_and_layers_per_pass(self, ranks):
+        results, _ = ranks
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(5), 2), CFG)
+        assert_factors_match([r["empty_rank"] for r in results], lora_state(model))
+        assert results[0]["empty_rank_passes"] == 5  # 14 layers, 3 per pass
+
+    def test_cache_written_once_with_all_shards(self, ranks):
+        _, out = ranks
+        stats = LoraDAStatistics.load(out / "stats.safetensors")
+        names = stats.layer_names
+        single = collect_statistics(tiny_llama(), batches(examples(8), 2), names, CFG)
+        assert stats.num_examples == single.num_examples == 8
+        assert stats.input_groups == single.input_groups
+        assert stats.metadata["data_hash"] == single.metadata["data_hash"]
+        for name in names:
+            for what in ("gradient", "input_factor", "output_factor"):
+                assert relative_error(getattr(stats, what)(name), getattr(single, what)(name)) <= 1e-5
+        assert [p.name for p in out.iterdir() if p.suffix == ".safetensors"] == ["stats.safetensors"]
+
+    def test_failure_on_one_rank_raises_on_all(self, ranks):
+        results, _ = ranks
+        assert results[1]["error"] == "RuntimeError: boom on rank 1"
+        assert results[0]["error"].startswith("LoraDAError: Rank 1 failed") and "boom" in results[0]["error"]
+
+    def test_progress_only_on_rank_zero(self, ranks):
+        results, _ = ranks
+        assert [r["progress"] for r in results] == [True, False]
+
+
+def test_shard_batches_round_robin_and_reiterable():
+    shard = shard_batches(range(7), rank=1, world_size=3)
+    assert list(shard) == [1, 4] and list(shard) == [1, 4]
+    with pytest.raises(LoraDAError, match="rank 3"):
+        shard_batches(range(7), rank=3, world_size=3)
+
+
+def test_assign_groups_balances_and_is_deterministic():
+    costs = {"a": 8.0, "b": 5.0, "c": 4.0, "d": 3.0}
+    owner = assign_groups(costs, 2)
+    assert owner == {"a": 0, "b": 1, "c": 1, "d": 0}
+    assert assign_groups(costs, 2) == owner and set(assign_groups(costs, 1).values()) == {0}
