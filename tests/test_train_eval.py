@@ -103,7 +103,11 @@ def test_bf16_autocast_runs(tiny_model_and_tokenizer, features):
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-def test_eval_loss_is_token_weighted(tiny_model_and_tokenizer, features):
+@pytest.mark.parametrize("slice_logits", [True, False])
+def test_eval_loss_is_token_weighted(slice_logits, tiny_model_and_tokenizer, features, monkeypatch):
+    import lora_da.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "_accepts_logits_to_keep", lambda model: slice_logits)
     model, tokenizer = tiny_model_and_tokenizer
     subset = features[:5]
     result = evaluate_loss(model, subset, tokenizer.pad_token_id, batch_size=2, show_progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -30,12 +31,36 @@ def autocast_context(device: torch.device, dtype: str | torch.dtype = "float32")
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
-def supervised_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over supervised positions; logits [b, t, V], labels [b, t]."""
-    shifted_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shifted_labels = labels[:, 1:].reshape(-1)
-    count = int((shifted_labels != IGNORE_INDEX).sum())
-    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """True when the (base) model's forward takes `logits_to_keep` (most transformers causal LMs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def supervised_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [b, k, V], next-token targets [b, k]) at the positions that predict a supervised token.
+
+    The vocabulary projection is computed only at positions where some row of the batch is supervised
+    (`logits_to_keep`), which saves time and memory for completion-only labels.
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if 0 < keep.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
+        return model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
+    return model(**inputs).logits[:, :-1], targets
+
+
+def supervised_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of cross-entropy over supervised targets and their count; logits [b, k, V], targets [b, k]."""
+    flat_targets = targets.reshape(-1)
+    count = int((flat_targets != IGNORE_INDEX).sum())
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), flat_targets, ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return total, count
 
 
@@ -60,8 +85,8 @@ def evaluate_loss(
     for batch in tqdm(batches, total=steps, desc="eval loss", disable=not show_progress, leave=False):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_context(device, dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        batch_total, batch_count = supervised_loss_sum(logits, batch["labels"])
+            logits, targets = supervised_logits(model, batch)
+        batch_total, batch_count = supervised_loss_sum(logits, targets)
         total += float(batch_total)
         count += batch_count
     model.train(was_training)

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import collate
-from .evaluate import autocast_context, evaluate_loss, model_device, supervised_loss_sum
+from .evaluate import autocast_context, evaluate_loss, model_device, supervised_logits, supervised_loss_sum
 from .models import resolve_dtype
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -127,8 +127,8 @@ def train(
                 chunk = [train_features[i] for i in order[start:start + config.batch_size]]
                 batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
                 with autocast_context(device, config.dtype):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                total, count = supervised_loss_sum(logits, batch["labels"])
+                    logits, targets = supervised_logits(model, batch)
+                total, count = supervised_loss_sum(logits, targets)
                 loss = total / max(count, 1)
                 (loss / config.grad_accum).backward()
                 losses.append(float(loss.detach()))
