@@ -62,17 +62,17 @@ class LoraDAStatistics:
         return self.input_groups[name]
 
     def gradient(self, name: str) -> torch.Tensor:
-        """`G` [m, n]: mean over examples of dL_i/dW."""
-        return self.gradient_sums[name] / self.num_examples
+        """`G` [m, n] float32: mean over examples of dL_i/dW."""
+        return (self.gradient_sums[name] / self.num_examples).float()
 
     def input_factor(self, name: str) -> torch.Tensor:
-        """`Z` [n, n]: mean over tokens of x_t x_t^T."""
+        """`Z` [n, n] float32: mean over tokens of x_t x_t^T."""
         group = self.input_groups[name]
-        return self.input_sums[group] / self.input_token_counts[group]
+        return (self.input_sums[group] / self.input_token_counts[group]).float()
 
     def output_factor(self, name: str) -> torch.Tensor:
-        """`y` [m]: mean over tokens of g_t * g_t."""
-        return self.output_sq_sums[name] / self.output_token_counts[name]
+        """`y` [m] float32: mean over tokens of g_t * g_t."""
+        return (self.output_sq_sums[name] / self.output_token_counts[name]).float()
 
     @property
     def num_tokens(self) -> int:
