@@ -75,22 +75,26 @@ def model_identity(model: nn.Module, layer_names: Sequence[str]) -> dict:
         settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in
                     _VOLATILE_CONFIG_KEYS}
     config_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    weights = hashlib.sha256()
+    weights = {}
     for name in layer_names:
         module = base.get_submodule(name)
         module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            continue
-        head = weight.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS]
-        if head.is_floating_point():  # bfloat16-rounded: the same checkpoint in float32 or bfloat16 agrees
-            head = head.to(torch.bfloat16).float()
-        weights.update(name.encode() + head.cpu().numpy().tobytes())
+        if isinstance(weight, torch.Tensor):
+            weights[name] = _fingerprint(weight)
     return {
         "model_name": str(getattr(config, "_name_or_path", "") or type(base).__name__),
         "config_hash": config_hash,
-        "weights_hash": weights.hexdigest()[:32],
+        "weights": weights,
     }
+
+
+def _fingerprint(weight: torch.Tensor) -> str:
+    """Hash of a weight's first elements, rounded to bfloat16 so float32 and bfloat16 copies agree."""
+    head = weight.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS]
+    if head.is_floating_point():
+        head = head.to(torch.bfloat16).float()
+    return hashlib.sha256(head.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
 def build_manifest(model: nn.Module, stats: LoraDAStatistics, model_name: str | None = None) -> dict:
@@ -195,12 +199,18 @@ def check_statistics(
     manifest = manifest_of(stats)
     if manifest is not None:
         identity = model_identity(model, list(layer_shapes))
-        for key, what in (("config_hash", "configuration"), ("weights_hash", "weights")):
-            if manifest.get(key) != identity[key]:
-                raise LoraDAError(
-                    f"{source} come from another model ({manifest.get('model_name')!r}; its {what} differ from "
-                    f"those of {identity['model_name']!r}); recompute them on this model."
-                )
+        if manifest.get("config_hash") != identity["config_hash"]:
+            raise LoraDAError(
+                f"{source} come from another model ({manifest.get('model_name')!r}: its configuration differs "
+                f"from that of {identity['model_name']!r}); recompute them on this model."
+            )
+        stored = manifest.get("weights", {})
+        changed = [name for name, value in identity["weights"].items() if stored.get(name, value) != value]
+        if changed:
+            raise LoraDAError(
+                f"{source} come from another model ({manifest.get('model_name')!r}: the weights of layer "
+                f"{changed[0]!r} differ from those of {identity['model_name']!r}); recompute them on this model."
+            )
     if config is not None:
         for key in ("token_mask", "output_scaling"):
             stored = stats.metadata.get(key)

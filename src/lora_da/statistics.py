@@ -513,13 +513,15 @@ class _Collector:
                 f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any "
                 "calibration token."
             )
+        names = list(self.modules)  # the given order, not the backward order in which the sums were created
+        leaders = list(dict.fromkeys(self.input_groups[name] for name in names))
         return LoraDAStatistics(
-            self.gradient_sums,
-            self.output_sq_sums,
-            self.output_token_counts,
-            self.input_groups,
-            self.input_sums,
-            self.input_token_counts,
+            {name: self.gradient_sums[name] for name in names},
+            {name: self.output_sq_sums[name] for name in names},
+            {name: self.output_token_counts[name] for name in names},
+            {name: self.input_groups[name] for name in names},
+            {group: self.input_sums[group] for group in leaders},
+            {group: self.input_token_counts[group] for group in leaders},
             self.num_examples,
         )
 

@@ -1,0 +1,90 @@
+"""Bounded memory: statistics gathered, solved and freed a group of layers at a time give the same factors."""
+
+import logging
+
+import pytest
+import torch
+from _tiny import batches, examples, lora_state, tiny_llama, wrap
+
+from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da
+from lora_da.adapter import plan_passes
+from lora_da.statistics import estimate_statistics_bytes
+
+CFG = LoraDAConfig(population_size=1000, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def all_at_once():
+    model = wrap(tiny_llama())
+    report = initialize_lora_da(model, batches(examples(6), 3), CFG)
+    return lora_state(model), report
+
+
+def assert_same(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=0)
+
+
+def test_one_layer_per_pass_equals_all_at_once(all_at_once):
+    model = wrap(tiny_llama())
+    report = initialize_lora_da(model, batches(examples(6), 3), CFG, layers_per_pass=1)
+    assert_same(lora_state(model), all_at_once[0])
+    assert report.passes == 14 and all_at_once[1].passes == 1
+    assert report.statistics_bytes < all_at_once[1].statistics_bytes / 5
+    assert report.num_examples == 6
+
+
+def test_memory_budget_bounds_each_pass(all_at_once):
+    sizes = estimate_statistics_bytes(tiny_llama(), list(_names()))
+    budget = 3 * max(sizes.values())
+    model = wrap(tiny_llama())
+    report = initialize_lora_da(model, batches(examples(6), 3), CFG, memory_budget=budget)
+    assert_same(lora_state(model), all_at_once[0])
+    assert 1 < report.passes < 14
+    assert report.statistics_bytes <= report.statistics_bytes_estimate <= budget
+
+
+def test_default_is_one_pass_and_a_large_budget_too(all_at_once):
+    total = all_at_once[1].statistics_bytes_estimate
+    assert all_at_once[1].statistics_bytes <= total  # shared inputs make the real size smaller
+    model = wrap(tiny_llama())
+    assert initialize_lora_da(model, batches(examples(6), 3), CFG, memory_budget=total).passes == 1
+
+
+def test_estimate_is_logged_before_the_pass(caplog):
+    with caplog.at_level(logging.INFO, logger="lora_da"):
+        initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2), CFG, layers_per_pass=7)
+    assert any("MiB for 14 layers" in r.message and "2 pass(es)" in r.message for r in caplog.records)
+
+
+def test_several_passes_need_reiterable_batches():
+    model = wrap(tiny_llama())
+    before = lora_state(model)
+    with pytest.raises(LoraDAError, match="one-shot iterator"):
+        initialize_lora_da(model, iter(batches(examples(4), 2)), CFG, layers_per_pass=2)
+    after = lora_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_layer_over_budget_gets_its_own_pass():
+    with pytest.warns(UserWarning, match="exceed memory_budget"):
+        report = initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2), CFG, memory_budget=10)
+    assert report.passes == 14
+
+
+def test_plan_passes():
+    sizes = {"a": 4, "b": 4, "c": 8, "d": 1}
+    assert plan_passes(sizes) == [["a", "b", "c", "d"]]
+    assert plan_passes(sizes, layers_per_pass=3) == [["a", "b", "c"], ["d"]]
+    assert plan_passes(sizes, memory_budget=8) == [["a", "b"], ["c"], ["d"]]
+    assert plan_passes(sizes, layers_per_pass=1, memory_budget=100) == [["a"], ["b"], ["c"], ["d"]]
+    for bad in ({"layers_per_pass": 0}, {"layers_per_pass": 1.5}, {"memory_budget": 0}):
+        with pytest.raises(LoraDAError):
+            plan_passes(sizes, **bad)
+
+
+def _names():
+    from lora_da.cache import target_layer_names
+
+    return target_layer_names(tiny_llama())
