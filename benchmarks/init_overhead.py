@@ -89,7 +89,7 @@ def main() -> None:
                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
     for part in ("floor", "lora-da"):
         command = [sys.executable, __file__, "--part", part, *sys.argv[1:]]
-        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
         results[part] = json.loads(output.strip().splitlines()[-1])
         print(part, results[part], flush=True)
     results["ratio_to_floor"] = results["lora-da"]["seconds"] / results["floor"]["seconds"]

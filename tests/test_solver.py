@@ -150,3 +150,17 @@ class TestConfig:
     def test_bad_values(self, kwargs):
         with pytest.raises(LoraDAError):
             LoraDAConfig(**{"population_size": 100, **kwargs})
+
+
+def test_rounding_negative_eigenvalues_of_z_are_clamped():
+    """A float32-rounded Gram matrix can be slightly indefinite; the solve must still succeed."""
+    g, _, y = random_problem(m=12, n=40, seed=10)
+    x = torch.randn(8, 40, dtype=torch.float64) * 100  # rank 8 < n: Z is singular
+    z = x.T @ x / 8
+    values, vectors = torch.linalg.eigh(z)
+    z_bad = z - 1e-3 * vectors[:, :1] @ vectors[:, :1].T  # one eigenvalue at -1e-3 (> damping)
+    solution = solve_layer(g, z_bad, y, 2, LoraDAConfig(variance_weight=0.1, population_size=10, damping=1e-6))
+    assert solution.info["input_factor_clamped"]
+    reference_solution = solve_layer(g, z, y, 2, LoraDAConfig(variance_weight=0.1, population_size=10))
+    assert not reference_solution.info["input_factor_clamped"]
+    assert torch.isfinite(solution.A).all() and torch.isfinite(solution.B).all()

@@ -52,6 +52,7 @@ class _InputFactor:
 
     cholesky: torch.Tensor
     damping: float
+    clamped: bool = False  # negative rounding eigenvalues of Z were set to zero first
     inverse: torch.Tensor | None = None
 
     def get_inverse(self) -> torch.Tensor:
@@ -69,14 +70,22 @@ def factor_input(input_factor: torch.Tensor, config: LoraDAConfig, layer: str = 
     damping = config.damping
     if config.damping_mode == "relative":
         damping = config.damping * float(torch.diagonal(z).mean())
-    damped = z + damping * torch.eye(n, dtype=torch.float64, device=z.device)
-    cholesky, info = torch.linalg.cholesky_ex(damped)
+    eye = torch.eye(n, dtype=torch.float64, device=z.device)
+    z = (z + z.T) / 2
+    cholesky, info = torch.linalg.cholesky_ex(z + damping * eye)
+    clamped = False
     if int(info) != 0:
+        # Z is a Gram matrix, so negative eigenvalues are float32 rounding: drop them, then damp.
+        values, vectors = torch.linalg.eigh(z)
+        z = (vectors * values.clamp(min=0)) @ vectors.T
+        cholesky, info = torch.linalg.cholesky_ex(z + damping * eye)
+        clamped = True
+    if int(info) != 0 or not torch.isfinite(cholesky).all():
         raise LoraDAError(
             f"Layer {layer!r}: the input factor Z + damping*I is not positive definite (damping={damping:g}); "
             "increase `damping`."
         )
-    return _InputFactor(cholesky=cholesky, damping=damping)
+    return _InputFactor(cholesky=cholesky, damping=damping, clamped=clamped)
 
 
 def solve_layer(
@@ -136,6 +145,7 @@ def solve_layer(
         "eigensolver": solver_used,
         "residual": residual,
         "median_y_over_damping": median_y / y_damping if y_damping > 0 else math.inf,
+        "input_factor_clamped": input_factor.clamped,
         "variance_bias_ratio": variance_ratio,
         "seconds": time.perf_counter() - start,
     }
