@@ -63,7 +63,7 @@ def test_method_inits_trains_saves_and_reloads(method, tmp_path):
     model, info = create_adapted_model(base, method, rank=RANK, calibration_batches=calib, population_size=1000)
     assert isinstance(info, InitInfo) and info.method == method and info.init_seconds >= 0
     assert info.modifies_base == METHODS[method].modifies_base
-    json.dumps(info.report)  # the report must be JSON-able
+    json.dumps(info.to_dict())  # the summary and its report must be JSON-able
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in trainable]

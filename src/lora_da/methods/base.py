@@ -22,6 +22,11 @@ class InitInfo:
     # base-modifying methods to a plain LoRA of the unmodified base at save time.
     initial_adapter: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
+    def to_dict(self) -> dict:
+        """JSON-ready summary (without the adapter snapshot)."""
+        return {"method": self.method, "init_seconds": self.init_seconds, "modifies_base": self.modifies_base,
+                "report": self.report}
+
 
 def _is_linear(module: nn.Module) -> bool:
     """True for the layer types PEFT's LoRA and our solvers support (nn.Linear, GPT-2 Conv1D)."""
