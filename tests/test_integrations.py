@@ -221,3 +221,55 @@ class TestMultipleAdapters:
         default_after, third_after = update(model, "default"), update(model, "third")
         assert all(torch.equal(default_after[n], v) for n, v in default_before.items())
         assert all(not torch.equal(third_after[n], v) for n, v in third_before.items())
+
+
+_RANK_SCRIPT = '''
+import os, sys
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+sys.path.insert(0, {tests!r})
+from conftest import build_tiny_model, build_tiny_tokenizer
+from lora_da.integrations import LoraDACallback
+
+tokenizer = build_tiny_tokenizer()
+features = [{{"input_ids": [5 + (i * 7 + j) % 90 for j in range(6 + i % 5)], "labels": [-100] * 3
+             + [5 + (i * 7 + j) % 90 for j in range(3, 6 + i % 5)]}} for i in range(16)]
+model = get_peft_model(build_tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+args = TrainingArguments(output_dir={out!r}, max_steps=1, per_device_train_batch_size=2, learning_rate=0.0,
+                         report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
+callback = LoraDACallback(num_samples=8)
+Trainer(model=model, args=args, train_dataset=features, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        callbacks=[callback]).train()
+state = {{k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}}
+save_file(state, os.path.join({out!r}, "rank%s-of-%s.safetensors" % (os.environ.get("RANK", "0"),
+                                                                     os.environ.get("WORLD_SIZE", "1"))))
+assert callback.report.num_examples == 8, callback.report.num_examples
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """Under torchrun every rank ends with the same adapter, equal to a single-process run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    script = tmp_path / "run.py"
+    script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=600)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613"]
+    subprocess.run([*torchrun, str(script)], check=True, env=env, timeout=600)
+
+    single = load_file(tmp_path / "rank0-of-1.safetensors")
+    rank0, rank1 = load_file(tmp_path / "rank0-of-2.safetensors"), load_file(tmp_path / "rank1-of-2.safetensors")
+    assert single.keys() == rank0.keys() == rank1.keys()
+    for key, value in single.items():
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-6)
+    assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in single.items())
