@@ -262,3 +262,19 @@ class TestQuantizedBase:
         report = initialize_lora_da(model, calibration("llama"), CFG)
         assert len(report.layers) == 14 and not report.skipped
         assert_initialized(model)
+
+
+def test_unsupported_layer_types_keep_peft_init_with_one_warning():
+    """Embeddings among the targets: one warning names them, they keep PEFT's init, the rest is initialized."""
+    model = wrap(build("bert-mlm"), "bert-mlm", target_modules=["query", "value", "word_embeddings"])
+    embedding = model.base_model.model.bert.embeddings.word_embeddings
+    before = {k: v.detach().clone() for k, v in embedding.state_dict().items() if "lora_" in k}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = initialize_lora_da(model, calibration("bert-mlm"), CFG)
+    messages = [str(w.message) for w in caught if "LoRA-DA leaves" in str(w.message)]
+    assert len(messages) == 1 and "word_embeddings" in messages[0]
+    assert report.skipped == ["base_model.model.bert.embeddings.word_embeddings"] and len(report.layers) == 4
+    after = embedding.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert_initialized(model)
