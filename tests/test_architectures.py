@@ -248,17 +248,22 @@ class TestQuantizedBase:
         batch = calibration("llama", count=3)[2]
         torch.testing.assert_close(logits(reloaded, batch), logits(model, batch), rtol=0, atol=0)
 
-    def test_bitsandbytes_4bit(self, tmp_path):
+    @pytest.mark.parametrize("bits", [4, 8])
+    def test_bitsandbytes(self, tmp_path, bits):
         pytest.importorskip("bitsandbytes")
         from peft import prepare_model_for_kbit_training
         from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
         build("llama").save_pretrained(tmp_path)
-        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        if bits == 4:
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        else:
+            quantization = BitsAndBytesConfig(load_in_8bit=True)
         base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-        assert type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+        layer_type = type(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer).__name__
+        assert layer_type == ("Linear4bit" if bits == 4 else "Linear8bitLt")
         report = initialize_lora_da(model, calibration("llama"), CFG)
         assert len(report.layers) == 14 and not report.skipped
         assert_initialized(model)
