@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .models import DEFAULT_MODEL
@@ -25,9 +26,9 @@ def _add_model_args(parser: argparse.ArgumentParser, default_model: str | None =
                        help="compute precision: float32, or bfloat16 autocast (default: float32)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default: auto)")
     group.add_argument("--max-length", type=int, default=256,
-                       help="truncate each tokenized example to this many tokens (default: 256)")
-    group.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: 8)")
-    group.add_argument("--seed", type=int, default=0, help="seed for initialization and data order (default: 0)")
+                       help="truncate each tokenized example to this many tokens (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=0, help="seed of init and data order (default: %(default)s)")
     group.add_argument("--data-seed", type=int, default=0,
                        help="seed of the generated built-in tasks (kept fixed across --seed; default: 0)")
 
@@ -38,14 +39,14 @@ def _add_init_args(parser: argparse.ArgumentParser, method_flag: str, default_me
     if method_flag:
         group.add_argument(method_flag, dest="method", default=default_method,
                            help=f"initialization method (default: {default_method}); see `lora-da methods`")
-    group.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
-    group.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: 16)")
+    group.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: %(default)s)")
+    group.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (default: %(default)s)")
     group.add_argument("--rslora", action=argparse.BooleanOptionalAction, default=True,
                        help="rank-stabilized scaling alpha/sqrt(r) (default: on)")
     group.add_argument("--target-modules", default="all-linear",
                        help="'all-linear' or comma-separated module names, e.g. q_proj,v_proj (default: all-linear)")
     group.add_argument("--num-calibration", type=int, default=256,
-                       help="calibration examples for data-aware methods, capped by the data size (default: 256)")
+                       help="calibration examples for data-aware methods, capped by data size (default: %(default)s)")
     group.add_argument("--population-size", type=int, default=None,
                        help="N_pop of LoRA-DA's variance term (default: number of training examples)")
     group.add_argument("--gamma", type=float, default=None, help="LoRA-DA gamma (default: 1024)")
@@ -58,14 +59,14 @@ def _add_init_args(parser: argparse.ArgumentParser, method_flag: str, default_me
 def _add_train_args(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
     """Optimization flags shared by train and demo."""
     group = parser.add_argument_group("training")
-    group.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
-    group.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default: {steps})")
-    group.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation micro-batches (default: 1)")
+    group.add_argument("--lr", type=float, default=lr, help="peak learning rate (default: %(default)s)")
+    group.add_argument("--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)")
+    group.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (default: %(default)s)")
     group.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                        help="learning-rate schedule after warmup (default: cosine)")
-    group.add_argument("--warmup-ratio", type=float, default=0.03, help="warmup fraction of steps (default: 0.03)")
+    group.add_argument("--warmup-ratio", type=float, default=0.03, help="warmup fraction (default: %(default)s)")
     group.add_argument("--eval-every", type=int, default=0,
-                       help="evaluate the eval loss every N steps; 0 = only at the end (default: 0)")
+                       help="evaluate the eval loss every N steps; 0 = only at the end (default: %(default)s)")
 
 
 def _add_data_size_args(parser: argparse.ArgumentParser, num_eval: int, num_generate: int) -> None:
@@ -75,11 +76,11 @@ def _add_data_size_args(parser: argparse.ArgumentParser, num_eval: int, num_gene
                        help="training examples to generate for a built-in task "
                        "(default: steps x batch size x grad accum, i.e. one epoch)")
     group.add_argument("--num-eval", type=int, default=num_eval,
-                       help=f"evaluation examples for the loss (default: {num_eval})")
+                       help="evaluation examples for the loss (default: %(default)s)")
     group.add_argument("--num-generate", type=int, default=num_generate,
-                       help=f"evaluation examples for exact-match accuracy; 0 = skip (default: {num_generate})")
+                       help="evaluation examples for exact-match accuracy; 0 = skip (default: %(default)s)")
     group.add_argument("--max-new-tokens", type=int, default=96,
-                       help="generation budget per answer (default: 96)")
+                       help="generation budget per answer (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-eval", type=int, default=None, help="use only the first N examples (default: all; "
                    "200 for a built-in task)")
     p.add_argument("--num-generate", type=int, default=64,
-                   help="examples scored by exact match; 0 = skip (default: 64)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="generation budget per answer (default: 96)")
+                   help="examples scored by exact match; 0 = skip (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="generation budget per answer (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -147,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated initialization methods to compare (default: lora,lora_da)")
     _add_init_args(p, "", "")
     p.set_defaults(num_calibration=32)
-    _add_train_args(p, steps=40, lr=5e-4)
-    p.set_defaults(eval_every=20)
-    _add_data_size_args(p, num_eval=48, num_generate=32)
-    p.set_defaults(func=cmd_demo)
+    _add_train_args(p, steps=24, lr=1e-3)
+    p.set_defaults(eval_every=12)
+    _add_data_size_args(p, num_eval=32, num_generate=16)
+    p.set_defaults(max_new_tokens=80, func=cmd_demo)
 
     p = sub.add_parser("methods", help="list the initialization methods", description="List the "
                        "initialization methods of the registry.")
@@ -417,10 +418,12 @@ def _message(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `lora-da`; returns the exit status (errors: one line on stderr, status 1)."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, OSError, KeyError, ImportError) as err:
         print(f"{PROG}: error: {_message(err)}", file=sys.stderr)

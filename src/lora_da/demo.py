@@ -6,6 +6,8 @@ import copy
 import gc
 import json
 import platform
+import resource
+import shlex
 import sys
 import time
 from argparse import Namespace
@@ -143,17 +145,19 @@ def run_demo(args: Namespace) -> dict:
         del model
         gc.collect()
     seconds = time.perf_counter() - start
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     setup = {
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "num_train": len(features), "eval_data": args.eval_data or f"{args.data.partition(':')[0]}:test",
         "num_eval": len(eval_features), "num_generate": min(args.num_generate, len(eval_examples)),
         "num_calibration": min(args.num_calibration, len(features)), "device": str(next(base.parameters()).device),
-        "command": "lora-da " + " ".join(sys.argv[1:]) if sys.argv and "lora" in sys.argv[0] else "lora-da demo",
+        "command": "lora-da " + shlex.join(getattr(args, "argv", None) or ["demo"]),
     }
     table = results_table(rows)
     plot_loss_curves(rows, output / "loss_curves.png", f"{args.model} on {args.data}: " + " vs ".join(methods))
     (output / "report.md").write_text(_report(args, rows, setup, seconds), encoding="utf-8")
-    payload = {"args": {k: v for k, v in vars(args).items() if k != "func"}, "setup": setup, "seconds": seconds,
-               "runs": rows}
+    flags = {k: v for k, v in vars(args).items() if k not in ("func", "argv")}
+    payload = {"args": flags, "setup": setup, "seconds": seconds, "runs": rows}
     (output / "results.json").write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     return {"table": table, "rows": rows, "seconds": seconds}
 
