@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -144,7 +145,7 @@ def test_error_in_a_real_process(tmp_path, tiny_model_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "lora_da.cli", "train", "--model", str(tiny_model_dir), "--data",
          str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"lora-da: error: data file not found: {tmp_path / 'missing.jsonl'}"]
