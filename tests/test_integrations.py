@@ -127,11 +127,25 @@ class TestTrainerCallback:
             (dict(batch_size=0), "batch_size"),
             (dict(config={"gama": 1.0}), "gama"),
             (dict(config=3), "LoraDAConfig"),
+            (dict(config={"gamma": -1.0}), "gamma"),
         ],
     )
     def test_bad_arguments(self, kwargs, message):
         with pytest.raises(LoraDAError, match=message):
             LoraDACallback(**kwargs)
+
+    @pytest.mark.parametrize("setting, message", [("fsdp", "FSDP"), ("deepspeed", "DeepSpeed")])
+    def test_sharded_or_master_weight_setups_are_refused(self, setting, message, features, tiny_tokenizer):
+        from types import SimpleNamespace
+
+        from transformers import TrainerState
+
+        model = get_peft_model(build("llama"), LoraConfig(**LORA))
+        args = SimpleNamespace(fsdp=None, deepspeed=None, per_device_train_batch_size=2, output_dir=None)
+        setattr(args, setting, "full_shard" if setting == "fsdp" else "ds_config.json")
+        loader = torch.utils.data.DataLoader(features, collate_fn=DataCollatorForSeq2Seq(tiny_tokenizer))
+        with pytest.raises(LoraDAError, match=message):
+            LoraDACallback().on_train_begin(args, TrainerState(), None, model=model, train_dataloader=loader)
 
     def test_iterable_dataset_needs_population_size(self, features):
         stream = iter(features)

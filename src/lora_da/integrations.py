@@ -62,6 +62,7 @@ class LoraDACallback(TrainerCallback):
             unknown = sorted(set(config) - set(LoraDAConfig.__dataclass_fields__))
             if unknown:
                 raise LoraDAError(f"Unknown LoraDAConfig field(s) in `config`: {', '.join(unknown)}.")
+            LoraDAConfig(**{"population_size": 1, **config})  # bad values fail now, not at train time
         self.num_samples = int(num_samples)
         self.config = config
         self.batch_size = batch_size
@@ -147,7 +148,7 @@ def _check_supported_setup(args, model) -> None:
             "LoraDACallback does not support FSDP (sharded parameters): call lora_da.initialize_lora_da on the "
             "PeftModel before building the trainer, then train as usual."
         )
-    if getattr(args, "deepspeed", None) or any(hasattr(p, "ds_id") for p in model.parameters()):
+    if getattr(args, "deepspeed", None) or (model is not None and any(hasattr(p, "ds_id") for p in model.parameters())):
         raise LoraDAError(
             "LoraDACallback does not support DeepSpeed (its optimizer keeps master copies of the weights): call "
             "lora_da.initialize_lora_da on the PeftModel before building the trainer, then train as usual."
