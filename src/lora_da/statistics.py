@@ -66,13 +66,14 @@ class LoraDAStatistics:
         return (self.gradient_sums[name] / self.num_examples).float()
 
     def input_factor(self, name: str) -> torch.Tensor:
-        """`Z` [n, n] float32: mean over tokens of x_t x_t^T."""
+        """`Z` [n, n]: mean over tokens of x_t x_t^T, in the sums' float64 (float32 rounding can make a
+        rank-deficient Z indefinite by more than a small damping)."""
         group = self.input_groups[name]
-        return (self.input_sums[group] / self.input_token_counts[group]).float()
+        return self.input_sums[group] / self.input_token_counts[group]
 
     def output_factor(self, name: str) -> torch.Tensor:
-        """`y` [m] float32: mean over tokens of g_t * g_t."""
-        return (self.output_sq_sums[name] / self.output_token_counts[name]).float()
+        """`y` [m]: mean over tokens of g_t * g_t (float64, like the sums)."""
+        return self.output_sq_sums[name] / self.output_token_counts[name]
 
     @property
     def num_tokens(self) -> int:
