@@ -1,0 +1,121 @@
+"""LoRA-DA init on one GPU: seconds and peak GPU memory on a random Llama-2-7B-shaped bf16 model.
+
+The model is built from a config (hidden 4096, 32 blocks, intermediate 11008, vocab 32000), randomly
+initialized in bfloat16; calibration data are 256 random sequences of 512 tokens. Each `--layers-per-pass`
+value is one `initialize_lora_da` run (all linear layers of the blocks, rank 16), timed with CUDA events and
+`torch.cuda.max_memory_allocated`. Meant to finish in under 5 minutes on an H200:
+
+    python benchmarks/scale_gpu.py                       # writes benchmarks/results/scale_gpu.{json,md}
+    python benchmarks/scale_gpu.py --tiny --device cpu   # a seconds-long smoke test of the same code
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, vocab_size=256, max_position_embeddings=512)
+
+
+def build_model(shape: dict, device: torch.device):
+    """A randomly initialized LlamaForCausalLM in bfloat16, built directly on `device`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**shape, torch_dtype="bfloat16")
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with device:
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def random_batches(count: int, length: int, batch_size: int, vocab: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (count, length), generator=generator)
+    return [{"input_ids": ids[i : i + batch_size], "attention_mask": torch.ones_like(ids[i : i + batch_size])}
+            for i in range(0, count, batch_size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=256)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--layers-per-pass", default="all", help="comma-separated runs; 'all' = one pass")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 2-block model: smoke test of the script")
+    args = parser.parse_args()
+    from peft import LoraConfig, get_peft_model
+
+    from lora_da import LoraDAConfig, initialize_lora_da
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shape = TINY if args.tiny else LLAMA2_7B
+    if args.tiny:
+        args.examples, args.length = min(args.examples, 16), min(args.length, 64)
+    start = time.perf_counter()
+    model = build_model(shape, device)
+    lora = LoraConfig(r=args.rank, lora_alpha=32, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
+    model = get_peft_model(model, lora)
+    build_seconds = time.perf_counter() - start
+    batches = random_batches(args.examples, args.length, args.batch_size, shape["vocab_size"])
+    config = LoraDAConfig(population_size=100_000, show_progress=True)
+    runs = []
+    for value in args.layers_per_pass.split(","):
+        layers_per_pass = None if value == "all" else int(value)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base_memory = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        report = initialize_lora_da(model, batches, config, layers_per_pass=layers_per_pass)
+        if cuda:
+            torch.cuda.synchronize()
+        run = {"layers_per_pass": value, "passes": report.passes, "seconds": time.perf_counter() - start,
+               "statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
+               "statistics_gib": report.statistics_bytes / 2**30,
+               "statistics_estimate_gib": report.statistics_bytes_estimate / 2**30, "layers": len(report.layers),
+               "solvers": sorted({v["eigensolver"] for v in report.layers.values()})}
+        if cuda:
+            run["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            run["model_gpu_gib"] = base_memory / 2**30
+        runs.append(run)
+        print(json.dumps(run), flush=True)
+    results = {"model": "random Llama-2-7B-shaped" if not args.tiny else "tiny random Llama", "shape": shape,
+               "dtype": "bfloat16", "examples": args.examples, "length": args.length, "batch_size": args.batch_size,
+               "rank": args.rank, "device": torch.cuda.get_device_name(device) if cuda else str(device),
+               "torch": torch.__version__, "build_seconds": build_seconds, "runs": runs}
+    if args.tiny:
+        return  # a smoke test writes nothing
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# LoRA-DA init on one GPU, random Llama-2-7B-shaped model (bf16)", "",
+             f"`python benchmarks/scale_gpu.py` on {results['device']}: {args.examples} random sequences of "
+             f"{args.length} tokens, batch {args.batch_size}, rank {args.rank}, all linear layers of the blocks.", "",
+             "| layers per pass | passes | init s | statistics s | solve s | statistics GiB (est.) | peak GPU GiB "
+             "| model GiB |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in runs:
+        lines.append(f"| {run['layers_per_pass']} | {run['passes']} | {run['seconds']:.1f} | "
+                     f"{run['statistics_seconds']:.1f} | {run['solve_seconds']:.1f} | {run['statistics_gib']:.1f} "
+                     f"({run['statistics_estimate_gib']:.1f}) | {run['peak_gpu_gib']:.1f} | "
+                     f"{run['model_gpu_gib']:.1f} |")
+    (RESULTS / "scale_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
