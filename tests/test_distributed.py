@@ -49,6 +49,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         data = batches(examples(5), 2) if rank == 0 else []
         report = initialize_lora_da(model, data, CFG, layers_per_pass=3)
         results["empty_rank"], results["empty_rank_passes"] = lora_state(model), report.passes
+        # Every rank passes all batches (no sharding): same statistics, and a warning on rank 0 only.
+        import warnings
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = wrap(tiny_llama())
+            initialize_lora_da(model, batches(examples(8), 2), CFG)
+        results["unsharded"] = lora_state(model)
+        results["warnings"] = [str(w.message) for w in caught if "same calibration batches" in str(w.message)]
         # Cache written by rank 0 only, from both ranks' shards.
         compute_and_save_statistics(tiny_llama(), batches(examples(8), 2), os.path.join(out, "stats.safetensors"),
                                     CFG, shard=True)
@@ -105,6 +114,11 @@ class TestTwoRanks:
         report = results[0]["ddp_report"]
         assert report["world_size"] == 2 and report["num_examples"] == 8
         assert results[1]["ddp_report"]["layers"].keys() == report["layers"].keys()
+
+    def test_unsharded_batches_give_the_same_factors_and_a_warning(self, ranks):
+        results, _ = ranks
+        assert_factors_match([r["unsharded"] for r in results], results[0]["ddp"])
+        assert len(results[0]["warnings"]) == 1 and results[1]["warnings"] == []
 
     def test_empty_rank_and_layers_per_pass(self, ranks):
         results, _ = ranks

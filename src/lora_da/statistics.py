@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from .distributed import (
     all_reduce_sum,
     communication_device,
     is_distributed,
+    is_main_process,
     local_config,
     raise_if_any_rank_failed,
     shard_batches,
@@ -282,6 +284,13 @@ def _all_reduce(collector: _Collector, device: torch.device) -> LoraDAStatistics
         for name, shape in layout["shapes"].items():
             if shapes.setdefault(name, shape) != shape:
                 raise LoraDAError(f"Layer {name!r} has shape {shape} on rank {rank} but {shapes[name]} elsewhere.")
+    if layouts[0]["data"][0] > 0 and all(layout["data"] == layouts[0]["data"] for layout in layouts):
+        if is_main_process():
+            warnings.warn(
+                f"All {len(layouts)} ranks passed the same calibration batches: the statistics are right but the "
+                "work was repeated on every rank; pass shard=True (or batches from a DistributedSampler).",
+                stacklevel=3,
+            )
     names = list(collector.modules)
     hash_counts = all_reduce_counts([collector.num_examples, *collector.data_hash_sums], communication_device(device))
     if groups is None or hash_counts[0] == 0:
@@ -455,7 +464,8 @@ class _Collector:
 
     def layout(self) -> dict:
         """Input groups and gradient shapes found on this rank (None groups: no valid batch here)."""
-        return {"groups": self.input_groups, "shapes": {k: list(v.shape) for k, v in self.gradient_sums.items()}}
+        shapes = {k: list(v.shape) for k, v in self.gradient_sums.items()}
+        return {"groups": self.input_groups, "shapes": shapes, "data": list(self.data_hash_sums)}
 
     def finalize_groups(self) -> None:
         """After the first forward: layers that read the same tensor (same parent) share one `Z`."""
