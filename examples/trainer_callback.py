@@ -108,13 +108,12 @@ def main() -> None:
             model=get_peft_model(model, lora), args=TrainingArguments(**common), train_dataset=features,
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[callback],
         )
-    trainer.train()
+    result = trainer.train()
     if trainer.is_world_process_zero():
         report = callback.report
         print(
-            f"LoRA-DA: {len(report.layers)} layers, {report.num_examples} examples, "
-            f"{report.total_seconds:.1f} s; first losses: "
-            + ", ".join(f"{e['loss']:.3f}" for e in trainer.state.log_history if "loss" in e)
+            f"LoRA-DA: {len(report.layers)} layers, {report.num_examples} examples, {report.total_seconds:.1f} s; "
+            f"mean training loss over {result.global_step} steps: {result.training_loss:.3f}"
         )
         trainer.save_model(args.output_dir)  # a stock PEFT adapter folder
 
