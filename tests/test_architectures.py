@@ -161,13 +161,14 @@ class TestDtypes:
         assert errors[len(errors) // 2] < (0.15 if dtype == torch.bfloat16 else 0.03)
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-    def test_statistics_are_float32(self, dtype):
+    def test_statistics_are_at_least_float32(self, dtype):
         names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
         stats = collect_statistics(build("llama", dtype=dtype), calibration("llama"), names, CFG)
+        wide = (torch.float32, torch.float64)  # at least float32, whatever the model's dtype
         for name in names:
-            assert stats.gradient(name).dtype == torch.float32
-            assert stats.input_factor(name).dtype == torch.float32
-            assert stats.output_factor(name).dtype == torch.float32
+            assert stats.gradient(name).dtype in wide
+            assert stats.input_factor(name).dtype in wide
+            assert stats.output_factor(name).dtype in wide
 
 
 def test_gradient_checkpointing_on():
