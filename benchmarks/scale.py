@@ -68,7 +68,7 @@ def worker(args) -> None:
     from lora_da.models import load_model_and_tokenizer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     init_distributed_from_env()
     rank = get_rank()
     torch.manual_seed(0)
@@ -76,7 +76,11 @@ def worker(args) -> None:
     examples = load_examples("arith", num_examples=args.examples, seed=0)
     features = encode_examples(examples, tokenizer, max_length=args.max_length)
     batches = calibration_batches(features, args.examples, args.batch_size, tokenizer.pad_token_id)
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
+    targets = args.target_modules
+    if targets.startswith("re:"):
+        targets = targets[3:]  # a regex that PEFT full-matches against module names
+    elif targets != "all-linear":
+        targets = targets.split(",")
     lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules=targets, lora_dropout=0.0)
     model = get_peft_model(model, lora)
     config = LoraDAConfig(population_size=100_000, show_progress=False)
@@ -138,11 +142,15 @@ def relative_error(first: dict, second: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--examples", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--examples", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--target-modules", default="q_proj,v_proj")
+    parser.add_argument("--target-modules", default=r"re:model\.layers\.[01]\.(self_attn|mlp)\.\w+_proj",
+                        help="'all-linear', comma-separated names, or 're:REGEX' (default: the 14 linear layers of "
+                        "the first two blocks, so that 1 layer per pass stays affordable on 2 shared cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process; 0 = cores / processes (default: 1, fair on a shared machine)")
     parser.add_argument("--layers-per-pass", default="all,5,1", help="comma-separated; 'all' = one pass")
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--worker", action="store_true", help="internal: run as one rank")
@@ -153,6 +161,7 @@ def main() -> None:
         return
     results = {"model": args.model, "examples": args.examples, "max_length": args.max_length,
                "batch_size": args.batch_size, "rank": args.rank, "target_modules": args.target_modules,
+               "threads_per_process": args.threads or "cores / processes",
                "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch "
                f"{torch.__version__}", "load_average_at_start": os.getloadavg()[0], "by_processes": {}}
     with tempfile.TemporaryDirectory() as factors_dir:
@@ -181,7 +190,8 @@ def render(results: dict) -> str:
         f" at start, {results['load_average_at_end']:.1f} at the end: other engineers' jobs ran at the same time, "
         f"so seconds are noisy). {results['model']}, {results['examples']} `arith` examples "
         f"({one['tokens']} tokens, max length {results['max_length']}, batch {results['batch_size']}), rank "
-        f"{results['rank']}, target modules `{results['target_modules']}` ({one['runs'][0]['layers']} layers). "
+        f"{results['rank']}, target modules `{results['target_modules']}` ({one['runs'][0]['layers']} layers), "
+        f"{results['threads_per_process']} torch thread(s) per process. "
         "With 2 processes (gloo) each rank takes every other batch. Peak RSS is sampled during the init only "
         "(model already loaded); per rank.",
         "",
