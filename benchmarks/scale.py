@@ -1,8 +1,8 @@
 """LoRA-DA scale-out on the embedded SmolLM2-135M: init seconds and peak RSS vs layers per pass and processes.
 
 For each process count (1, then 2 gloo ranks started torchrun-style with RANK / WORLD_SIZE / MASTER_ADDR in
-the environment), the workers load the model once and run `initialize_lora_da` with each `layers_per_pass`
-(all, 5, 1); a sampling thread records the peak resident memory of each init. The factors of every run are
+the environment) and each `layers_per_pass` (all, 5, 1), fresh workers load the model and run
+`initialize_lora_da`; a sampling thread records the peak resident memory of the init. The factors of every run are
 compared with the single-process all-at-once run.
 
     python benchmarks/scale.py            # writes benchmarks/results/scale.{json,md}
@@ -117,13 +117,13 @@ def worker(args) -> None:
         dist.destroy_process_group()
 
 
-def launch(args, nproc: int, factors_dir: str) -> dict:
-    """Start `nproc` workers torchrun-style and return rank 0's results."""
+def launch(args, nproc: int, factors_dir: str, layers_per_pass: str) -> dict:
+    """Start `nproc` fresh workers torchrun-style for one `layers_per_pass`; rank 0's results."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = [sys.executable, __file__, "--worker", "--factors-dir", factors_dir,
-               *[a for a in sys.argv[1:] if a != "--worker"]]
+    command = [sys.executable, __file__, *sys.argv[1:], "--worker", "--factors-dir", factors_dir,
+               "--layers-per-pass", layers_per_pass]
     processes = []
     for rank in range(nproc):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
@@ -166,8 +166,12 @@ def main() -> None:
                f"{torch.__version__}", "load_average_at_start": os.getloadavg()[0], "by_processes": {}}
     with tempfile.TemporaryDirectory() as factors_dir:
         for nproc in (int(p) for p in args.processes.split(",")):
-            results["by_processes"][str(nproc)] = launch(args, nproc, factors_dir)
-            print(json.dumps(results["by_processes"][str(nproc)]), flush=True)
+            entry = None
+            for layers_per_pass in args.layers_per_pass.split(","):  # a fresh process each: its own peak RSS
+                result = launch(args, nproc, factors_dir, layers_per_pass)
+                entry = result if entry is None else {**entry, "runs": entry["runs"] + result["runs"]}
+                print(json.dumps(result), flush=True)
+            results["by_processes"][str(nproc)] = entry
         first = results["by_processes"][args.processes.split(",")[0]]["runs"][0]
         reference = torch.load(Path(factors_dir) / first["factors"])
         for entry in results["by_processes"].values():
@@ -192,8 +196,9 @@ def render(results: dict) -> str:
         f"({one['tokens']} tokens, max length {results['max_length']}, batch {results['batch_size']}), rank "
         f"{results['rank']}, target modules `{results['target_modules']}` ({one['runs'][0]['layers']} layers), "
         f"{results['threads_per_process']} torch thread(s) per process. "
-        "With 2 processes (gloo) each rank takes every other batch. Peak RSS is sampled during the init only "
-        "(model already loaded); per rank.",
+        "With 2 processes (gloo) each rank takes every other batch. Every row runs in fresh processes; peak RSS "
+        "is sampled during the init (after the model is loaded), per rank; `RSS before init` is rank 0's RSS "
+        "with the model loaded.",
         "",
         "| processes | layers per pass | passes | init seconds | statistics s | solve s | peak RSS per rank (MiB) "
         "| RSS before init (MiB) | statistics held (MiB, est. upper bound) | max rel. error of factors |",
