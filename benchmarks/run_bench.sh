@@ -2,14 +2,15 @@
 # Reproduce the committed CPU benchmark: SmolLM2-135M (embedded GGUF) on a built-in task.
 #   benchmarks/run_bench.sh [TASK] [OUTPUT_DIR]     TASK: arith (default) or any data spec / JSONL path
 # Resumable: rerun the same command to continue; finished runs are skipped.
-# Budget knobs (environment): METHODS, RANKS, SEEDS, SWEEP_SEEDS, LRS, STEPS, BATCH, MAXLEN.
+# Budget knobs (environment): METHODS, RANKS, SEEDS, SWEEP_SEEDS, LRS, STEPS, BATCH, MAXLEN;
+# RETRY_FAILED=1 reruns runs recorded as failed.
 set -euo pipefail
 TASK="${1:-arith}"
 OUT="${2:-benchmarks/results/smollm2-135m-${TASK//[^A-Za-z0-9_-]/_}}"
 PY="${PYTHON:-python}"
 export METHODS="${METHODS:-lora lora_da pissa lora_one milora lora_ga eva}"
 export RANKS="${RANKS:-8}" SEEDS="${SEEDS:-0}" SWEEP_SEEDS="${SWEEP_SEEDS:-1}" LRS="${LRS:-2e-4 1e-3}"
-export STEPS="${STEPS:-24}" BATCH="${BATCH:-4}" MAXLEN="${MAXLEN:-128}" TASK OUT
+export STEPS="${STEPS:-24}" BATCH="${BATCH:-4}" MAXLEN="${MAXLEN:-128}" RETRY_FAILED="${RETRY_FAILED:-0}" TASK OUT
 exec "$PY" - <<'PYEOF'
 import os
 
@@ -18,6 +19,7 @@ from lora_da.bench import run_bench
 env = os.environ
 run_bench(
     env["OUT"],
+    retry_failed=env["RETRY_FAILED"] == "1",
     model="smollm2-135m",
     data=env["TASK"],
     methods=env["METHODS"].split(),
