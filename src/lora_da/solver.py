@@ -114,7 +114,7 @@ def solve_layer(
 
     # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [n, m].
     step = -torch.cholesky_solve(g.T, input_factor.cholesky) * inv_y[None, :]
-    sigma = float(torch.linalg.matrix_norm(step, ord=2))
+    sigma = _top_singular_value(step)
     if not math.isfinite(sigma):
         raise LoraDAError(f"Layer {layer!r}: the natural-gradient step is not finite; check the statistics.")
     if sigma == 0.0:
@@ -216,10 +216,27 @@ def _smallest_eigenvectors(
         if residual <= config.eigensolver_tol or config.eigensolver == "lobpcg":
             gap = float(values[rank] - values[rank - 1]) if want > rank else None
             return vectors[:, :rank], values[:rank], residual, "lobpcg", gap
+    if config.eigensolver == "auto":
+        # float32 LAPACK is several times faster; its answer is kept only if the float64 residual is small.
+        values, vectors = torch.linalg.eigh(matrix.float())
+        values, vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
+        residual = _residual(matrix, vectors[:, :rank], values[:rank])
+        if residual <= config.eigensolver_tol:
+            gap = float(values[rank] - values[rank - 1]) if n > rank else None
+            return vectors[:, :rank], values[:rank], residual, "eigh-float32", gap
     values, vectors = torch.linalg.eigh(matrix)
     gap = float(values[rank] - values[rank - 1]) if n > rank else None
     residual = _residual(matrix, vectors[:, :rank], values[:rank])
     return vectors[:, :rank], values[:rank], residual, "eigh", gap
+
+
+def _top_singular_value(matrix: torch.Tensor) -> float:
+    """Largest singular value of [n, m] `matrix`, from the smaller Gram matrix in float32 (scaled against overflow)."""
+    gram = matrix.T @ matrix if matrix.shape[1] < matrix.shape[0] else matrix @ matrix.T
+    scale = float(gram.diagonal().max())
+    if not math.isfinite(scale) or scale <= 0.0:
+        return math.sqrt(scale) if scale > 0 else scale
+    return math.sqrt(max(float(torch.linalg.eigvalsh((gram / scale).float())[-1]), 0.0) * scale)
 
 
 def _residual(matrix: torch.Tensor, vectors: torch.Tensor, values: torch.Tensor) -> float:
