@@ -538,8 +538,9 @@ class _Collector:
 
 
 def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    # float64 running sums of float32 per-batch products: the sums, and so the factors of ill-conditioned layers
-    # (e.g. o_proj under grouped-query attention), do not depend on batching, batch order or number of ranks.
+    # float64 running sums of float32 per-batch products: the sums, and so the factors of layers with a nearly
+    # singular Z (e.g. o_proj of a random GQA model: heads of one key-value group agree), do not depend on
+    # batching, batch order or number of ranks (float32 sums moved such factors by ~1e-3).
     if key in sums:
         sums[key] += value
     else:
