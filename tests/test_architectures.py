@@ -20,11 +20,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from lora_da import LoraDAConfig, collect_statistics, initialize_lora_da
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
-SEQ2SEQ_XFAIL = pytest.mark.xfail(
-    reason="core: seq2seq labels narrower than input_ids crash hash_batch; see notes/core-fixes-issue6.md",
-    strict=True,
-)
-ARCH_PARAMS = [pytest.param(a, marks=SEQ2SEQ_XFAIL) if a == "t5" else a for a in ARCHITECTURES]
+ARCH_PARAMS = list(ARCHITECTURES)
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -86,11 +82,6 @@ def test_classification_head_is_trainable_and_not_a_lora_target(arch):
     assert all(p.grad is not None for n, p in model.named_parameters() if n in head)
 
 
-@pytest.mark.xfail(
-    reason="core: seq2seq decoder layers take the encoder mask when both widths are equal; "
-    "see notes/core-fixes-issue6.md",
-    strict=True,
-)
 def test_seq2seq_padding_does_not_change_statistics():
     """Padding the encoder and decoder of a T5 batch to the same width must not change its statistics."""
     model = build("t5")

@@ -448,7 +448,7 @@ class _Collector:
         for row in range(ids.shape[0]):
             keep = attention[row] if attention.dim() == ids.dim() else slice(None)
             payload = ids[row][keep].to(torch.int64).numpy().tobytes() + b"|"
-            if labels.dim() == ids.dim():
+            if labels.shape == ids.shape:
                 payload += labels[row][keep].to(torch.int64).numpy().tobytes()
             else:
                 payload += labels[row].to(torch.int64).numpy().tobytes()
@@ -569,6 +569,10 @@ class _Task:
     def labels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         labels = batch.get("labels")
         if labels is not None:
+            if self.kind == "seq2seq" and "decoder_input_ids" not in batch and labels.shape == batch["input_ids"].shape:
+                # Masks are found by the hooked input's shape (cross-attention k/v read encoder positions), so
+                # give the causal decoder one more, ignored position; the earlier positions do not change.
+                labels = nn.functional.pad(labels, (0, 1), value=-100)
             return labels
         if self.kind != "causal":
             raise LoraDAError(f"Calibration batches for a {self.kind} model need `labels`.")
@@ -610,7 +614,7 @@ class _Task:
         if self.kind == "seq2seq":
             decoder = batch.get("decoder_attention_mask")
             decoder = (labels != -100) if decoder is None else decoder.bool() & valid
-            masks.setdefault(tuple(decoder.shape), (decoder, decoder))
+            masks.setdefault(tuple(decoder.shape), (decoder, decoder))  # `labels` made the widths differ
         return masks
 
     def losses(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
