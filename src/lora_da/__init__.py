@@ -1,7 +1,9 @@
 """LoRA-DA: data-aware initialization for LoRA, native to Hugging Face PEFT."""
 
 from .adapter import LoraDAReport, find_lora_layers, initialize_lora_da
+from .cache import compute_and_save_statistics, load_statistics
 from .config import LoraDAConfig, LoraDAError
+from .distributed import init_distributed_from_env, shard_batches
 from .solver import LayerSolution, solve_all, solve_factors, solve_layer
 from .statistics import LoraDAStatistics, collect_statistics
 
@@ -14,8 +16,12 @@ __all__ = [
     "LoraDAReport",
     "LoraDAStatistics",
     "collect_statistics",
+    "compute_and_save_statistics",
     "find_lora_layers",
+    "init_distributed_from_env",
     "initialize_lora_da",
+    "load_statistics",
+    "shard_batches",
     "solve_all",
     "solve_factors",
     "solve_layer",
