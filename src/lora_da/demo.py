@@ -93,7 +93,7 @@ def _report(args: Namespace, rows: list[dict], setup: dict, seconds: float) -> s
         "![loss curves](loss_curves.png)",
         "",
         f"Total time {seconds:.0f} s ({setup['cpu_seconds']:.0f} CPU seconds) on {setup['device']} "
-        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads). "
+        f"({platform.processor() or platform.machine()}, torch threads: {torch.get_num_threads()}). "
         "A single seed and a short run: differences of a few "
         "hundredths in loss or a few examples in accuracy are within noise; see `lora-da bench` for "
         "seeds and tuned learning rates.",
