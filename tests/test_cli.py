@@ -224,3 +224,25 @@ def test_demo_on_smollm2_end_to_end(capsys, tmp_path):
     assert [r["method"] for r in runs] == ["lora", "lora_da"]
     assert runs[0]["before"]["eval_loss"] != runs[1]["before"]["eval_loss"]
     assert all(r["after"]["eval_loss"] < r["before"]["eval_loss"] for r in runs)
+
+
+def test_stats_then_init_from_stats_equals_direct_init(capsys, tmp_path, tiny_model_dir, tiny_jsonl):
+    """`lora-da stats` + `init --stats` give the same adapter as `init` on the same calibration data."""
+    from safetensors.torch import load_file
+
+    stats = tmp_path / "stats.safetensors"
+    flags = [*_common(tiny_model_dir), "--num-calibration", 8]
+    status, stdout, _ = run_cli(capsys, "stats", *flags, "--data", tiny_jsonl, "--output", stats)
+    assert status == 0 and stats.is_file() and "8 examples" in stdout
+    direct, cached = tmp_path / "direct", tmp_path / "cached"
+    lora = ["--rank", 4, "--population-size", 24]
+    assert run_cli(capsys, "init", *flags, *lora, "--data", tiny_jsonl, "--output", direct)[0] == 0
+    status, stdout, _ = run_cli(capsys, "init", *flags, *lora, "--stats", stats, "--output", cached)
+    assert status == 0 and "solved rank 4" in stdout
+    first, second = load_file(direct / "adapter_model.safetensors"), load_file(cached / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-5, atol=1e-7)
+    status, _, err = run_cli(capsys, "init", *flags, *lora, "--stats", tmp_path / "missing.safetensors",
+                             "--output", tmp_path / "x")
+    assert status == 1 and "statistics file not found" in err

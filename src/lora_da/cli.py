@@ -98,12 +98,50 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Initialize a LoRA adapter with METHOD on calibration data and save it as a "
                        "PEFT adapter folder (loads with PeftModel.from_pretrained) plus init_report.json.")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="calibration data: JSONL file or built-in task (e.g. arith)")
+    p.add_argument("--data", default=None,
+                   help="calibration data: JSONL file or built-in task (e.g. arith); not needed with --stats")
     p.add_argument("--output", required=True, help="output adapter folder")
     p.add_argument("--num-train", type=int, default=None,
                    help="examples to generate for a built-in task (default: 1000)")
+    p.add_argument("--stats", default=None,
+                   help="LoRA-DA statistics file from `lora-da stats`: solve from it with no model pass")
     _add_init_args(p, "--method", "lora_da")
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("stats", help="gather LoRA-DA statistics once and save them (for init --stats)",
+                       description="One forward+backward pass over calibration data; writes the statistics "
+                       "(safetensors with a manifest of model, data hash, token mask and counts) to --output. "
+                       "Works under torchrun: each rank takes its shard, rank 0 writes.")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="calibration data: JSONL file or built-in task (e.g. arith)")
+    p.add_argument("--output", required=True, help="statistics file to write (.safetensors)")
+    p.add_argument("--num-train", type=int, default=None,
+                   help="examples to generate for a built-in task (default: 1000)")
+    p.add_argument("--num-calibration", type=int, default=256, help="calibration examples (default: %(default)s)")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="'all-linear' or comma-separated module names (default: all-linear)")
+    p.add_argument("--token-mask", choices=["attention", "labels"], default="attention",
+                   help="calibration tokens for Z and y (default: attention)")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("bench", help="compare initializations: methods x ranks x seeds x learning rates",
+                       description="Run a resumable grid; each method's learning rate is picked on a validation "
+                       "split, test metrics are mean +- std over seeds. Writes results.json, report.md and plots.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
+    p.add_argument("--data", default="arith", help="arith, stdlib-code or a JSONL file (default: arith)")
+    p.add_argument("--output", required=True, help="output folder (rerun to resume)")
+    p.add_argument("--methods", default="lora lora_da",
+                   help="space-separated methods or ablations, e.g. 'lora lora_da lora_da@gamma=256,calibration=64' "
+                   "(default: %(default)s)")
+    p.add_argument("--ranks", default="8", help="comma-separated ranks (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--lrs", default="2e-4,1e-3,3e-3", help="comma-separated learning rates (default: %(default)s)")
+    p.add_argument("--sweep-seeds", type=int, default=1,
+                   help="seeds used to pick the learning rate; the others run at the chosen one (default: 1)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the harness's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: the harness's)")
+    p.add_argument("--max-length", type=int, default=None, help="max tokens per example (default: the harness's)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("train", help="initialize with --init METHOD, fine-tune, evaluate, save the adapter",
                        description="Initialize an adapter with --init METHOD, fine-tune it, evaluate it on "
@@ -285,12 +323,79 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     _check_positive(args, "rank", "batch_size", "num_calibration", "max_length", "num_train")
     normalize_method(args.method)
+    if args.stats is not None:
+        return _init_from_statistics(args)
+    if args.data is None:
+        raise ValueError("--data is required (or --stats FILE from `lora-da stats`)")
     examples = load_examples(args.data, "train", args.num_train, args.data_seed)
     base, tokenizer = _load(args)
     features = _encode(examples, tokenizer, args.max_length)
     model, info = _adapt(base, tokenizer, features, args.method, args, len(features))
     _save(model, info, tokenizer, Path(args.output), args)
     print(f"{info.method}: initialized rank {args.rank} in {info.init_seconds:.2f} s; saved to {args.output}")
+    return 0
+
+
+def _init_from_statistics(args: argparse.Namespace) -> int:
+    """`lora-da init --stats FILE`: LoRA-DA factors solved from saved statistics, no model pass."""
+    from peft import LoraConfig, get_peft_model
+
+    from . import initialize_lora_da
+    from .methods import InitInfo, normalize_method
+
+    if normalize_method(args.method) != "lora_da":
+        raise ValueError("--stats works with --method lora_da only")
+    if not Path(args.stats).is_file():
+        raise FileNotFoundError(f"statistics file not found: {args.stats}")
+    base, tokenizer = _load(args)
+    model = get_peft_model(base, LoraConfig(r=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
+                                            target_modules=_target_modules(args.target_modules), lora_dropout=0.0))
+    if args.population_size is None and args.variance_weight != 0:
+        raise ValueError("--population-size is required with --stats (the size of your fine-tuning set)")
+    config = _lora_da_config(args, args.population_size)
+    start = time.perf_counter()
+    report = initialize_lora_da(model, None, config, statistics=args.stats)
+    info = InitInfo("lora_da", time.perf_counter() - start, False, report.to_dict())
+    _save(model, info, tokenizer, Path(args.output), args)
+    print(f"lora_da: solved rank {args.rank} from {args.stats} in {info.init_seconds:.2f} s; saved to {args.output}")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """`lora-da stats`: gather and save LoRA-DA statistics."""
+    from . import LoraDAConfig, compute_and_save_statistics, init_distributed_from_env
+    from .data import calibration_batches, load_examples
+    from .distributed import is_main_process
+
+    _check_positive(args, "batch_size", "num_calibration", "max_length", "num_train")
+    init_distributed_from_env()
+    examples = load_examples(args.data, "train", args.num_train, args.data_seed)
+    base, tokenizer = _load(args)
+    features = _encode(examples, tokenizer, args.max_length)
+    num = min(args.num_calibration, len(features))
+    batches = calibration_batches(features, num, args.batch_size, tokenizer.pad_token_id, args.seed)
+    config = LoraDAConfig(variance_weight=0.0, token_mask=args.token_mask)
+    stats = compute_and_save_statistics(base, batches, args.output, config,
+                                        target_modules=_target_modules(args.target_modules),
+                                        model_name=args.model, shard=True)
+    if is_main_process():
+        print(f"statistics of {len(stats.layer_names)} layers from {stats.num_examples} examples "
+              f"({stats.num_tokens} tokens) saved to {args.output}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """`lora-da bench`: run (or resume) a comparison grid."""
+    from .bench import run_bench
+
+    def numbers(text: str, kind):
+        return [kind(v) for v in text.split(",") if v.strip()]
+
+    sizes = {k: getattr(args, k) for k in ("steps", "batch_size", "max_length") if getattr(args, k) is not None}
+    run_bench(args.output, model=args.model, data=args.data, methods=args.methods.split(),
+              ranks=numbers(args.ranks, int), seeds=numbers(args.seeds, int),
+              learning_rates=numbers(args.lrs, float), sweep_seeds=args.sweep_seeds, **sizes)
+    print(f"results in {args.output}/results.json and {args.output}/report.md")
     return 0
 
 
