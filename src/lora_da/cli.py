@@ -323,6 +323,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     _check_positive(args, "rank", "batch_size", "num_calibration", "max_length", "num_train")
     normalize_method(args.method)
+    from . import init_distributed_from_env
+
+    init_distributed_from_env()  # under torchrun every rank gathers statistics, rank 0 saves
     if args.stats is not None:
         return _init_from_statistics(args)
     if args.data is None:
@@ -400,9 +403,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _save(model, info, tokenizer, output: Path, args: argparse.Namespace) -> None:
-    """Save the adapter folder and init_report.json."""
+    """Save the adapter folder and init_report.json (under torchrun: rank 0 writes, the others wait)."""
+    from .distributed import barrier, is_main_process
     from .methods import save_adapter
 
+    if not is_main_process():
+        barrier()
+        return
     output.mkdir(parents=True, exist_ok=True)
     save_adapter(model, info, output)
     if info.method == "full":
@@ -412,6 +419,7 @@ def _save(model, info, tokenizer, output: Path, args: argparse.Namespace) -> Non
               "target_modules": args.target_modules, "model": args.model, "data": args.data,
               "seed": args.seed, "report": info.report}
     _write_json(output / "init_report.json", report)
+    barrier()
 
 
 def cmd_train(args: argparse.Namespace) -> int:
