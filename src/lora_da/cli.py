@@ -83,6 +83,16 @@ def _add_data_size_args(parser: argparse.ArgumentParser, num_eval: int, num_gene
                        help="generation budget per answer (default: %(default)s)")
 
 
+def _add_calibration_data_args(parser: argparse.ArgumentParser, required: bool, output_help: str) -> None:
+    """--data, --output and --num-train of the commands that read calibration data (init, stats)."""
+    parser.add_argument("--data", required=required, default=None,
+                        help="calibration data: JSONL file or built-in task (e.g. arith)"
+                        + ("" if required else "; not needed with --stats"))
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--num-train", type=int, default=None,
+                        help="examples to generate for a built-in task (default: 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `lora-da`."""
     parser = argparse.ArgumentParser(
@@ -98,11 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Initialize a LoRA adapter with METHOD on calibration data and save it as a "
                        "PEFT adapter folder (loads with PeftModel.from_pretrained) plus init_report.json.")
     _add_model_args(p)
-    p.add_argument("--data", default=None,
-                   help="calibration data: JSONL file or built-in task (e.g. arith); not needed with --stats")
-    p.add_argument("--output", required=True, help="output adapter folder")
-    p.add_argument("--num-train", type=int, default=None,
-                   help="examples to generate for a built-in task (default: 1000)")
+    _add_calibration_data_args(p, required=False, output_help="output adapter folder")
     p.add_argument("--stats", default=None,
                    help="LoRA-DA statistics file from `lora-da stats`: solve from it with no model pass")
     _add_init_args(p, "--method", "lora_da")
@@ -113,10 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(safetensors with a manifest of model, data hash, token mask and counts) to --output. "
                        "Works under torchrun: each rank takes its shard, rank 0 writes.")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="calibration data: JSONL file or built-in task (e.g. arith)")
-    p.add_argument("--output", required=True, help="statistics file to write (.safetensors)")
-    p.add_argument("--num-train", type=int, default=None,
-                   help="examples to generate for a built-in task (default: 1000)")
+    _add_calibration_data_args(p, required=True, output_help="statistics file to write (.safetensors)")
     p.add_argument("--num-calibration", type=int, default=256, help="calibration examples (default: %(default)s)")
     p.add_argument("--target-modules", default="all-linear",
                    help="'all-linear' or comma-separated module names (default: all-linear)")

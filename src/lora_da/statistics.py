@@ -398,7 +398,6 @@ def _statistics_mode(model: nn.Module):
             embeddings_hook.remove()
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-            parameter.grad = None if not flag else parameter.grad
         for module, mode in modes:
             module.training = mode
 
