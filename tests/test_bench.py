@@ -112,6 +112,16 @@ def test_resume_refuses_a_different_protocol(bench_run, tmp_path, tiny_model_dir
         run_bench(tmp_path, tiny_config(tiny_model_dir, sums_jsonl, steps=7), show_progress=False)
 
 
+def test_resume_refuses_runs_on_other_data(bench_run, tmp_path, tiny_model_dir, sums_jsonl):
+    out, records = bench_run
+    assert len({r["data_hash"] for r in records}) == 1
+    payload = json.loads((out / "results.json").read_text())
+    payload["records"][0]["data_hash"] = "0123456789abcdef"
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="other data"):
+        run_bench(tmp_path, tiny_config(tiny_model_dir, sums_jsonl), show_progress=False)
+
+
 def test_sweep_seeds_run_extra_seeds_only_at_the_chosen_rate(tmp_path, tiny_model_dir, sums_jsonl):
     config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], seeds=[0, 1], sweep_seeds=1,
                          num_accuracy=0, steps=3)
@@ -120,6 +130,23 @@ def test_sweep_seeds_run_extra_seeds_only_at_the_chosen_rate(tmp_path, tiny_mode
     assert all(r["accuracy"] is None for r in records)
     row = json.loads((tmp_path / "results.json").read_text())["summary"][0]
     assert row["seeds_ok"] == 2 and row["test_loss_std"] > 0
+
+
+def test_shards_without_plots_merge_into_one_report(tmp_path, tiny_model_dir, sums_jsonl):
+    """Two shards (lora at ranks 2 and 4, lora_da at rank 4) merge into rows only for cells that ran."""
+    base = dict(seeds=[0], learning_rates=[HIGH_LR], num_accuracy=0, steps=2)
+    lora = run_bench(tmp_path / "a", tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], ranks=[2, 4], **base),
+                     show_progress=False, plots=False)
+    lora_da = run_bench(tmp_path / "b", tiny_config(tiny_model_dir, sums_jsonl, methods=["lora_da"], **base),
+                        show_progress=False, plots=False)
+    assert not list(tmp_path.glob("*/*.png"))
+    assert all(r["device"] == "cpu" for r in lora + lora_da)
+    merged = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora", "lora_da"], ranks=[2, 4], **base)
+    bench.write_outputs(tmp_path / "merged", lora + lora_da, merged)
+    summary = json.loads((tmp_path / "merged" / "results.json").read_text())["summary"]
+    assert sorted((row["method"], row["rank"]) for row in summary) == [("lora", 2), ("lora", 4), ("lora_da", 4)]
+    assert (tmp_path / "merged" / "metric_vs_rank.png").stat().st_size > 0
+    assert "![init_overhead](init_overhead.png)" in (tmp_path / "merged" / "report.md").read_text()
 
 
 def test_parse_variant_named_ablations_and_options():

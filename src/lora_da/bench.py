@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -238,6 +239,20 @@ class BenchTask:
     test_examples: list  # raw Examples of the test split, for exact-match accuracy
     qa: bool
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hash of the encoded splits: catches data that changed under the same name (e.g. stdlib-code of
+        another Python version)."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for split in (self.train, self.val, self.test):
+            for features in split:
+                digest.update(json.dumps([list(map(int, features["input_ids"])),
+                                          list(map(int, features["labels"]))]).encode())
+            digest.update(b"|")
+        return digest.hexdigest()[:16]
+
 
 def load_bench_task(config: BenchConfig, tokenizer) -> BenchTask:
     """Built-in tasks: val is cut from the train split, test is the task's test split; JSONL: a seeded split."""
@@ -311,8 +326,13 @@ def run_cell(
         "val_loss": None,
         "test_loss": None,
         "accuracy": None,
+        "device": _device_name(base_model),
+        "data_hash": task.fingerprint,
     }
     pad_id = tokenizer.pad_token_id
+    on_gpu = record["device"].startswith("cuda")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with PeakRSS() as rss:
         try:
@@ -367,8 +387,16 @@ def run_cell(
         finally:
             model = None  # free the copy before the next cell
     record["peak_rss_mb"] = round(rss.peak_mb, 1)
+    if on_gpu:
+        record["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     record["wall_seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _device_name(model: torch.nn.Module) -> str:
+    """'cpu', or 'cuda (NVIDIA H200)': where a run's numbers and timings come from."""
+    device = next(model.parameters()).device
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -411,11 +439,15 @@ def summarize(records: Sequence[dict], config: BenchConfig) -> list[dict]:
             choice = select_learning_rate(records, variant, rank, config)
             row: dict[str, Any] = {"method": variant, "rank": rank, "best_lr": None, "seeds_ok": 0}
             cell = [r for r in records if r["method"] == variant and r["rank"] == rank]
+            if not cell:  # e.g. a rank sweep that covers only some methods
+                continue
             row["runs"] = len(cell)
             row["failed"] = sum(r["status"] != "ok" for r in cell)
             if choice is not None:
                 at_best = [r for r in cell if r["lr"] == choice["lr"] and r["status"] == "ok"]
-                row.update(best_lr=choice["lr"], seeds_ok=len(at_best), lr_sweep=choice["by_lr"])
+                swept = {r["lr"] for r in cell if r["seed"] in sweep_seeds_of(config)}
+                row.update(best_lr=choice["lr"], seeds_ok=len(at_best), lr_sweep=choice["by_lr"],
+                           lrs_tried=len(swept & set(config.learning_rates)))
                 for metric in ("val_loss", "test_loss", "accuracy", "init_seconds", "peak_rss_mb"):
                     mean, std = _mean_std([r.get(metric) for r in at_best])
                     row[metric] = mean
@@ -459,7 +491,10 @@ def write_report(output_dir: Path, records: Sequence[dict], config: BenchConfig,
         ranked = sorted((r for r in rows if r["rank"] == rank),
                         key=lambda r: (r.get("test_loss") is None, r.get("test_loss") or 0.0))
         for r in ranked:
-            cells = [f"`{r['method']}`", f"{r['best_lr']:g}" if r["best_lr"] else "-", str(r["seeds_ok"]),
+            best = "-" if not r["best_lr"] else f"{r['best_lr']:g}" + (
+                "" if r["lrs_tried"] == len(config.learning_rates)
+                else f" ({r['lrs_tried']}/{len(config.learning_rates)} lrs run)")
+            cells = [f"`{r['method']}`", best, str(r["seeds_ok"]),
                      _fmt(r.get("val_loss"), r.get("val_loss_std")), _fmt(r.get("test_loss"), r.get("test_loss_std"))]
             if has_accuracy:
                 cells.append(_fmt(r.get("accuracy"), r.get("accuracy_std"), 3))
@@ -532,7 +567,8 @@ def write_plots(output_dir: Path, records: Sequence[dict], config: BenchConfig) 
                 ax.plot(steps, values, marker="o", ms=3, label=f"{row['method']} (lr {row['best_lr']:g})")
                 drawn = True
         if drawn:
-            ax.set(xlabel="optimizer step", ylabel="validation loss",
+            ax.set_yscale("log")  # the end of the curves, where methods differ, is otherwise flat
+            ax.set(xlabel="optimizer step", ylabel="validation loss (log scale)",
                    title=f"Validation loss at each method's best lr (rank {rank}, mean over seeds)")
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3)
@@ -561,14 +597,15 @@ def write_plots(output_dir: Path, records: Sequence[dict], config: BenchConfig) 
     plt.close(fig)
     written.append("metric_vs_rank.png")
 
+    main_rank = max(config.ranks, key=lambda rank: sum(r["rank"] == rank for r in records))  # most methods
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(config.methods) + 1.5))
     means = []
     for variant in config.methods:
         mean, std = _mean_std([r.get("init_seconds") for r in records if r["method"] == variant
-                               and r["status"] == "ok" and r["rank"] == config.ranks[0]])
+                               and r["status"] == "ok" and r["rank"] == main_rank])
         means.append((variant, mean or 0.0, std or 0.0))
     ax.barh([m[0] for m in means], [m[1] for m in means], xerr=[m[2] for m in means], color="tab:blue")
-    ax.set(xlabel="initialization seconds (mean over runs)", title=f"Init overhead (rank {config.ranks[0]})")
+    ax.set(xlabel="initialization seconds (mean over runs)", title=f"Init overhead (rank {main_rank})")
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
@@ -576,6 +613,16 @@ def write_plots(output_dir: Path, records: Sequence[dict], config: BenchConfig) 
     plt.close(fig)
     written.append("init_overhead.png")
     return written
+
+
+def write_outputs(output_dir: str | os.PathLike, records: Sequence[dict], config: BenchConfig,
+                  plots: bool = True) -> None:
+    """results.json (config, records, summary), the PNG plots and report.md of a set of run records."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(output / RESULTS_FILE, {"config": config.to_dict(), "records": list(records),
+                                               "summary": summarize(records, config), "updated": time.time()})
+    write_report(output, records, config, write_plots(output, records, config) if plots else [])
 
 
 def _load_previous(path: Path, config: BenchConfig) -> list[dict]:
@@ -608,12 +655,14 @@ def run_bench(
     resume: bool = True,
     retry_failed: bool = False,
     show_progress: bool = True,
+    plots: bool = True,
     **overrides: Any,
 ) -> list[dict]:
     """Run (or resume) the grid and write results.json, report.md and PNG plots into `output_dir`.
 
     `config` or keyword overrides of BenchConfig fields (methods, ranks, seeds, learning_rates, steps, ...).
-    `base_model`/`tokenizer` skip loading `config.model` (the model is deep-copied for every run).
+    `base_model`/`tokenizer` skip loading `config.model` (the model is deep-copied for every run);
+    `plots=False` writes no PNGs (e.g. for shards of a grid that are merged later).
     Returns the list of run records.
     """
     from tqdm.auto import tqdm
@@ -634,14 +683,14 @@ def run_bench(
         raise ValueError("run_bench needs the tokenizer of base_model (tokenizer=...)")
     base_model.eval()
     task = load_bench_task(config, tokenizer)
+    other_data = {r["data_hash"] for r in records if r.get("data_hash")} - {task.fingerprint}
+    if other_data:
+        raise ValueError(
+            f"{results_path} holds runs on other data than {config.data!r} encodes to here (hash "
+            f"{task.fingerprint} vs {', '.join(sorted(other_data))}): e.g. another tokenizer or, for "
+            "stdlib-code, another Python version; use another output folder"
+        )
     variants = {spec: parse_variant(spec) for spec in config.methods}
-
-    plots: list[str] = []
-
-    def save() -> None:
-        _write_json_atomic(results_path, {"config": config.to_dict(), "records": records,
-                                          "summary": summarize(records, config), "updated": time.time()})
-        write_report(output, records, config, plots)
 
     def run(spec: str, rank: int, lr: float, seed: int, bar) -> None:
         key = cell_key(spec, rank, lr, seed)
@@ -655,7 +704,7 @@ def run_bench(
             records.remove(previous)
         records.append(record)
         done[key] = record
-        save()
+        write_outputs(output, records, config, plots=False)  # after every run: a kill loses at most one
         bar.update(1)
 
     sweep = sweep_seeds_of(config)
@@ -672,8 +721,6 @@ def run_bench(
                         continue
                     run(spec, rank, choice["lr"], seed, bar)
                 # refresh plots once per finished (method, rank) so that a long grid has partial figures
-                plots[:] = write_plots(output, records, config)
-                save()
-    plots[:] = write_plots(output, records, config)
-    save()
+                write_outputs(output, records, config, plots)
+    write_outputs(output, records, config, plots)
     return records

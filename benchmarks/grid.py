@@ -1,0 +1,221 @@
+"""The committed LoRA initialization benchmark: SmolLM2-135M on the built-in `arith` and `stdlib-code` tasks.
+
+One grid (see `jobs()`), cut into shards of one (task, variant, ranks) each. A shard is a resumable `run_bench`
+in its own folder, so several worker processes can share one device and a stopped run continues where it was:
+
+    python benchmarks/grid.py run --out benchmarks/results/grid --device cuda --workers 8   # rerun to resume
+    python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results     # results.json, report, plots
+
+`run --device cpu --workers 1` runs the same grid on a CPU (about 10 minutes per run on 2 cores).
+Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import queue
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Training and evaluation budget shared by every run (BenchConfig fields).
+PROTOCOL = dict(
+    model="smollm2-135m", steps=100, batch_size=8, max_length=128, num_train=800, num_val=64, num_test=128,
+    num_accuracy=64, max_new_tokens=64, eval_every=10, eval_batch_size=64, calibration_examples=256,
+    calibration_batch_size=16, learning_rates=[1e-4, 3e-4, 1e-3, 3e-3], seeds=[0, 1, 2], sweep_seeds=1,
+)
+#: `run --smoke`: the same grid at a size that checks the plumbing in minutes on a CPU.
+SMOKE = dict(steps=2, num_train=16, num_val=4, num_test=4, num_accuracy=2, max_new_tokens=8, eval_every=1,
+             calibration_examples=8, calibration_batch_size=4, learning_rates=[1e-3, 3e-3])
+TASKS = ("arith", "stdlib-code")
+METHODS = ["lora", "lora_da", "pissa", "milora", "lora_one", "lora_ga", "eva"]
+LORA_DA_OPTIONS = [
+    "lora_da@factor_balance=kaiming",
+    "lora_da@factor_balance=svd",
+    "lora_da@output_scaling=token",
+    "lora_da@damping_mode=relative",
+    "lora_da@factor_balance=kaiming,output_scaling=token,damping_mode=relative",
+]
+RANK_SWEEP = (["lora", "lora_da"], [2, 32])
+ABLATIONS = [
+    "lora_da-bias-only", "lora_da-variance-only", "lora_da-identity-fisher", "lora_da-calib32", "lora_da-calib64",
+    "lora_da@calibration=128", "lora_da-gamma64", "lora_da-gamma256", "lora_da-gamma4096",
+    "lora_da@variance_weight=0.3",
+]
+MORE_METHODS = ["olora", "gaussian", "corda"]
+
+#: Output folders of `merge`: study -> the variants it reports (lora and lora_da runs appear in both).
+STUDIES = {
+    "": METHODS + MORE_METHODS,
+    "-lora-da-ablations": ["lora", "lora_da"] + LORA_DA_OPTIONS + ABLATIONS,
+}
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One resumable run_bench: a variant on a task at some ranks (every lr on seed 0, then seeds 1-2)."""
+
+    task: str
+    variant: str
+    ranks: tuple[int, ...]
+
+    @property
+    def folder(self) -> str:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.variant)
+        return f"{self.task}/{safe}-r{'-'.join(map(str, self.ranks))}"
+
+
+def jobs() -> list[Shard]:
+    """Every shard of the grid, most important first, alternating tasks."""
+    groups = [[(v, (8,)) for v in METHODS], [(v, (8,)) for v in LORA_DA_OPTIONS],
+              [(v, tuple(RANK_SWEEP[1])) for v in RANK_SWEEP[0]], [(v, (8,)) for v in ABLATIONS],
+              [(v, (8,)) for v in MORE_METHODS]]
+    return [Shard(task, variant, ranks) for group in groups for variant, ranks in group for task in TASKS]
+
+
+def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool = False):
+    """The BenchConfig of a shard."""
+    from lora_da.bench import BenchConfig
+
+    return BenchConfig(data=task, methods=variants, ranks=ranks, **{**PROTOCOL, **(SMOKE if smoke else {})})
+
+
+def environment(device: str) -> dict:
+    """Versions and hardware a grid ran on."""
+    import peft
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "device": device, "command": " ".join(sys.argv)}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def prepare_model(model: str, folder: Path) -> str:
+    """Load `model` once (a GGUF is de-quantized) and save it as a plain HF folder that workers load quickly."""
+    from lora_da.models import load_model_and_tokenizer
+
+    if (folder / "config.json").exists():
+        return str(folder)
+    loaded, tokenizer = load_model_and_tokenizer(model, dtype="float32")
+    loaded.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: float, smoke: bool) -> None:
+    """Take shards from the queue until it is empty or the deadline has passed."""
+    import torch
+
+    from lora_da.bench import run_bench
+    from lora_da.models import load_model_and_tokenizer
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_model_and_tokenizer(model_dir, dtype="float32", device=device)
+    while time.time() < deadline:
+        try:
+            shard = todo.get_nowait()
+        except queue.Empty:
+            return
+        start = time.time()
+        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke)
+        records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
+                            show_progress=False, plots=False)
+        bad = sum(r["status"] != "ok" for r in records)
+        print(f"done {shard.folder}: {len(records)} runs ({bad} not ok) in {time.time() - start:.0f} s", flush=True)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run (or resume) every shard with `args.workers` processes on `args.device`."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = prepare_model(args.model, Path(args.model_cache).expanduser())
+    history = out / "environment.json"  # one entry per invocation: shards may be finished elsewhere
+    runs = json.loads(history.read_text()) if history.exists() else []
+    history.write_text(json.dumps(runs + [environment(args.device)], indent=1))
+    start = time.time()
+    deadline = start + args.deadline_s
+    context = mp.get_context("spawn")
+    todo = context.Queue()
+    for shard in jobs():
+        if not args.only or any(part in shard.folder for part in args.only):
+            todo.put(shard)
+    procs = [context.Process(target=worker,
+                             args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke))
+             for _ in range(args.workers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=None if deadline == float("inf") else max(0.0, deadline + 5 - time.time()))
+    for proc in procs:
+        if proc.is_alive():  # past the deadline: the shard in progress keeps every finished run
+            proc.kill()
+            proc.join()
+    print(f"stopped after {time.time() - start:.0f} s", flush=True)
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One folder per task and study with results.json, report.md and plots from every shard's records."""
+    from lora_da.bench import REPORT_FILE, RESULTS_FILE, BenchConfig, write_outputs
+
+    raw = Path(args.raw)
+    env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else {}
+    for task in TASKS:
+        shards = [json.loads(path.read_text()) for path in sorted((raw / task).glob(f"*/{RESULTS_FILE}"))]
+        if not shards:
+            continue
+        records = [r for shard in shards for r in shard["records"]]
+        protocol = shards[0]["config"]
+        for suffix, variants in STUDIES.items():
+            chosen = [r for r in records if r["method"] in variants]
+            present = [v for v in variants if any(r["method"] == v for r in chosen)]
+            if not present:
+                continue
+            ranks = sorted({r["rank"] for r in chosen})
+            dest = Path(args.dest) / f"smollm2-135m-{task}{suffix}"
+            write_outputs(dest, chosen, BenchConfig(**{**protocol, "methods": present, "ranks": ranks}))
+            finished = sum(r["status"] == "ok" for r in chosen)
+            with open(dest / REPORT_FILE, "a") as report:
+                report.write(
+                    "\n## How this was run\n\n"
+                    f"{finished} finished runs of {len(chosen)} recorded. Command: "
+                    "`python benchmarks/grid.py run --out benchmarks/results/grid ...` then "
+                    "`python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results`"
+                    " (see benchmarks/grid.py for the grid). Each record's `device` says where it ran. Init and wall"
+                    " seconds of runs that shared a device with other workers are inflated by that sharing; quiet-"
+                    "machine init overhead is in benchmarks/results/init_overhead.md.\n\n"
+                    f"Environments: `{json.dumps(env)}`.\n"
+                )
+            print(f"{dest}: {len(chosen)} runs, {len(present)} variants, ranks {ranks}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    go = sub.add_parser("run", help="run or resume the grid")
+    go.add_argument("--out", required=True, help="folder of the shards (resumable)")
+    go.add_argument("--model", default="smollm2-135m", help="model alias, .gguf file or folder")
+    go.add_argument("--model-cache", default="~/.cache/lora-da/grid-model",
+                    help="where the de-quantized model is saved once for the workers")
+    go.add_argument("--device", default="cpu")
+    go.add_argument("--workers", type=int, default=1, help="processes sharing the device")
+    go.add_argument("--threads", type=int, default=2, help="CPU threads per worker")
+    go.add_argument("--deadline-s", type=float, default=float("inf"),
+                    help="seconds after which workers stop (a run in progress is lost, finished runs are kept)")
+    go.add_argument("--only", nargs="*", help="run only shards whose folder contains one of these, e.g. arith/")
+    go.add_argument("--smoke", action="store_true", help="tiny budget: checks the plumbing")
+    together = sub.add_parser("merge", help="merge shard results into one folder per task and study")
+    together.add_argument("raw", help="the --out folder of run")
+    together.add_argument("dest", help="where the merged folders go, e.g. benchmarks/results")
+    args = parser.parse_args()
+    run(args) if args.command == "run" else merge(args)
+
+
+if __name__ == "__main__":
+    main()
