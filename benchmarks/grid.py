@@ -171,7 +171,9 @@ def merge(args: argparse.Namespace) -> None:
         if not shards:
             continue
         records = [r for shard in shards for r in shard["records"]]
-        protocol = shards[0]["config"]
+        protocol = dict(shards[0]["config"])
+        for key in ("learning_rates", "seeds"):  # a shard may have run a subset first
+            protocol[key] = sorted({value for shard in shards for value in shard["config"][key]})
         for suffix, variants in STUDIES.items():
             chosen = [r for r in records if r["method"] in variants]
             present = [v for v in variants if any(r["method"] == v for r in chosen)]
