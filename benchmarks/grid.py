@@ -17,6 +17,7 @@ import json
 import multiprocessing as mp
 import platform
 import queue
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -146,7 +147,9 @@ def run(args: argparse.Namespace) -> None:
     for shard in jobs():
         if not args.only or any(part in shard.folder for part in args.only):
             todo.put(shard)
-    procs = [context.Process(target=worker,
+    # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = [context.Process(target=worker, daemon=True,
                              args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke))
              for _ in range(args.workers)]
     for proc in procs:
