@@ -6,7 +6,7 @@ in its own folder, so several worker processes can share one device and a stoppe
     python benchmarks/grid.py run --out benchmarks/results/grid --device cuda --workers 8   # rerun to resume
     python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results     # results.json, report, plots
 
-`run --device cpu --workers 1` runs the same grid on a CPU (about 10 minutes per run on 2 cores).
+`run --device cpu --workers 1` runs the same grid on a CPU (13-15 minutes per run on 2 cores).
 Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
 """
 
