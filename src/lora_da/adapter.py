@@ -14,7 +14,14 @@ from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_world_size, is_main_process, local_config, solve_layers, unwrap_model
-from .statistics import LoraDAStatistics, PerExampleLoss, collect_statistics, layer_shape, statistics_bytes
+from .statistics import (
+    LoraDAStatistics,
+    PerExampleLoss,
+    collect_statistics,
+    layer_shape,
+    model_device,
+    statistics_bytes,
+)
 
 logger = logging.getLogger("lora_da")
 
@@ -271,7 +278,7 @@ def _statistics_for(
     source = "The statistics"
     if isinstance(statistics, (str, os.PathLike)):
         source = f"The statistics in {os.fspath(statistics)!r}"
-        statistics = LoraDAStatistics.load(statistics, device=_model_device(model))
+        statistics = LoraDAStatistics.load(statistics, device=model_device(model))
     shapes = {canonical_layer_name(name): layer_shape(module) for name, module in layers.items()}
     check_statistics(statistics, model, shapes, config, source=source)
     return _keyed_by(statistics, list(layers))
@@ -293,8 +300,3 @@ def _keyed_by(stats: LoraDAStatistics, names: list[str]) -> LoraDAStatistics:
         dict(stats.metadata),
     )
 
-
-def _model_device(model: nn.Module) -> torch.device:
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from lora_da.methods import METHODS, create_adapted_model, normalize_method
+from lora_da.statistics import model_device
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
@@ -326,11 +327,11 @@ def run_cell(
         "val_loss": None,
         "test_loss": None,
         "accuracy": None,
-        "device": _device_name(base_model),
+        "device": _device_name(model_device(base_model)),
         "data_hash": task.fingerprint,
     }
     pad_id = tokenizer.pad_token_id
-    on_gpu = record["device"].startswith("cuda")
+    on_gpu = model_device(base_model).type == "cuda"
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -393,9 +394,8 @@ def run_cell(
     return record
 
 
-def _device_name(model: torch.nn.Module) -> str:
+def _device_name(device: torch.device) -> str:
     """'cpu', or 'cuda (NVIDIA H200)': where a run's numbers and timings come from."""
-    device = next(model.parameters()).device
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
 
 
@@ -434,6 +434,7 @@ def select_learning_rate(records: Sequence[dict], variant: str, rank: int, confi
 def summarize(records: Sequence[dict], config: BenchConfig) -> list[dict]:
     """One row per (variant, rank): chosen lr and test metrics at it (mean +- std over seeds)."""
     rows = []
+    sweep = set(sweep_seeds_of(config))
     for rank in config.ranks:
         for variant in config.methods:
             choice = select_learning_rate(records, variant, rank, config)
@@ -445,7 +446,7 @@ def summarize(records: Sequence[dict], config: BenchConfig) -> list[dict]:
             row["failed"] = sum(r["status"] != "ok" for r in cell)
             if choice is not None:
                 at_best = [r for r in cell if r["lr"] == choice["lr"] and r["status"] == "ok"]
-                swept = {r["lr"] for r in cell if r["seed"] in sweep_seeds_of(config)}
+                swept = {r["lr"] for r in cell if r["seed"] in sweep}
                 row.update(best_lr=choice["lr"], seeds_ok=len(at_best), lr_sweep=choice["by_lr"],
                            lrs_tried=len(swept & set(config.learning_rates)))
                 for metric in ("val_loss", "test_loss", "accuracy", "init_seconds", "peak_rss_mb"):
@@ -720,7 +721,6 @@ def run_bench(
                         bar.update(1)  # no learning rate worked: nothing to confirm on more seeds
                         continue
                     run(spec, rank, choice["lr"], seed, bar)
-                # refresh plots once per finished (method, rank) so that a long grid has partial figures
+                # plots and report once per finished (method, rank): a long grid has partial figures
                 write_outputs(output, records, config, plots)
-    write_outputs(output, records, config, plots)
     return records

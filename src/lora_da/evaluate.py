@@ -14,13 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
 from .models import resolve_dtype
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
+from .statistics import model_device
 
 
 def autocast_context(device: torch.device, dtype: str | torch.dtype = "float32"):

@@ -248,8 +248,8 @@ def _top_singular_value(matrix: torch.Tensor) -> float:
     """Largest singular value of [n, m] `matrix`, from the smaller Gram matrix in float32 (scaled against overflow)."""
     gram = matrix.T @ matrix if matrix.shape[1] < matrix.shape[0] else matrix @ matrix.T
     scale = float(gram.diagonal().max())
-    if not math.isfinite(scale) or scale <= 0.0:
-        return math.sqrt(scale) if scale > 0 else scale
+    if not math.isfinite(scale) or scale <= 0.0:  # zero, inf or nan: the norm is the same
+        return math.sqrt(max(scale, 0.0))
     return math.sqrt(max(float(torch.linalg.eigvalsh((gram / scale).float())[-1]), 0.0) * scale)
 
 

@@ -216,7 +216,7 @@ def collect_statistics(
         error = exc
     if distributed:
         raise_if_any_rank_failed(error)
-        stats = _all_reduce(collector, _model_device(model))
+        stats = _all_reduce(collector, model_device(model))
     else:
         if collector.num_examples == 0:
             raise LoraDAError(_NO_EXAMPLE)
@@ -245,7 +245,7 @@ def _run_pass(
     from tqdm.auto import tqdm
 
     task = _Task.of(model)
-    device = _model_device(model)
+    device = model_device(model)
     with _statistics_mode(model), collector.attached(model):
         bar = tqdm(batches, desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
         for index, batch in enumerate(bar):
@@ -371,7 +371,8 @@ def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Mod
     return modules
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
     for parameter in model.parameters():
         return parameter.device
     return torch.device("cpu")

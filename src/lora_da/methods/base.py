@@ -79,13 +79,6 @@ def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
         )
 
 
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module)."""
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
 def prepare_batches(batches: Iterable[dict[str, Any]] | None, device: torch.device) -> list[dict[str, Any]]:
     """Materialize calibration batches as a list of dicts of tensors on `device`; ValueError when empty."""
     if batches is None:

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora_da.methods import data_aware, peft_inits, svd_inits
-from lora_da.methods.base import InitInfo, check_rank, model_device, prepare_batches, resolve_target_modules
+from lora_da.methods.base import InitInfo, check_rank, prepare_batches, resolve_target_modules
+from lora_da.statistics import model_device
 
 
 @dataclass(frozen=True)
