@@ -78,11 +78,19 @@ def jobs() -> list[Shard]:
     return [Shard(task, variant, ranks) for group in groups for variant, ranks in group for task in TASKS]
 
 
-def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool = False):
-    """The BenchConfig of a shard."""
+def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool = False, **subset):
+    """The BenchConfig of a shard; `subset` may narrow `learning_rates` or `seeds` (runs outside it wait)."""
     from lora_da.bench import BenchConfig
 
-    return BenchConfig(data=task, methods=variants, ranks=ranks, **{**PROTOCOL, **(SMOKE if smoke else {})})
+    settings = {**PROTOCOL, **(SMOKE if smoke else {})}
+    for key, values in subset.items():
+        unknown = set(values or ()) - set(settings[key])
+        if unknown:
+            raise ValueError(f"{key} {sorted(unknown)} are not in the grid's {settings[key]}")
+        settings[key] = [v for v in settings[key] if not values or v in values]
+    if settings["seeds"][: settings["sweep_seeds"]] != PROTOCOL["seeds"][: settings["sweep_seeds"]]:
+        raise ValueError(f"seeds must include the sweep seeds {PROTOCOL['seeds'][: settings['sweep_seeds']]}")
+    return BenchConfig(data=task, methods=variants, ranks=ranks, **settings)
 
 
 def environment(device: str) -> dict:
@@ -110,7 +118,8 @@ def prepare_model(model: str, folder: Path) -> str:
     return str(folder)
 
 
-def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: float, smoke: bool) -> None:
+def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: float, smoke: bool,
+           subset: dict) -> None:
     """Take shards from the queue until it is empty or the deadline has passed."""
     import torch
 
@@ -125,7 +134,7 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
         except queue.Empty:
             return
         start = time.time()
-        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke)
+        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, **subset)
         records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
                             show_progress=False, plots=False)
         bad = sum(r["status"] != "ok" for r in records)
@@ -140,6 +149,8 @@ def run(args: argparse.Namespace) -> None:
     history = out / "environment.json"  # one entry per invocation: shards may be finished elsewhere
     runs = json.loads(history.read_text()) if history.exists() else []
     history.write_text(json.dumps(runs + [environment(args.device)], indent=1))
+    subset = {"learning_rates": args.lrs, "seeds": args.seeds}
+    bench_config(TASKS[0], METHODS[:1], [8], args.smoke, **subset)  # a bad subset fails here, not in a worker
     start = time.time()
     deadline = start + args.deadline_s
     context = mp.get_context("spawn")
@@ -150,7 +161,7 @@ def run(args: argparse.Namespace) -> None:
     # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = [context.Process(target=worker, daemon=True,
-                             args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke))
+                             args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke, subset))
              for _ in range(args.workers)]
     for proc in procs:
         proc.start()
@@ -214,6 +225,9 @@ def main() -> None:
     go.add_argument("--deadline-s", type=float, default=float("inf"),
                     help="seconds after which workers stop (a run in progress is lost, finished runs are kept)")
     go.add_argument("--only", nargs="*", help="run only shards whose folder contains one of these, e.g. arith/")
+    go.add_argument("--lrs", type=float, nargs="*", help="run only these of the grid's learning rates for now "
+                    "(e.g. a screen at one lr; seeds beyond the sweep seed then run at the best of these)")
+    go.add_argument("--seeds", type=int, nargs="*", help="run only these of the grid's seeds for now")
     go.add_argument("--smoke", action="store_true", help="tiny budget: checks the plumbing")
     together = sub.add_parser("merge", help="merge shard results into one folder per task and study")
     together.add_argument("raw", help="the --out folder of run")

@@ -169,3 +169,30 @@ def test_bench_config_validates():
         BenchConfig(learning_rates=[1e-3, 1e-3])
     with pytest.raises(ValueError, match="sweep_seeds"):
         BenchConfig(seeds=[0, 1], sweep_seeds=3)
+
+
+def _grid_module():
+    """benchmarks/grid.py (a script, not part of the package), loaded by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "grid.py"
+    spec = importlib.util.spec_from_file_location("grid", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["grid"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_grid_subset_narrows_lrs_and_seeds_but_keeps_the_sweep_seed():
+    grid = _grid_module()
+    full = grid.bench_config("arith", ["lora"], [8])
+    assert full.learning_rates == grid.PROTOCOL["learning_rates"] and full.seeds == [0, 1, 2]
+    screen = grid.bench_config("arith", ["lora"], [8], learning_rates=[1e-3], seeds=[0])
+    assert screen.learning_rates == [1e-3] and screen.seeds == [0]
+    assert grid.bench_config("arith", ["lora"], [8], learning_rates=None).learning_rates == full.learning_rates
+    with pytest.raises(ValueError, match="not in the grid"):
+        grid.bench_config("arith", ["lora"], [8], learning_rates=[5e-4])
+    with pytest.raises(ValueError, match="sweep seeds"):  # seed 1 alone would sweep every lr on seed 1
+        grid.bench_config("arith", ["lora"], [8], seeds=[1, 2])
