@@ -430,11 +430,16 @@ class _Collector:
                 handle.remove()
 
     def set_masks(self, masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
-        """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts."""
+        """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts.
+
+        The masks become row indices once per batch: boolean indexing in every layer's hook would wait for
+        the GPU (to learn the result's size) hundreds of times per batch.
+        """
         self._masks = {}
         for shape, (example_mask, token_mask) in masks.items():
-            per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape)
-            self._masks[shape] = (example_mask.reshape(-1), token_mask.reshape(-1), per_token.reshape(-1).float())
+            per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1).float()
+            token_rows = token_mask.reshape(-1).nonzero().squeeze(1)
+            self._masks[shape] = (example_mask.reshape(-1).nonzero().squeeze(1), token_rows, per_token[token_rows])
 
     def discard_batch(self) -> None:
         self._input_keys.clear()
@@ -501,10 +506,10 @@ class _Collector:
         xs, gs = x.reshape(-1, n).float(), grad.reshape(-1, m).float()
         masks = self._masks.get(tuple(x.shape[:-1]))
         if masks is not None:
-            example_mask, token_mask, per_token_count = masks
+            example_rows, token_rows, per_token_count = masks
             # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
-            _add(self.gradient_sums, name, gs[example_mask].T @ xs[example_mask])
-            xs, gs, per_token_count = xs[token_mask], gs[token_mask], per_token_count[token_mask]
+            _add(self.gradient_sums, name, gs.index_select(0, example_rows).T @ xs.index_select(0, example_rows))
+            xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
         else:
             _add(self.gradient_sums, name, gs.T @ xs)
             per_token_count = None
