@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lora_da import LoraDAConfig, LoraDAError, solve_layer
+from lora_da.solver import uses_lobpcg
 
 
 def random_problem(m=24, n=16, seed=0, spread=3.0):
@@ -92,6 +93,14 @@ class TestSolveLayer:
         assert iterative.info["residual"] < 1e-6
         torch.testing.assert_close(iterative.A, exact.A, rtol=1e-3, atol=1e-5)
         torch.testing.assert_close(iterative.B @ iterative.A, exact.B @ exact.A, rtol=1e-3, atol=1e-7)
+
+    def test_auto_eigensolver_uses_lobpcg_only_for_large_inputs_on_a_cpu(self):
+        auto, cpu, gpu = LoraDAConfig(population_size=100), torch.device("cpu"), torch.device("cuda")
+        assert uses_lobpcg(1536, 9, cpu, auto) and not uses_lobpcg(576, 9, cpu, auto)
+        assert not uses_lobpcg(1536, 9, gpu, auto)  # eigh is fast on a GPU, LOBPCG's small steps are not
+        forced = LoraDAConfig(eigensolver="lobpcg", population_size=100)
+        assert uses_lobpcg(1536, 9, gpu, forced)
+        assert not uses_lobpcg(20, 9, cpu, forced)  # torch's LOBPCG needs n >= 3k
 
     @pytest.mark.parametrize("balance", ["kaiming", "svd"])
     def test_factor_balance_keeps_update(self, balance):

@@ -32,7 +32,7 @@ class LoraDAConfig:
         token_mask: which positions feed the statistics: "attention" (every attended position) or
             "labels" (positions that make a supervised prediction).
         normalize: divide the natural-gradient step by its largest singular value.
-        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), or "auto" (by size).
+        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), or "auto" (by size and device).
         eigensolver_tol: relative residual tolerance of LOBPCG; "auto" falls back to "eigh" above it.
         seed: seeds the iterative eigensolver's start so runs are reproducible.
         fisher: "kfac" (the method) or "identity" (Z = I, y = 1: an ablation).

@@ -14,7 +14,7 @@ import torch
 
 from .config import LoraDAConfig, LoraDAError
 
-# Above this input size "auto" tries LOBPCG first: below it exact `eigh` costs only tens of milliseconds.
+# Above this input size "auto" tries LOBPCG first on a CPU: below it exact `eigh` costs only tens of milliseconds.
 AUTO_LOBPCG_MIN_SIZE = 1024
 LOBPCG_MAX_ITERATIONS = 200
 # Norm of a row of PEFT's default A (Kaiming-uniform, a=sqrt(5)): entries U(-1/sqrt(n), 1/sqrt(n)).
@@ -217,8 +217,7 @@ def _smallest_eigenvectors(
     """The `rank` eigenvectors of the smallest eigenvalues of a symmetric [n, n] matrix."""
     n = matrix.shape[0]
     want = min(rank + 1, n)  # one more than needed, for the eigen-gap
-    use_lobpcg = config.eigensolver == "lobpcg" or (config.eigensolver == "auto" and n >= AUTO_LOBPCG_MIN_SIZE)
-    if use_lobpcg and n >= 3 * want:  # torch's LOBPCG needs n >= 3k
+    if uses_lobpcg(n, want, matrix.device, config):
         generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer))
         start = torch.randn(n, want, generator=generator, dtype=matrix.dtype).to(matrix.device)
         values, vectors = torch.lobpcg(
@@ -242,6 +241,16 @@ def _smallest_eigenvectors(
     gap = float(values[rank] - values[rank - 1]) if n > rank else None
     residual = _residual(matrix, vectors[:, :rank], values[:rank])
     return vectors[:, :rank], values[:rank], residual, "eigh", gap
+
+
+def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -> bool:
+    """Whether to try LOBPCG for `want` eigenpairs of an [n, n] matrix: when asked, or ("auto") for large n on
+    a CPU. On a GPU "auto" keeps eigh: LOBPCG's many small steps each wait for the device, and eigh is fast there."""
+    if n < 3 * want:  # torch's LOBPCG needs n >= 3k
+        return False
+    return config.eigensolver == "lobpcg" or (
+        config.eigensolver == "auto" and n >= AUTO_LOBPCG_MIN_SIZE and device.type == "cpu"
+    )
 
 
 def _top_singular_value(matrix: torch.Tensor) -> float:
