@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import platform
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -46,9 +47,14 @@ def adapter_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
                    float(layer.scaling["default"])) for name, layer in layers.items()}
 
 
-def update_norms(state) -> list[float]:
-    """Frobenius norm of each layer's update s * B @ A."""
-    return [float((s * b @ a).norm()) for a, b, s in state.values()]
+def fresh_lora(base):
+    """A copy of `base` with the grid's LoRA adapter at PEFT's default init (rank 8, seed 0)."""
+    from lora_da.methods.registry import create_adapted_model
+
+    config = bench_config("arith", ["lora"], [8])
+    model, _ = create_adapted_model(copy.deepcopy(base), "lora", rank=8, lora_alpha=config.lora_alpha,
+                                    use_rslora=config.use_rslora, target_modules=config.target_modules, seed=0)
+    return model
 
 
 def gradient_norms(model, features, pad_id: int) -> tuple[float, float]:
@@ -72,34 +78,33 @@ def measure(base, tokenizer, task, stats_path: str, overrides: dict | None, step
     """Init one variant, then `steps` AdamW steps at constant `lr`; norms and losses before and after."""
     from lora_da import LoraDAConfig, initialize_lora_da
     from lora_da.evaluate import evaluate_loss
-    from lora_da.methods.registry import create_adapted_model
     from lora_da.train import TrainConfig, train
 
     pad_id = tokenizer.pad_token_id
-    model, _ = create_adapted_model(copy.deepcopy(base), "lora", rank=8, lora_alpha=16, use_rslora=True,
-                                    target_modules="all-linear", seed=0)
+    model = fresh_lora(base)
     if overrides is not None:
         config = LoraDAConfig(population_size=len(task.train), show_progress=False, **overrides)
         initialize_lora_da(model, None, config, statistics=stats_path)
     before = adapter_state(model)
     grad_a, grad_b = gradient_norms(model, task.train[:PROTOCOL["batch_size"]], pad_id)
-    val0 = evaluate_loss(model, task.val, pad_id, 64, show_progress=False)["loss"]
+    val0 = evaluate_loss(model, task.val, pad_id, PROTOCOL["eval_batch_size"], show_progress=False)["loss"]
     history = train(model, task.train, TrainConfig(steps=steps, lr=lr, batch_size=PROTOCOL["batch_size"],
                                                    schedule="constant", warmup_ratio=0.0, show_progress=False),
                     pad_id)
     after = adapter_state(model)
     moved = [float((sa * ba @ aa - s * b @ a).norm()) for (a, b, s), (aa, ba, sa) in
              zip(before.values(), after.values(), strict=True)]
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    mean = statistics.fmean
     return {
         "A_row_norm": mean([float(a.norm(dim=1).mean()) for a, _, _ in before.values()]),
         "B_norm": mean([float(b.norm()) for _, b, _ in before.values()]),
-        "update_norm_init": mean(update_norms(before)),
+        "update_norm_init": mean(float((s * b @ a).norm()) for a, b, s in before.values()),
         "grad_norm_A": grad_a,
         "grad_norm_B": grad_b,
         "moved_norm": mean(moved),
         "val_loss_init": val0,
-        "val_loss_after": evaluate_loss(model, task.val, pad_id, 64, show_progress=False)["loss"],
+        "val_loss_after": evaluate_loss(model, task.val, pad_id, PROTOCOL["eval_batch_size"],
+                                        show_progress=False)["loss"],
         "train_losses": [h["loss"] for h in history],
     }
 
@@ -116,7 +121,6 @@ def main() -> None:
     from lora_da import LoraDAConfig, compute_and_save_statistics
     from lora_da.bench import load_bench_task
     from lora_da.data import calibration_batches
-    from lora_da.methods.registry import create_adapted_model
     from lora_da.models import load_model_and_tokenizer
 
     base, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
@@ -127,11 +131,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         stats_path = str(Path(tmp) / "stats.safetensors")
-        wrapped, _ = create_adapted_model(copy.deepcopy(base), "lora", rank=8, lora_alpha=16, use_rslora=True,
-                                          target_modules="all-linear", seed=0)
-        compute_and_save_statistics(wrapped, batches, stats_path,
+        compute_and_save_statistics(fresh_lora(base), batches, stats_path,
                                     LoraDAConfig(population_size=len(task.train), show_progress=False))
-        del wrapped
         for name, overrides in VARIANTS.items():
             results[name] = measure(base, tokenizer, task, stats_path, overrides, args.steps, args.lr)
             print(name, {k: v for k, v in results[name].items() if k != "train_losses"}, flush=True)
