@@ -173,6 +173,7 @@ def test_lora_one_matches_direct_svd_of_gradient():
         torch.testing.assert_close(B @ A, expected, atol=1e-6, rtol=1e-3)
         torch.testing.assert_close(A @ A.T, torch.diag(S[:RANK] / (S[0] * gamma)), atol=1e-7, rtol=1e-3)
         torch.testing.assert_close(B.T @ B, torch.diag(S[:RANK] / (S[0] * gamma)), atol=1e-7, rtol=1e-3)
+        assert info.report["layers"][name]["top_singular_value"] == pytest.approx(float(S[0]), rel=1e-4)
     assert info.report["gamma"] == gamma
 
 

@@ -65,14 +65,16 @@ def init_milora(ctx):
     return model, None
 
 
-def lora_one_factors(gradient: torch.Tensor, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA-One from G [m, n]: -G = U S V^T, B = U_r S_r^1/2 / sqrt(s1 g), A = S_r^1/2 V_r^T / sqrt(s1 g)."""
+def lora_one_factors(
+    gradient: torch.Tensor, rank: int, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA-One from G [m, n]: -G = U S V^T, B = U_r S_r^1/2 / sqrt(s1 g), A = S_r^1/2 V_r^T / sqrt(s1 g); and s1."""
     U, S, Vh = torch.linalg.svd(-gradient.float(), full_matrices=False)
     denom = math.sqrt(float(S[0]) * gamma)
     root = torch.sqrt(S[:rank])
     B = U[:, :rank] * root[None, :] / denom
     A = root[:, None] * Vh[:rank] / denom
-    return A, B
+    return A, B, float(S[0])
 
 
 def init_lora_one(ctx):
@@ -94,7 +96,7 @@ def init_lora_one(ctx):
             if not torch.any(gradient != 0):
                 zero.append(name)  # keep PEFT's default (B = 0) where the data gives no gradient
                 continue
-            A, B = lora_one_factors(gradient, layer.r["default"], gamma)
+            A, B, top = lora_one_factors(gradient, layer.r["default"], gamma)
             _set_factors(layer, A, B)
-            layers[name] = {"top_singular_value": float(torch.linalg.matrix_norm(gradient.float(), ord=2))}
+            layers[name] = {"top_singular_value": top}
     return model, {"gamma": gamma, "layers": layers, "zero_gradient_layers": zero}
