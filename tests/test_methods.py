@@ -7,31 +7,15 @@ import json
 
 import pytest
 import torch
+from _tiny import VOCAB, tiny_llama
 from peft import PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lora_da
 from lora_da.methods import METHODS, InitInfo, create_adapted_model, save_adapter
 from lora_da.methods.svd_inits import lora_layers
 
 RANK = 4
-CORE_READY = all(hasattr(lora_da, name) for name in ("initialize_lora_da", "collect_statistics"))
-NEEDS_CORE = {"lora_da", "lora_one"}
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama with hidden size 32 and random weights."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def make_batches(n_batches: int = 2, batch_size: int = 4, seq: int = 16, seed: int = 1) -> list[dict]:
@@ -39,7 +23,7 @@ def make_batches(n_batches: int = 2, batch_size: int = 4, seq: int = 16, seed: i
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(n_batches):
-        ids = torch.randint(0, 128, (batch_size, seq), generator=gen)
+        ids = torch.randint(0, VOCAB, (batch_size, seq), generator=gen)
         mask = torch.ones_like(ids)
         mask[0, seq - 4 :] = 0
         labels = ids.masked_fill(mask == 0, -100)
@@ -48,14 +32,8 @@ def make_batches(n_batches: int = 2, batch_size: int = 4, seq: int = 16, seed: i
     return batches
 
 
-def _skip_without_core(method: str) -> None:
-    if method in NEEDS_CORE and not CORE_READY:
-        pytest.skip("core API (initialize_lora_da / collect_statistics) not available yet")
-
-
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_inits_trains_saves_and_reloads(method, tmp_path):
-    _skip_without_core(method)
     base = tiny_llama()
     pristine = copy.deepcopy(base)
     # EVA cycles its data until the SVD converges: one batch keeps that quick on a random model
@@ -96,7 +74,6 @@ def test_method_inits_trains_saves_and_reloads(method, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "gaussian", "eva", "lora_one", "lora_da"])
 def test_base_weights_untouched_when_method_says_so(method):
-    _skip_without_core(method)
     base = tiny_llama()
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model, info = create_adapted_model(
@@ -157,7 +134,6 @@ def _direct_mean_gradient(model: LlamaForCausalLM, batches: list[dict]) -> dict[
     return {n: s / count for n, s in sums.items()}
 
 
-@pytest.mark.skipif(not CORE_READY, reason="core collect_statistics not available yet")
 def test_lora_one_matches_direct_svd_of_gradient():
     base = tiny_llama()
     batches = make_batches(2)
