@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora_da import LoraDAConfig, LoraDAError, solve_layer
+from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, solve_all, solve_layer
 from lora_da.solver import uses_lobpcg
 
 
@@ -173,3 +173,50 @@ def test_rounding_negative_eigenvalues_of_z_are_clamped():
     reference_solution = solve_layer(g, z, y, 2, LoraDAConfig(variance_weight=0.1, population_size=10))
     assert not reference_solution.info["input_factor_clamped"]
     assert torch.isfinite(solution.A).all() and torch.isfinite(solution.B).all()
+
+
+def _statistics(layers: dict[str, tuple[int, int, str]], seed: int = 0) -> LoraDAStatistics:
+    """Sums of random problems; `layers` maps a name to (m, n, input group) and a group's first layer owns Z."""
+    gradients, outputs, zs = {}, {}, {}
+    for index, (name, (m, n, group)) in enumerate(layers.items()):
+        g, z, y = random_problem(m=m, n=n, seed=seed + index)
+        gradients[name], outputs[name] = g, y
+        zs.setdefault(group, (name, z))
+    owner = {group: name for group, (name, _) in zs.items()}
+    return LoraDAStatistics(
+        gradient_sums=gradients,
+        output_sq_sums=outputs,
+        output_token_counts=dict.fromkeys(layers, 1),
+        input_groups={name: owner[group] for name, (_, _, group) in layers.items()},
+        input_sums={name: z for name, z in zs.values()},
+        input_token_counts={name: 1 for name, _ in zs.values()},
+        num_examples=1,
+    )
+
+
+LAYERS = {"q": (24, 16, "x"), "k": (8, 16, "x"), "o": (16, 16, "o"), "up": (40, 16, "h"), "down": (16, 40, "d")}
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_solve_all_in_threads_matches_each_layer_alone(threads):
+    stats = _statistics(LAYERS)
+    cfg = LoraDAConfig(variance_weight=0.2, population_size=30, show_progress=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        solutions = solve_all(stats, 4, cfg)
+        assert torch.get_num_threads() == threads  # the solve's one-thread LAPACK setting is undone
+    finally:
+        torch.set_num_threads(previous)
+    assert list(solutions) == list(LAYERS)
+    for name, solution in solutions.items():
+        z = stats.input_factor(name)
+        alone = solve_layer(stats.gradient(name), z, stats.output_factor(name), 4, cfg, layer=name)
+        assert torch.equal(solution.A, alone.A) and torch.equal(solution.B, alone.B)
+
+
+def test_solve_all_raises_the_failing_layer():
+    stats = _statistics(LAYERS)
+    stats.gradient_sums["up"].zero_()
+    with pytest.raises(LoraDAError, match="'up'.*exactly zero"):
+        solve_all(stats, 4, LoraDAConfig(variance_weight=0.0, show_progress=False))

@@ -6,7 +6,7 @@ import math
 import time
 import zlib
 from collections.abc import Iterable, Mapping
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -115,7 +115,8 @@ def solve_layer(
 
     # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [n, m].
     step = -torch.cholesky_solve(g.T, input_factor.cholesky) * inv_y[None, :]
-    sigma = _top_singular_value(step)
+    outer = step @ step.T  # [n, n]: the bias term before scaling, and sigma's Gram matrix when n <= m
+    sigma = _top_singular_value(step, outer if n <= m else None)
     if not math.isfinite(sigma):
         raise LoraDAError(f"Layer {layer!r}: the natural-gradient step is not finite; check the statistics.")
     if sigma == 0.0:
@@ -123,7 +124,7 @@ def solve_layer(
     scale = sigma if config.normalize else 1.0
     step = step / scale
 
-    bias = step @ step.T
+    bias = outer / scale**2
     guidance = -config.bias_weight * bias
     variance_ratio = None
     if config.variance_weight != 0:
@@ -173,30 +174,40 @@ def solve_all(
                 f"Layer {name!r}: rank {ranks[name]} must be between 1 and min(in, out) = {min(m, n)}."
             )
     show = config.show_progress if progress is None else progress
+    groups: dict[str, list[str]] = {}  # layers that read one input share the Cholesky factor of its Z
+    for name in names:
+        groups.setdefault(stats.input_group(name), []).append(name)
+
+    def solve_group(members: list[str]) -> dict[str, LayerSolution]:
+        torch.set_num_threads(1)  # per worker thread: see `solver_threads`
+        factor = factor_input(stats.input_factor(members[0]), config, members[0])
+        solved = {}
+        for name in members:
+            solved[name] = solve_layer(stats.gradient(name), factor, stats.output_factor(name), ranks[name], config,
+                                       layer=name)
+            solved[name].info["seed"] = layer_seed(config.seed, name)
+        return solved
+
     solutions: dict[str, LayerSolution] = {}
-    cached_group, cached_factor = None, None
-    with _one_cpu_thread():
-        for name in tqdm(names, desc="LoRA-DA solve", unit="layer", disable=not show):
-            group = stats.input_group(name)
-            if group != cached_group:  # layers sharing an input come in a row: factor Z once for them
-                cached_group, cached_factor = group, factor_input(stats.input_factor(name), config, name)
-            solutions[name] = solve_layer(
-                stats.gradient(name), cached_factor, stats.output_factor(name), ranks[name], config, layer=name
-            )
-            solutions[name].info["seed"] = layer_seed(config.seed, name)
-    return solutions
-
-
-@contextmanager
-def _one_cpu_thread():
-    """Run the per-layer LAPACK calls on one CPU thread: for n in the hundreds to thousands, threaded eigh
-    gains little, and on a busy machine its spinning threads made it 100x slower (15 s vs 0.06 s at n=576)."""
+    device = stats.gradient(names[0]).device if names else torch.device("cpu")
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(solver_threads(device, previous))
     try:
-        yield
+        with tqdm(total=len(names), desc="LoRA-DA solve", unit="layer", disable=not show) as bar:
+            for solved in pool.map(solve_group, groups.values()):  # in order: the first error is raised
+                solutions.update(solved)
+                bar.update(len(solved))
     finally:
+        pool.shutdown(cancel_futures=True)
         torch.set_num_threads(previous)
+    return {name: solutions[name] for name in names}
+
+
+def solver_threads(device: torch.device, cpu_threads: int) -> int:
+    """Layers solved at once: on a CPU one group of layers per thread, each LAPACK call on one thread (for n in
+    the hundreds to thousands threaded eigh gains little, and on a busy machine its spinning threads made it 100x
+    slower: 15 s vs 0.06 s at n=576); on a GPU one at a time (the device runs them in turn anyway)."""
+    return max(1, cpu_threads) if device.type == "cpu" else 1
 
 
 def solve_factors(
@@ -253,9 +264,11 @@ def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -
     )
 
 
-def _top_singular_value(matrix: torch.Tensor) -> float:
-    """Largest singular value of [n, m] `matrix`, from the smaller Gram matrix in float32 (scaled against overflow)."""
-    gram = matrix.T @ matrix if matrix.shape[1] < matrix.shape[0] else matrix @ matrix.T
+def _top_singular_value(matrix: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """Largest singular value of [n, m] `matrix`, from its smaller Gram matrix (pass it if already computed),
+    in float32 and scaled against overflow."""
+    if gram is None:
+        gram = matrix.T @ matrix if matrix.shape[1] < matrix.shape[0] else matrix @ matrix.T
     scale = float(gram.diagonal().max())
     if not math.isfinite(scale) or scale <= 0.0:  # zero, inf or nan: the norm is the same
         return math.sqrt(max(scale, 0.0))
