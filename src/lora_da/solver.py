@@ -167,8 +167,10 @@ def solve_all(
 
     names = list(stats.layer_names if layers is None else layers)
     ranks = {name: rank if isinstance(rank, int) else rank[name] for name in names}
+    device = torch.device("cpu")
     for name in names:  # every rank is checked before any work is done
-        m, n = stats.gradient(name).shape
+        gradient = stats.gradient(name)
+        (m, n), device = gradient.shape, gradient.device
         if not 1 <= ranks[name] <= min(m, n):
             raise LoraDAError(
                 f"Layer {name!r}: rank {ranks[name]} must be between 1 and min(in, out) = {min(m, n)}."
@@ -179,7 +181,6 @@ def solve_all(
         groups.setdefault(stats.input_group(name), []).append(name)
 
     def solve_group(members: list[str]) -> dict[str, LayerSolution]:
-        torch.set_num_threads(1)  # per worker thread: see `solver_threads`
         factor = factor_input(stats.input_factor(members[0]), config, members[0])
         solved = {}
         for name in members:
@@ -189,9 +190,9 @@ def solve_all(
         return solved
 
     solutions: dict[str, LayerSolution] = {}
-    device = stats.gradient(names[0]).device if names else torch.device("cpu")
     previous = torch.get_num_threads()
-    pool = ThreadPoolExecutor(solver_threads(device, previous))
+    # each worker thread runs its LAPACK calls on one thread: see `solver_threads`
+    pool = ThreadPoolExecutor(solver_threads(device, previous), initializer=torch.set_num_threads, initargs=(1,))
     try:
         with tqdm(total=len(names), desc="LoRA-DA solve", unit="layer", disable=not show) as bar:
             for solved in pool.map(solve_group, groups.values()):  # in order: the first error is raised
