@@ -95,12 +95,14 @@ def _add_calibration_data_args(parser: argparse.ArgumentParser, required: bool, 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `lora-da`."""
+    from .data import BUILTIN_TASKS
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="LoRA-DA: data-aware LoRA initialization. Initialize, fine-tune and evaluate PEFT "
         "adapters, or run the built-in comparison (`lora-da demo`). DATA is a JSONL file (fields "
-        "prompt/completion, question/answer, messages or text) or a built-in task: arith, arith:train, "
-        "arith:test.",
+        "prompt/completion, question/answer, messages or text) or a built-in task "
+        f"({', '.join(BUILTIN_TASKS)}; NAME:train or NAME:test picks a split).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
