@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a resumable grid; each method's learning rate is picked on a validation "
                        "split, test metrics are mean +- std over seeds. Writes results.json, report.md and plots.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default: {DEFAULT_MODEL})")
-    p.add_argument("--data", default="arith", help="arith, stdlib-code or a JSONL file (default: arith)")
+    p.add_argument("--data", default="arith", help=f"{', '.join(BUILTIN_TASKS)} or a JSONL file (default: arith)")
     p.add_argument("--output", required=True, help="output folder (rerun to resume)")
     p.add_argument("--methods", default="lora lora_da",
                    help="space-separated methods or ablations, e.g. 'lora lora_da lora_da@gamma=256,calibration=64' "

@@ -167,10 +167,8 @@ def solve_all(
 
     names = list(stats.layer_names if layers is None else layers)
     ranks = {name: rank if isinstance(rank, int) else rank[name] for name in names}
-    device = torch.device("cpu")
-    for name in names:  # every rank is checked before any work is done
-        gradient = stats.gradient(name)
-        (m, n), device = gradient.shape, gradient.device
+    for name in names:  # every rank is checked before any work is done (the shape, not the mean gradient)
+        m, n = stats.gradient_sums[name].shape
         if not 1 <= ranks[name] <= min(m, n):
             raise LoraDAError(
                 f"Layer {name!r}: rank {ranks[name]} must be between 1 and min(in, out) = {min(m, n)}."
@@ -190,6 +188,7 @@ def solve_all(
         return solved
 
     solutions: dict[str, LayerSolution] = {}
+    device = stats.gradient_sums[names[0]].device if names else torch.device("cpu")
     previous = torch.get_num_threads()
     # each worker thread runs its LAPACK calls on one thread: see `solver_threads`
     pool = ThreadPoolExecutor(solver_threads(device, previous), initializer=torch.set_num_threads, initargs=(1,))
