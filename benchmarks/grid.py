@@ -70,7 +70,14 @@ class Shard:
     @property
     def folder(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.variant)
-        return f"{self.task}/{safe}-r{'-'.join(map(str, self.ranks))}"
+        return f"{task_folder(self.task)}/{safe}-r{'-'.join(map(str, self.ranks))}"
+
+
+def task_folder(task: str) -> str:
+    """A task's folder; stdlib-code's data is the running interpreter's standard library, so it names the version."""
+    if task == "stdlib-code":
+        return f"{task}-py{sys.version_info.major}.{sys.version_info.minor}"
+    return task
 
 
 def jobs() -> list[Shard]:
@@ -183,7 +190,7 @@ def merge(args: argparse.Namespace) -> None:
 
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else {}
-    for task in TASKS:
+    for task in sorted(p.name for p in raw.iterdir() if p.is_dir()):
         shards = [json.loads(path.read_text()) for path in sorted((raw / task).glob(f"*/{RESULTS_FILE}"))]
         if not shards:
             continue

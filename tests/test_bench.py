@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -196,3 +197,11 @@ def test_grid_subset_narrows_lrs_and_seeds_but_keeps_the_sweep_seed():
         grid.bench_config("arith", ["lora"], [8], learning_rates=[5e-4])
     with pytest.raises(ValueError, match="sweep seeds"):  # seed 1 alone would sweep every lr on seed 1
         grid.bench_config("arith", ["lora"], [8], seeds=[1, 2])
+
+
+def test_grid_keeps_stdlib_code_of_each_python_version_in_its_own_folder():
+    grid = _grid_module()
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}"
+    shard = grid.Shard("stdlib-code", "lora_da@gamma=64", (2, 32))
+    assert shard.folder == f"stdlib-code-{version}/lora_da_gamma_64-r2-32"
+    assert grid.Shard("arith", "lora", (8,)).folder == "arith/lora-r8"  # arith is the same data everywhere
