@@ -190,8 +190,8 @@ def merge(args: argparse.Namespace) -> None:
 
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else {}
-    for task_dir in sorted(p.name for p in raw.iterdir() if p.is_dir()):  # see task_folder
-        shards = [json.loads(path.read_text()) for path in sorted((raw / task_dir).glob(f"*/{RESULTS_FILE}"))]
+    for task_dir in sorted(p for p in raw.iterdir() if p.is_dir()):  # see task_folder
+        shards = [json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))]
         if not shards:
             continue
         records = [r for shard in shards for r in shard["records"]]
@@ -204,7 +204,7 @@ def merge(args: argparse.Namespace) -> None:
             if not present:
                 continue
             ranks = sorted({r["rank"] for r in chosen})
-            dest = Path(args.dest) / f"smollm2-135m-{task_dir}{suffix}"
+            dest = Path(args.dest) / f"smollm2-135m-{task_dir.name}{suffix}"
             write_outputs(dest, chosen, BenchConfig(**{**protocol, "methods": present, "ranks": ranks}))
             finished = sum(r["status"] == "ok" for r in chosen)
             with open(dest / REPORT_FILE, "a") as report:
