@@ -6,8 +6,9 @@ in its own folder, so several worker processes can share one device and a stoppe
     python benchmarks/grid.py run --out benchmarks/results/grid --device cuda --workers 8   # rerun to resume
     python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results     # results.json, report, plots
 
-`run --device cpu --workers 1` runs the same grid on a CPU (13-15 minutes per run on 2 cores; two 1-thread workers
-train 1.38x faster in total, but a LoRA-DA run peaks near 10 GB of RSS, so that needs more than 24 GB).
+`run --device cpu --workers 1` runs the same grid on a CPU (13-15 minutes per arith run on 2 cores). Two 1-thread
+workers train 1.38x faster in total; on stdlib-code each run then takes 20-28 minutes and peaks at 9-12 GB of RSS,
+so two of them fit in 24 GB.
 `--lrs` / `--seeds` run part of each shard now (e.g. a one-lr screen); a later run without them adds the rest.
 Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
 """
