@@ -190,7 +190,7 @@ def merge(args: argparse.Namespace) -> None:
     from lora_da.bench import REPORT_FILE, RESULTS_FILE, BenchConfig, write_outputs
 
     raw = Path(args.raw)
-    env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else {}
+    env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else []
     for task_dir in sorted(p for p in raw.iterdir() if p.is_dir()):  # see task_folder
         shards = [json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))]
         if not shards:
@@ -201,7 +201,7 @@ def merge(args: argparse.Namespace) -> None:
             protocol[key] = sorted({value for shard in shards for value in shard["config"][key]})
         for suffix, variants in STUDIES.items():
             chosen = [r for r in records if r["method"] in variants]
-            present = [v for v in variants if any(r["method"] == v for r in chosen)]
+            present = [v for v in variants if v in {r["method"] for r in chosen}]
             if not present:
                 continue
             ranks = sorted({r["rank"] for r in chosen})
