@@ -16,6 +16,7 @@ Shards run in priority order: the method comparison first, then LoRA-DA's option
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import platform
@@ -79,6 +80,24 @@ def task_folder(task: str) -> str:
     if task == "stdlib-code":
         return f"{task}-py{sys.version_info.major}.{sys.version_info.minor}"
     return task
+
+
+def invocations_of(env: list[dict], task_dir: str, shard_names: list[str]) -> list[dict]:
+    """The entries of environment.json that may have run these shards of `task_dir` (stdlib-code: same Python)."""
+    task, _, version = task_dir.partition("-py")
+    # older entries name stdlib-code's folder without the version
+    folders = [f"{prefix}/{name}" for prefix in dict.fromkeys([task_dir, task]) for name in shard_names]
+    chosen = []
+    for entry in env:
+        if version and not entry["python"].startswith(version + "."):
+            continue
+        tokens = entry["command"].replace(",", " ").split()
+        parts = None  # no --only: the whole grid
+        if "--only" in tokens:
+            parts = list(itertools.takewhile(lambda t: not t.startswith("--"), tokens[tokens.index("--only") + 1:]))
+        if parts is None or any(part in folder for part in parts for folder in folders):
+            chosen.append(entry)
+    return chosen
 
 
 def jobs() -> list[Shard]:
@@ -192,19 +211,24 @@ def merge(args: argparse.Namespace) -> None:
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else []
     for task_dir in sorted(p for p in raw.iterdir() if p.is_dir()):  # see task_folder
-        shards = [json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))]
+        shards = {path.parent.name: json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))}
         if not shards:
             continue
-        records = [r for shard in shards for r in shard["records"]]
-        protocol = dict(shards[0]["config"])
+        records = [r for shard in shards.values() for r in shard["records"]]
+        protocol = dict(next(iter(shards.values()))["config"])
         for key in ("learning_rates", "seeds"):  # a shard may have run a subset first
-            protocol[key] = sorted({value for shard in shards for value in shard["config"][key]})
+            protocol[key] = sorted({value for shard in shards.values() for value in shard["config"][key]})
         for suffix, variants in STUDIES.items():
             chosen = [r for r in records if r["method"] in variants]
             present = [v for v in variants if v in {r["method"] for r in chosen}]
             if not present:
                 continue
             ranks = sorted({r["rank"] for r in chosen})
+            names = [name for name, shard in shards.items() if any(r["method"] in variants for r in shard["records"])]
+            commands = "".join(
+                f"\n- Python {e['python']}, torch {e['torch']}, transformers {e['transformers']}, peft {e['peft']}, "
+                f"{e.get('gpu', e['device'])}: `python {e['command']}`"
+                for e in invocations_of(env, task_dir.name, names))
             dest = Path(args.dest) / f"smollm2-135m-{task_dir.name}{suffix}"
             write_outputs(dest, chosen, BenchConfig(**{**protocol, "methods": present, "ranks": ranks}))
             finished = sum(r["status"] == "ok" for r in chosen)
@@ -217,7 +241,7 @@ def merge(args: argparse.Namespace) -> None:
                     " (see benchmarks/grid.py for the grid). Each record's `device` says where it ran. Init and wall"
                     " seconds of runs that shared a device with other workers are inflated by that sharing; quiet-"
                     "machine init overhead is in benchmarks/results/init_overhead.md.\n\n"
-                    f"Environments: `{json.dumps(env)}`.\n"
+                    f"Invocations of `run` that wrote these shards (from environment.json):\n{commands}\n"
                 )
             print(f"{dest}: {len(chosen)} runs, {len(present)} variants, ranks {ranks}")
 

@@ -205,3 +205,20 @@ def test_grid_keeps_stdlib_code_of_each_python_version_in_its_own_folder():
     shard = grid.Shard("stdlib-code", "lora_da@gamma=64", (2, 32))
     assert shard.folder == f"stdlib-code-{version}/lora_da_gamma_64-r2-32"
     assert grid.Shard("arith", "lora", (8,)).folder == "arith/lora-r8"  # arith is the same data everywhere
+
+
+def test_grid_reports_list_only_the_invocations_that_could_have_run_their_shards():
+    grid = _grid_module()
+    versions = dict(torch="2", transformers="5", peft="0.21", device="cpu")
+    env = [
+        dict(python="3.12.3", command="grid.py run --out g --deadline-s 470, resumed with --deadline-s 9", **versions),
+        dict(python="3.11.7", command="grid.py run --out g --lrs 0.001 --only arith/lora-r8 arith/eva-r8", **versions),
+        dict(python="3.11.7", command="grid.py run --out g --only stdlib-code/pissa-r8 --seeds 0", **versions),
+        dict(python="3.11.7", command="grid.py run --out g --only stdlib-code-py3.11/lora-r2-32", **versions),
+    ]
+    commands = lambda *args: [e["command"] for e in grid.invocations_of(env, *args)]  # noqa: E731
+    assert commands("arith", ["lora-r8"]) == [env[0]["command"], env[1]["command"]]
+    assert commands("arith", ["pissa-r8"]) == [env[0]["command"]]  # the whole grid, not the arith/eva screen
+    assert commands("stdlib-code-py3.11", ["pissa-r8", "lora-r8"]) == [env[2]["command"]]  # 3.12 ran other data
+    assert commands("stdlib-code-py3.12", ["lora-r2-32"]) == [env[0]["command"]]
+    assert commands("stdlib-code-py3.11", ["lora-r2-32"]) == [env[3]["command"]]
