@@ -216,7 +216,10 @@ def test_grid_reports_list_only_the_invocations_that_could_have_run_their_shards
         dict(python="3.11.7", command="grid.py run --out g --only stdlib-code/pissa-r8 --seeds 0", **versions),
         dict(python="3.11.7", command="grid.py run --out g --only stdlib-code-py3.11/lora-r2-32", **versions),
     ]
-    commands = lambda *args: [e["command"] for e in grid.invocations_of(env, *args)]  # noqa: E731
+
+    def commands(task_dir, shard_names):
+        return [e["command"] for e in grid.invocations_of(env, task_dir, shard_names)]
+
     assert commands("arith", ["lora-r8"]) == [env[0]["command"], env[1]["command"]]
     assert commands("arith", ["pissa-r8"]) == [env[0]["command"]]  # the whole grid, not the arith/eva screen
     assert commands("stdlib-code-py3.11", ["pissa-r8", "lora-r8"]) == [env[2]["command"]]  # 3.12 ran other data
