@@ -16,7 +16,6 @@ Shards run in priority order: the method comparison first, then LoRA-DA's option
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing as mp
 import platform
@@ -82,6 +81,11 @@ def task_folder(task: str) -> str:
     return task
 
 
+def selects(only: list[str] | None, folder: str) -> bool:
+    """Whether `run --only ONLY` runs the shard in `folder` (no --only: every shard)."""
+    return not only or any(part in folder for part in only)
+
+
 def invocations_of(env: list[dict], task_dir: str, shard_names: list[str]) -> list[dict]:
     """The entries of environment.json that may have run these shards of `task_dir` (stdlib-code: same Python)."""
     task, _, version = task_dir.partition("-py")
@@ -91,11 +95,9 @@ def invocations_of(env: list[dict], task_dir: str, shard_names: list[str]) -> li
     for entry in env:
         if version and not entry["python"].startswith(version + "."):
             continue
-        tokens = entry["command"].replace(",", " ").split()
-        parts = None  # no --only: the whole grid
-        if "--only" in tokens:
-            parts = list(itertools.takewhile(lambda t: not t.startswith("--"), tokens[tokens.index("--only") + 1:]))
-        if parts is None or any(part in folder for part in parts for folder in folders):
+        # the recorded argv (after the script), parsed as `run` parsed it; extra notes such as "resumed with" are left
+        args, _ = build_parser().parse_known_args(entry["command"].replace(",", " ").split()[1:])
+        if any(selects(args.only, folder) for folder in folders):
             chosen.append(entry)
     return chosen
 
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> None:
     context = mp.get_context("spawn")
     todo = context.Queue()
     for shard in jobs():
-        if not args.only or any(part in shard.folder for part in args.only):
+        if selects(args.only, shard.folder):
             todo.put(shard)
     # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -246,7 +248,8 @@ def merge(args: argparse.Namespace) -> None:
             print(f"{dest}: {len(chosen)} runs, {len(present)} variants, ranks {ranks}")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `run` and `merge`."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser("run", help="run or resume the grid")
@@ -267,7 +270,11 @@ def main() -> None:
     together = sub.add_parser("merge", help="merge shard results into one folder per task and study")
     together.add_argument("raw", help="the --out folder of run")
     together.add_argument("dest", help="where the merged folders go, e.g. benchmarks/results")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     run(args) if args.command == "run" else merge(args)
 
 
