@@ -91,12 +91,13 @@ def invocations_of(env: list[dict], task_dir: str, shard_names: list[str]) -> li
     task, _, version = task_dir.partition("-py")
     # older entries name stdlib-code's folder without the version
     folders = [f"{prefix}/{name}" for prefix in dict.fromkeys([task_dir, task]) for name in shard_names]
+    parser = build_parser()
     chosen = []
     for entry in env:
         if version and not entry["python"].startswith(version + "."):
             continue
         # the recorded argv (after the script), parsed as `run` parsed it; extra notes such as "resumed with" are left
-        args, _ = build_parser().parse_known_args(entry["command"].replace(",", " ").split()[1:])
+        args, _ = parser.parse_known_args(entry["command"].replace(",", " ").split()[1:])
         if any(selects(args.only, folder) for folder in folders):
             chosen.append(entry)
     return chosen
