@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from lora_da.layers import model_device
 from lora_da.methods import METHODS, create_adapted_model, normalize_method
-from lora_da.statistics import model_device
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"

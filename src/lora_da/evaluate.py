@@ -13,8 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
+from .layers import model_device
 from .models import resolve_dtype
-from .statistics import model_device
 
 
 def autocast_context(device: torch.device, dtype: str | torch.dtype = "float32"):

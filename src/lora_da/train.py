@@ -13,7 +13,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import collate
-from .evaluate import autocast_context, evaluate_loss, model_device, supervised_logits, supervised_loss_sum
+from .evaluate import autocast_context, evaluate_loss, supervised_logits, supervised_loss_sum
+from .layers import model_device
 from .models import resolve_dtype
 
 SCHEDULES = ("cosine", "linear", "constant")

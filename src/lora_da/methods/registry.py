@@ -14,9 +14,9 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
+from lora_da.layers import model_device
 from lora_da.methods import data_aware, peft_inits, svd_inits
 from lora_da.methods.base import InitInfo, check_rank, prepare_batches, resolve_target_modules
-from lora_da.statistics import model_device
 
 
 @dataclass(frozen=True)

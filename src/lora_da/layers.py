@@ -1,0 +1,143 @@
+"""Model plumbing used everywhere: unwrapping, device, target layers, shapes, canonical names, rank checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from .config import LoraDAError
+
+#: The prefix PEFT puts before the bare model's module names.
+PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a `DistributedDataParallel` (or `DataParallel`) wrapper, else `model` itself."""
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
+def base_model_of(model: nn.Module) -> nn.Module:
+    """The bare transformers model under any DDP and PEFT wrappers."""
+    model = unwrap_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for a parameterless module)."""
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def canonical_layer_name(name: str) -> str:
+    """A layer's name in the bare transformers model (PEFT's `base_model.model.` prefix removed)."""
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def is_linear_layer(module: nn.Module) -> bool:
+    """`nn.Linear`, GPT-2 `Conv1D`, or a (quantized) layer that maps the last dim in -> out."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return True
+    return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
+
+
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of a linear-like layer (a PEFT LoRA layer is read through its base layer)."""
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores the weight as [in, out]
+        n, m = module.weight.shape
+        return int(m), int(n)
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.out_features), int(module.in_features)
+    raise LoraDAError(f"Cannot tell the shape of a {type(module).__name__}: LoRA-DA needs a linear layer.")
+
+
+def check_ranks(shapes: Mapping[str, tuple[int, int]], ranks: int | Mapping[str, int]) -> None:
+    """Raise `LoraDAError` naming the first layer whose rank is not in [1, min(out, in)]."""
+    for name, (m, n) in shapes.items():
+        rank = ranks if isinstance(ranks, int) else ranks[name]
+        if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= min(m, n):
+            raise LoraDAError(
+                f"Layer {name!r}: rank {rank!r} must be between 1 and min(out, in) = {min(m, n)}; "
+                "choose a smaller rank."
+            )
+
+
+def find_lora_layers(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, nn.Module], list[str]]:
+    """LoRA layers of `adapter_name` that LoRA-DA can initialize (over linear maps), and those it cannot."""
+    supported, unsupported = {}, []
+    for name, module in unwrap_model(model).named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if adapter_name in getattr(module, "lora_embedding_A", {}):
+            unsupported.append(name)
+            continue
+        if adapter_name not in module.lora_A:
+            continue
+        if isinstance(module.lora_A[adapter_name], nn.Linear) and is_linear_layer(module.get_base_layer()):
+            supported[name] = module
+        else:
+            unsupported.append(name)
+    return supported, unsupported
+
+
+def match_target_modules(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR) -> list[str]:
+    """Names of the linear layers of a bare model that `target_modules` selects.
+
+    "all-linear" is every linear layer but the output head; otherwise PEFT's own rule applies: a name matches
+    a module exactly or as its suffix after a dot (a comma-separated string is a list of names).
+    """
+    if isinstance(target_modules, str) and target_modules.strip().lower() != ALL_LINEAR:
+        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
+    if not isinstance(target_modules, str) and not target_modules:
+        raise LoraDAError("`target_modules` is empty; pass 'all-linear' or names such as ['q_proj', 'v_proj'].")
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    selection = SimpleNamespace(target_modules=None if isinstance(target_modules, str) else list(target_modules),
+                                target_parameters=None)
+    names = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") or module is head:
+            continue
+        if selection.target_modules is None or check_target_module_exists(selection, name):
+            names.append(name)
+    if not names:
+        raise LoraDAError(
+            f"target_modules={target_modules!r} matches no linear layer of the model; "
+            "pass 'all-linear' or names such as ['q_proj', 'v_proj']."
+        )
+    return names
+
+
+def target_layer_names(
+    model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR, adapter_name: str = "default"
+) -> list[str]:
+    """Canonical names of the target layers: a `PeftModel`'s LoRA layers of `adapter_name`, or the layers of
+    a bare model that `target_modules` selects."""
+    model = unwrap_model(model)
+    if hasattr(model, "peft_config"):
+        return [canonical_layer_name(name) for name in find_lora_layers(model, adapter_name)[0]]
+    return match_target_modules(model, target_modules)
+
+
+def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
+    """Map each name to the module whose input/output is hooked (the base layer inside a PEFT LoRA layer)."""
+    if not names:
+        raise LoraDAError("No target layer given: `target_modules` is empty.")
+    modules = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise LoraDAError(f"No module named {name!r} in the model.") from None
+        modules[name] = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return modules
