@@ -10,12 +10,8 @@ import torch
 from _tiny import batches, examples, lora_state, tiny_gpt2, tiny_llama, wrap
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, initialize_lora_da
-from lora_da.cache import (
-    compute_and_save_statistics,
-    load_statistics,
-    manifest_of,
-    target_layer_names,
-)
+from lora_da.cache import compute_and_save_statistics, load_statistics, manifest_of
+from lora_da.layers import target_layer_names
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
 
@@ -143,18 +139,18 @@ class TestRefused:
 
 def _half_write_then_die(path: str) -> None:
     """Child: start overwriting `path` with new statistics, write half a file, then get SIGKILLed."""
-    import safetensors.torch
+    import lora_da.statistics
 
     torch.set_num_threads(1)
+    real_save_file = lora_da.statistics.save_file
 
     def dying_save_file(tensors, filename, metadata=None):
-        safetensors.torch.__dict__["_real_save_file"](tensors, filename, metadata=metadata)
+        real_save_file(tensors, filename, metadata=metadata)
         with open(filename, "r+b") as handle:
             handle.truncate(os.path.getsize(filename) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    safetensors.torch._real_save_file = safetensors.torch.save_file
-    safetensors.torch.save_file = dying_save_file
+    lora_da.statistics.save_file = dying_save_file
     save_stats(path, items=examples(6, seed=1))
 
 
@@ -172,16 +168,16 @@ class TestAtomicWrite:
         assert leftovers and all(p.name.startswith(".tmp-") for p in leftovers)  # never under the cache's name
 
     def test_failing_save_leaves_previous_cache_and_no_temp_file(self, cache, monkeypatch):
-        import safetensors.torch
+        import lora_da.statistics
 
         before = cache.read_bytes()
-        real = safetensors.torch.save_file
+        real = lora_da.statistics.save_file
 
         def failing_save_file(tensors, filename, metadata=None):
             real(tensors, filename, metadata=metadata)
             raise OSError("disk full")
 
-        monkeypatch.setattr(safetensors.torch, "save_file", failing_save_file)
+        monkeypatch.setattr(lora_da.statistics, "save_file", failing_save_file)
         with pytest.raises(OSError, match="disk full"):
             save_stats(cache, items=examples(6, seed=1))
         assert cache.read_bytes() == before

@@ -12,7 +12,8 @@ from _tiny import batches, examples, lora_state, tiny_llama, wrap
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, initialize_lora_da
 from lora_da.cache import compute_and_save_statistics
-from lora_da.distributed import assign_groups, shard_batches
+from lora_da.distributed import shard_batches
+from lora_da.schedule import assign_groups
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
 WORLD = 2

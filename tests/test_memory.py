@@ -7,8 +7,8 @@ import torch
 from _tiny import batches, examples, lora_state, tiny_llama, wrap
 
 from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da
-from lora_da.adapter import plan_passes
-from lora_da.statistics import estimate_statistics_bytes
+from lora_da.collect import estimate_statistics_bytes
+from lora_da.schedule import plan_passes
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
 
@@ -85,6 +85,6 @@ def test_plan_passes():
 
 
 def _names():
-    from lora_da.cache import target_layer_names
+    from lora_da.layers import target_layer_names
 
     return target_layer_names(tiny_llama())

@@ -1,11 +1,13 @@
 """LoRA-DA: data-aware initialization for LoRA, native to Hugging Face PEFT."""
 
-from .adapter import LoraDAReport, find_lora_layers, initialize_lora_da
+from .adapter import LoraDAReport, initialize_lora_da
 from .cache import compute_and_save_statistics, load_statistics
+from .collect import collect_statistics
 from .config import LoraDAConfig, LoraDAError
 from .distributed import init_distributed_from_env, shard_batches
+from .layers import find_lora_layers
 from .solver import LayerSolution, solve_all, solve_factors, solve_layer
-from .statistics import LoraDAStatistics, collect_statistics
+from .statistics import LoraDAStatistics
 
 __version__ = "0.1.0"
 

@@ -10,18 +10,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+from peft import PeftModel
 from torch import nn
 
+from .cache import check_statistics
+from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
-from .distributed import get_world_size, is_main_process, local_config, solve_layers, unwrap_model
-from .statistics import (
-    LoraDAStatistics,
-    PerExampleLoss,
-    collect_statistics,
-    layer_shape,
-    model_device,
-    statistics_bytes,
-)
+from .distributed import get_world_size, is_main_process, local_config
+from .layers import canonical_layer_name, check_ranks, find_lora_layers, layer_shape, model_device, unwrap_model
+from .schedule import plan_passes, solve_layers
+from .statistics import LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")
 
@@ -66,37 +64,8 @@ class LoraDAReport:
         }
 
 
-def find_lora_layers(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, nn.Module], list[str]]:
-    """LoRA layers of `adapter_name` that LoRA-DA can initialize (over linear maps), and those it cannot."""
-    from peft.tuners.lora import LoraLayer
-
-    supported, unsupported = {}, []
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        if adapter_name in getattr(module, "lora_embedding_A", {}):
-            unsupported.append(name)
-            continue
-        if adapter_name not in module.lora_A:
-            continue
-        if isinstance(module.lora_A[adapter_name], nn.Linear) and _is_linear_like(module.get_base_layer()):
-            supported[name] = module
-        else:
-            unsupported.append(name)
-    return supported, unsupported
-
-
-def _is_linear_like(layer: nn.Module) -> bool:
-    """`nn.Linear`, GPT-2 `Conv1D`, or a (quantized) layer that maps the last dim in -> out."""
-    if isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D":
-        return True
-    return hasattr(layer, "in_features") and hasattr(layer, "out_features")
-
-
 def check_peft_model(model: nn.Module, adapter_name: str) -> None:
     """Raise unless `model` is a PeftModel with a LoRA adapter called `adapter_name`."""
-    from peft import PeftModel
-
     if not isinstance(model, PeftModel):
         raise LoraDAError(
             f"Expected a peft.PeftModel, got {type(model).__name__}; wrap it first with "
@@ -152,20 +121,13 @@ def initialize_lora_da(
             stacklevel=2,
         )
     ranks = {name: int(module.r[adapter_name]) for name, module in layers.items()}
-    for name, module in layers.items():
-        out_features = module.lora_B[adapter_name].out_features
-        in_features = module.lora_A[adapter_name].in_features
-        if ranks[name] > min(in_features, out_features):
-            raise LoraDAError(
-                f"Layer {name!r}: rank {ranks[name]} is larger than min(in, out) = "
-                f"{min(in_features, out_features)}; choose a smaller rank."
-            )
+    check_ranks({name: layer_shape(module) for name, module in layers.items()}, ranks)
 
     report = LoraDAReport(skipped=unsupported, config=config.to_dict(), world_size=get_world_size())
     local = local_config(config)
     if statistics is not None:
         start = time.perf_counter()
-        statistics = _statistics_for(statistics, model, layers, adapter_name, config)
+        statistics = _statistics_for(statistics, model, layers, config)
         report.statistics_seconds = time.perf_counter() - start
         report.num_examples, report.num_tokens = statistics.num_examples, statistics.num_tokens
         report.data_hash = statistics.metadata.get("data_hash")
@@ -187,31 +149,6 @@ def initialize_lora_da(
             lora_b.copy_(solution.B.to(device=lora_b.device, dtype=lora_b.dtype))
             report.layers[name] = {**solution.info, "scaling": float(module.scaling[adapter_name])}
     return report
-
-
-def plan_passes(
-    sizes: Mapping[str, int], layers_per_pass: int | None = None, memory_budget: int | None = None
-) -> list[list[str]]:
-    """Split layers (in order, with their statistics bytes) into passes of at most `layers_per_pass` layers
-    and `memory_budget` bytes; one pass when neither is given. A layer larger than the budget gets a pass
-    of its own."""
-    if layers_per_pass is not None and (int(layers_per_pass) != layers_per_pass or layers_per_pass < 1):
-        raise LoraDAError(f"`layers_per_pass` must be a positive integer, got {layers_per_pass!r}.")
-    if memory_budget is not None and not memory_budget > 0:
-        raise LoraDAError(f"`memory_budget` must be a positive number of bytes, got {memory_budget!r}.")
-    passes: list[list[str]] = []
-    used = 0
-    for name, size in sizes.items():
-        full = passes and (
-            (layers_per_pass is not None and len(passes[-1]) >= layers_per_pass)
-            or (memory_budget is not None and used + size > memory_budget)
-        )
-        if not passes or full:
-            passes.append([])
-            used = 0
-        passes[-1].append(name)
-        used += size
-    return passes
 
 
 def _gather_and_solve(
@@ -269,34 +206,14 @@ def _statistics_for(
     statistics: LoraDAStatistics | str | os.PathLike,
     model: nn.Module,
     layers: Mapping[str, nn.Module],
-    adapter_name: str,
     config: LoraDAConfig,
 ) -> LoraDAStatistics:
-    """Load (if a path) and check statistics, keyed by the model's LoRA layer names."""
-    from .cache import canonical_layer_name, check_statistics
-
+    """Load (if a path) and check statistics; returned keyed by the model's LoRA layer names."""
     source = "The statistics"
     if isinstance(statistics, (str, os.PathLike)):
         source = f"The statistics in {os.fspath(statistics)!r}"
         statistics = LoraDAStatistics.load(statistics, device=model_device(model))
     shapes = {canonical_layer_name(name): layer_shape(module) for name, module in layers.items()}
     check_statistics(statistics, model, shapes, config, source=source)
-    return _keyed_by(statistics, list(layers))
-
-
-def _keyed_by(stats: LoraDAStatistics, names: list[str]) -> LoraDAStatistics:
-    """A view of `stats` whose layers are `names` (each found as is, or by its canonical name)."""
-    from .cache import canonical_layer_name
-
-    key = {name: name if name in stats.gradient_sums else canonical_layer_name(name) for name in names}
-    return LoraDAStatistics(
-        {name: stats.gradient_sums[key[name]] for name in names},
-        {name: stats.output_sq_sums[key[name]] for name in names},
-        {name: stats.output_token_counts[key[name]] for name in names},
-        {name: stats.input_groups[key[name]] for name in names},
-        stats.input_sums,
-        stats.input_token_counts,
-        stats.num_examples,
-        dict(stats.metadata),
-    )
-
+    stored = set(statistics.layer_names)
+    return statistics.select({name: name if name in stored else canonical_layer_name(name) for name in layers})

@@ -11,64 +11,26 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
-from .distributed import barrier, is_main_process, unwrap_model
-from .statistics import LoraDAStatistics, PerExampleLoss, collect_statistics, layer_shape
+from .distributed import barrier, is_main_process
+from .layers import base_model_of, canonical_layer_name, layer_shape, target_layer_names, unwrap_model
+from .statistics import LoraDAStatistics
 
 MANIFEST_KEY = "lora_da_manifest"
-PEFT_PREFIX = "base_model.model."
 # Config entries that do not change the function the model computes.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
 _FINGERPRINT_ELEMENTS = 64
 
 
-def canonical_layer_name(name: str) -> str:
-    """A layer's name in the bare transformers model (PEFT's `base_model.model.` prefix removed)."""
-    return name.removeprefix(PEFT_PREFIX)
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    model = unwrap_model(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def target_layer_names(
-    model: nn.Module, target_modules: str | Sequence[str] = "all-linear", adapter_name: str = "default"
-) -> list[str]:
-    """Canonical names of the layers to gather statistics for.
-
-    A `PeftModel` gives its LoRA layers of `adapter_name`. A bare model takes PEFT's matching rules:
-    "all-linear" is every linear layer but the output head; names match a module exactly or as its suffix
-    after a dot (e.g. "q_proj").
-    """
-    from peft import PeftModel
-
-    model = unwrap_model(model)
-    if isinstance(model, PeftModel):
-        from .adapter import find_lora_layers
-
-        return [canonical_layer_name(name) for name in find_lora_layers(model, adapter_name)[0]]
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = []
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") or module is head:
-            continue
-        if target_modules == "all-linear" or any(name == t or name.endswith(f".{t}") for t in target_modules):
-            names.append(name)
-    if not names:
-        raise LoraDAError(f"No linear layer of the model matches target modules {target_modules!r}.")
-    return names
-
-
 def model_identity(model: nn.Module, layer_names: Sequence[str]) -> dict:
     """Name, config hash and weight fingerprint of a model (bare or PEFT) at the given canonical layers."""
-    base = _base_model(model)
+    base = base_model_of(model)
     config = getattr(base, "config", None)
     settings = {}
     if config is not None:
@@ -120,21 +82,6 @@ def manifest_of(stats: LoraDAStatistics) -> dict | None:
     return None if text is None else json.loads(text)
 
 
-def with_canonical_names(stats: LoraDAStatistics) -> LoraDAStatistics:
-    """The same statistics keyed by canonical layer names (tensors shared, not copied)."""
-    rename = canonical_layer_name
-    return LoraDAStatistics(
-        {rename(k): v for k, v in stats.gradient_sums.items()},
-        {rename(k): v for k, v in stats.output_sq_sums.items()},
-        {rename(k): v for k, v in stats.output_token_counts.items()},
-        {rename(k): rename(v) for k, v in stats.input_groups.items()},
-        {rename(k): v for k, v in stats.input_sums.items()},
-        {rename(k): v for k, v in stats.input_token_counts.items()},
-        stats.num_examples,
-        dict(stats.metadata),
-    )
-
-
 def compute_and_save_statistics(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -154,10 +101,10 @@ def compute_and_save_statistics(
     """
     model = unwrap_model(model)
     names = target_layer_names(model, target_modules, adapter_name)
-    base = _base_model(model)
+    base = base_model_of(model)
     with _adapters_disabled(model):
         stats = collect_statistics(base, batches, names, config, loss_fn=loss_fn, shard=shard)
-    stats = with_canonical_names(stats)
+    stats = stats.select({canonical_layer_name(name): name for name in stats.layer_names})
     stats.metadata[MANIFEST_KEY] = json.dumps(build_manifest(model, stats, model_name))
     if is_main_process():
         stats.save(path)
@@ -166,8 +113,6 @@ def compute_and_save_statistics(
 
 
 def _adapters_disabled(model: nn.Module):
-    from contextlib import nullcontext
-
     return model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()
 
 
@@ -234,7 +179,7 @@ def load_statistics(
     `check_statistics`)."""
     stats = LoraDAStatistics.load(path, device=device)
     if model is not None:
-        base = _base_model(model)
+        base = base_model_of(model)
         names = target_layer_names(model, target_modules, adapter_name)
         shapes = {name: layer_shape(base.get_submodule(name)) for name in names}
         check_statistics(stats, model, shapes, config, source=f"The statistics in {os.fspath(path)!r}")

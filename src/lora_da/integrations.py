@@ -17,8 +17,8 @@ from typing import Any
 from transformers import TrainerCallback
 
 from .adapter import LoraDAReport, initialize_lora_da
+from .collect import PerExampleLoss
 from .config import LoraDAConfig, LoraDAError
-from .statistics import PerExampleLoss
 
 logger = logging.getLogger("lora_da")
 

@@ -66,10 +66,11 @@ def check_ranks(shapes: Mapping[str, tuple[int, int]], ranks: int | Mapping[str,
     """Raise `LoraDAError` naming the first layer whose rank is not in [1, min(out, in)]."""
     for name, (m, n) in shapes.items():
         rank = ranks if isinstance(ranks, int) else ranks[name]
-        if isinstance(rank, bool) or int(rank) != rank or not 1 <= rank <= min(m, n):
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise LoraDAError(f"Layer {name!r}: the rank must be a positive integer, got {rank!r}.")
+        if rank > min(m, n):
             raise LoraDAError(
-                f"Layer {name!r}: rank {rank!r} must be between 1 and min(out, in) = {min(m, n)}; "
-                "choose a smaller rank."
+                f"Layer {name!r}: rank {rank} is larger than min(out, in) = {min(m, n)}; choose a smaller rank."
             )
 
 

@@ -1,44 +1,29 @@
-"""One forward+backward pass that gathers LoRA-DA's per-layer statistics from hooks.
+"""The LoRA-DA statistics container: per-layer sums with counts, means on access, safetensors save/load.
 
-For every target layer `y = W x` it sums (float32 products per batch, float64 running sums):
-- `G`: per-example loss gradients `dL_i/dW = sum_t g_t x_t^T` (exact: every position), from the hooked `x_t` and
-  output gradient `g_t` (so base weights need no `requires_grad` and may be quantized);
-- `Z`: `x_t x_t^T`, once per distinct input tensor (q/k/v projections share one);
-- `y`: `g_t * g_t`.
 Sums (not means) are kept so that shards, batches and workers combine by addition.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .config import LoraDAConfig, LoraDAError
-from .distributed import (
-    all_gather_objects,
-    all_reduce_counts,
-    all_reduce_sum,
-    communication_device,
-    is_distributed,
-    is_main_process,
-    local_config,
-    raise_if_any_rank_failed,
-    shard_batches,
-    unwrap_model,
-)
+from .config import LoraDAError
+from .files import write_atomic
 
-PerExampleLoss = Callable[[object, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
-_FORMAT_VERSION = "1"
+FORMAT_VERSION = "1"
 ACCUMULATOR_DTYPE = torch.float64
+
+
+def statistics_bytes(m: int, n: int) -> int:
+    """Bytes of the accumulators of one [m, n] layer with its own input factor: G [m, n], y [m], Z [n, n]."""
+    return ACCUMULATOR_DTYPE.itemsize * (m * n + m + n * n)
 
 
 @dataclass
@@ -58,6 +43,11 @@ class LoraDAStatistics:
     def layer_names(self) -> list[str]:
         """Layers in the order they were registered."""
         return list(self.gradient_sums)
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """(out, in) of layer `name`."""
+        m, n = self.gradient_sums[name].shape
+        return int(m), int(n)
 
     def input_group(self, name: str) -> str:
         """Key of the input factor that layer `name` reads."""
@@ -87,21 +77,34 @@ class LoraDAStatistics:
         tensors = [*self.gradient_sums.values(), *self.output_sq_sums.values(), *self.input_sums.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def to(self, device: torch.device | str) -> LoraDAStatistics:
-        """A copy with every accumulator on `device`."""
+    def select(self, layers: Mapping[str, str]) -> LoraDAStatistics:
+        """A view (tensors shared) whose layers are the keys of `layers`, each read from the stored layer it
+        maps to; an input group led by a selected layer takes that layer's new name."""
+        new_name = {stored: new for new, stored in layers.items()}
+        missing = [stored for stored in layers.values() if stored not in self.gradient_sums]
+        if missing:
+            raise LoraDAError(f"The statistics have no layer {missing[0]!r}.")
+        groups = {new: self.input_groups[stored] for new, stored in layers.items()}
+        leaders = list(dict.fromkeys(groups.values()))
         return LoraDAStatistics(
-            {k: v.to(device) for k, v in self.gradient_sums.items()},
-            {k: v.to(device) for k, v in self.output_sq_sums.items()},
-            dict(self.output_token_counts),
-            dict(self.input_groups),
-            {k: v.to(device) for k, v in self.input_sums.items()},
-            dict(self.input_token_counts),
-            self.num_examples,
-            dict(self.metadata),
+            gradient_sums={new: self.gradient_sums[stored] for new, stored in layers.items()},
+            output_sq_sums={new: self.output_sq_sums[stored] for new, stored in layers.items()},
+            output_token_counts={new: self.output_token_counts[stored] for new, stored in layers.items()},
+            input_groups={new: new_name.get(group, group) for new, group in groups.items()},
+            input_sums={new_name.get(g, g): self.input_sums[g] for g in leaders},
+            input_token_counts={new_name.get(g, g): self.input_token_counts[g] for g in leaders},
+            num_examples=self.num_examples,
+            metadata=dict(self.metadata),
         )
 
-    def check_finite(self) -> None:
-        """Raise naming the first layer whose statistics are not finite."""
+    def check_valid(self, source: str = "The statistics") -> None:
+        """Raise naming the first layer whose statistics are not finite, or a count that is not positive."""
+        if self.num_examples < 1:
+            raise LoraDAError(f"{source} count {self.num_examples} examples; a positive count is needed.")
+        for counts in (self.output_token_counts, self.input_token_counts):
+            bad = next(((k, v) for k, v in counts.items() if int(v) < 1), None)
+            if bad is not None:
+                raise LoraDAError(f"{source} count {bad[1]} tokens for {bad[0]!r}; a positive count is needed.")
         for name in self.layer_names:
             group = self.input_groups[name]
             for what, tensor in (
@@ -110,15 +113,16 @@ class LoraDAStatistics:
                 ("input factor Z", self.input_sums[group]),
             ):
                 if not torch.isfinite(tensor).all():
-                    raise LoraDAError(f"Layer {name!r}: its {what} is not finite (overflow or NaN in the model).")
+                    raise LoraDAError(
+                        f"Layer {name!r}: its {what} in {source.lower()} is not finite (overflow or NaN)."
+                    )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file atomically (a killed write never leaves a valid-looking file)."""
-        from safetensors.torch import save_file
-
         tensors = {f"G/{k}": v for k, v in self.gradient_sums.items()}
         tensors.update({f"y/{k}": v for k, v in self.output_sq_sums.items()})
         tensors.update({f"Z/{k}": v for k, v in self.input_sums.items()})
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         header = {
             "output_token_counts": self.output_token_counts,
             "input_groups": self.input_groups,
@@ -126,37 +130,24 @@ class LoraDAStatistics:
             "num_examples": self.num_examples,
             "layers": self.layer_names,
         }
-        metadata = {"lora_da_format": _FORMAT_VERSION, "lora_da": json.dumps(header), **self.metadata}
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-        os.close(handle)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        metadata = {"lora_da_format": FORMAT_VERSION, "lora_da": json.dumps(header), **self.metadata}
+        write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), suffix=".safetensors")
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> LoraDAStatistics:
-        """Read a file written by `save`; a truncated or foreign file raises `LoraDAError`."""
-        from safetensors import safe_open
-
+        """Read a file written by `save`; a truncated, foreign or corrupt file raises `LoraDAError`."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No statistics file at {path!r}.")
         try:
             with safe_open(path, framework="pt", device=str(device)) as handle:
                 metadata = dict(handle.metadata() or {})
-                if metadata.get("lora_da_format") != _FORMAT_VERSION:
+                if metadata.get("lora_da_format") != FORMAT_VERSION:
                     raise LoraDAError(f"{path!r} is not a LoRA-DA statistics file (or of another version).")
                 header = json.loads(metadata.pop("lora_da"))
                 metadata.pop("lora_da_format")
                 groups = header["input_groups"]
-                return cls(
+                stats = cls(
                     gradient_sums={k: handle.get_tensor(f"G/{k}") for k in header["layers"]},
                     output_sq_sums={k: handle.get_tensor(f"y/{k}") for k in header["layers"]},
                     output_token_counts=header["output_token_counts"],
@@ -171,471 +162,7 @@ class LoraDAStatistics:
         except Exception as exc:  # safetensors' own errors for truncated or garbled files
             raise LoraDAError(
                 f"{path!r} is not a readable LoRA-DA statistics file (truncated or corrupt: {exc}); "
-                "recompute it with `lora-da stats`."
+                "recompute it with `compute_and_save_statistics`."
             ) from exc
-
-
-def collect_statistics(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    target_modules: Sequence[str],
-    config: LoraDAConfig,
-    *,
-    loss_fn: PerExampleLoss | None = None,
-    shard: bool = False,
-) -> LoraDAStatistics:
-    """Gather LoRA-DA statistics of the named linear layers in one forward+backward pass over `batches`.
-
-    Under an initialized `torch.distributed` process group each rank passes over its own batches and the
-    sums are all-reduced, so every rank returns the statistics of all ranks' data.
-
-    Args:
-        model: a transformers model (or a PEFT model wrapping one, or either inside DDP); its weights are not
-            changed and its `requires_grad` flags, train/eval mode and hooks are restored afterwards.
-        batches: dicts with `input_ids`, `attention_mask` and optional `labels` (-100 = ignored), any size.
-        target_modules: names of the layers (`nn.Linear`, GPT-2 `Conv1D`, or PEFT LoRA layers around them).
-        config: token mask and output scaling are read from it.
-        loss_fn: optional `(outputs, batch) -> (per-example losses [B], supervised counts [B])`; the default
-            is the model's usual loss per example (shifted cross-entropy for causal LMs).
-        shard: under `torch.distributed`, keep only batch i with i % world_size == rank (leave False when
-            the batches come from a `DistributedSampler`, which shards already).
-    """
-    model = unwrap_model(model)
-    distributed = is_distributed()
-    if shard and distributed:
-        batches = shard_batches(batches)
-    config = local_config(config)
-    modules = _resolve_modules(model, target_modules)
-    collector = _Collector(modules, config)
-    error = None
-    try:
-        _run_pass(model, batches, collector, config, loss_fn)
-    except Exception as exc:  # under torch.distributed every rank must learn of it, or the others hang
-        if not distributed:
-            raise
-        error = exc
-    if distributed:
-        raise_if_any_rank_failed(error)
-        stats = _all_reduce(collector, model_device(model))
-    else:
-        if collector.num_examples == 0:
-            raise LoraDAError(_NO_EXAMPLE)
-        stats = collector.result()
-    stats.metadata.update(
-        {"token_mask": config.token_mask, "output_scaling": config.output_scaling, "data_hash": collector.data_hash()}
-    )
-    stats.check_finite()
-    return stats
-
-
-_NO_EXAMPLE = (
-    "No calibration example has a supervised token: the data is empty, or every label is -100 "
-    "(e.g. prompts longer than max_length leave no completion)."
-)
-
-
-def _run_pass(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    collector: _Collector,
-    config: LoraDAConfig,
-    loss_fn: PerExampleLoss | None,
-) -> None:
-    """One forward+backward over `batches` with the collector's hooks attached."""
-    from tqdm.auto import tqdm
-
-    task = _Task.of(model)
-    device = model_device(model)
-    with _statistics_mode(model), collector.attached(model):
-        bar = tqdm(batches, desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
-        for index, batch in enumerate(bar):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            labels = task.labels(batch)
-            collector.hash_batch(batch, labels)
-            counts = task.supervised_counts(batch, labels)
-            collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
-            outputs = model(**task.model_inputs(batch, labels))
-            losses, counts = loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
-            valid = counts > 0
-            if not valid.any():
-                collector.discard_batch()
-                continue
-            total = losses[valid].sum()
-            if not torch.isfinite(total.detach()):
-                raise LoraDAError(f"The loss of calibration batch {index} is not finite ({total.detach().item()}).")
-            collector.finalize_groups()
-            total.backward()
-            collector.num_examples += int(valid.sum())
-            bar.set_postfix(examples=collector.num_examples)
-
-
-def _all_reduce(collector: _Collector, device: torch.device) -> LoraDAStatistics:
-    """Sum every rank's accumulators; ranks with no (valid) batch contribute zeros."""
-    layouts = all_gather_objects(collector.layout())
-    groups = next((layout["groups"] for layout in layouts if layout["groups"] is not None), None)
-    for rank, layout in enumerate(layouts):
-        if layout["groups"] is not None and layout["groups"] != groups:
-            raise LoraDAError(
-                f"Rank {rank} found other shared-input groups than the other ranks: every rank must run the same "
-                "model with the same target layers."
-            )
-    shapes: dict[str, list[int]] = {}
-    for rank, layout in enumerate(layouts):
-        for name, shape in layout["shapes"].items():
-            if shapes.setdefault(name, shape) != shape:
-                raise LoraDAError(f"Layer {name!r} has shape {shape} on rank {rank} but {shapes[name]} elsewhere.")
-    if layouts[0]["data"][0] > 0 and all(layout["data"] == layouts[0]["data"] for layout in layouts):
-        if is_main_process():
-            warnings.warn(
-                f"All {len(layouts)} ranks passed the same calibration batches: the statistics are right but the "
-                "work was repeated on every rank; pass shard=True (or batches from a DistributedSampler).",
-                stacklevel=3,
-            )
-    names = list(collector.modules)
-    hash_counts = all_reduce_counts([collector.num_examples, *collector.data_hash_sums], communication_device(device))
-    if groups is None or hash_counts[0] == 0:
-        raise LoraDAError(_NO_EXAMPLE)
-    unreached = [name for name in names if name not in shapes]
-    if unreached:
-        raise LoraDAError(
-            f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any calibration token."
-        )
-    leaders = list(dict.fromkeys(groups[name] for name in names))
-
-    def local(sums: dict[str, torch.Tensor], key: str, shape: list[int]) -> torch.Tensor:
-        return sums[key] if key in sums else torch.zeros(shape, dtype=ACCUMULATOR_DTYPE, device=device)
-
-    gradient_sums = {name: local(collector.gradient_sums, name, shapes[name]) for name in names}
-    output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1]) for name in names}
-    input_sums = {g: local(collector.input_sums, g, [shapes[g][1]] * 2) for g in leaders}
-    comm = communication_device(device)
-    all_reduce_sum([*gradient_sums.values(), *output_sq_sums.values(), *input_sums.values()], comm)
-    counts = all_reduce_counts(
-        [collector.output_token_counts.get(name, 0) for name in names]
-        + [collector.input_token_counts.get(g, 0) for g in leaders],
-        comm,
-    )
-    collector.num_examples, collector.data_hash_sums = hash_counts[0], hash_counts[1:]
-    return LoraDAStatistics(
-        gradient_sums,
-        output_sq_sums,
-        dict(zip(names, counts[: len(names)], strict=True)),
-        dict(groups),
-        input_sums,
-        dict(zip(leaders, counts[len(names) :], strict=True)),
-        hash_counts[0],
-    )
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of a linear-like layer (a PEFT LoRA layer is read through its base layer)."""
-    if hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
-    if type(module).__name__ == "Conv1D":  # GPT-2 stores the weight as [in, out]
-        n, m = module.weight.shape
-        return int(m), int(n)
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.out_features), int(module.in_features)
-    raise LoraDAError(f"Cannot tell the shape of a {type(module).__name__}: LoRA-DA needs a linear layer.")
-
-
-def statistics_bytes(m: int, n: int) -> int:
-    """Bytes of the accumulators of one [m, n] layer with its own input factor."""
-    return ACCUMULATOR_DTYPE.itemsize * (m * n + m + n * n)
-
-
-def estimate_statistics_bytes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, int]:
-    """Upper bound of the accumulators' bytes per layer: G [m, n] + y [m] + Z [n, n] (Z counted per layer,
-    though layers that read one input, e.g. q/k/v, share a single one)."""
-    model = unwrap_model(model)
-    sizes = {}
-    for name, module in _resolve_modules(model, target_modules).items():
-        m, n = layer_shape(module)
-        sizes[name] = statistics_bytes(m, n)
-    return sizes
-
-
-def _resolve_modules(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
-    """Map each name to the module whose input/output is hooked (the base layer inside a PEFT LoRA layer)."""
-    if not names:
-        raise LoraDAError("No target layer given: `target_modules` is empty.")
-    modules = {}
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise LoraDAError(f"No module named {name!r} in the model.") from None
-        if hasattr(module, "get_base_layer"):
-            module = module.get_base_layer()
-        modules[name] = module
-    return modules
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a parameterless module)."""
-    for parameter in model.parameters():
-        return parameter.device
-    return torch.device("cpu")
-
-
-@contextmanager
-def _statistics_mode(model: nn.Module):
-    """Eval mode (no dropout), no parameter gradients; flags and modes restored even on error."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    modes = [(m, m.training) for m in model.modules()]
-    embeddings_hook = None
-    try:
-        model.eval()
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if isinstance(embeddings, nn.Module):
-            # Gradients must flow from the first block on, also through checkpointed blocks.
-            embeddings_hook = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        with torch.enable_grad():
-            yield
-    finally:
-        if embeddings_hook is not None:
-            embeddings_hook.remove()
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-        for module, mode in modes:
-            module.training = mode
-
-
-class _Collector:
-    """Hooks on the target layers and the float32 accumulators they fill."""
-
-    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig):
-        self.modules = modules
-        self.config = config
-        self.gradient_sums: dict[str, torch.Tensor] = {}
-        self.output_sq_sums: dict[str, torch.Tensor] = {}
-        self.output_token_counts = dict.fromkeys(modules, 0)
-        self.input_sums: dict[str, torch.Tensor] = {}
-        self.input_token_counts: dict[str, int] = {}
-        self.input_groups: dict[str, str] | None = None
-        self.num_examples = 0
-        self.data_hash_sums = [0, 0, 0]  # examples seen, and two 31-bit sums of per-example hashes
-        self._input_keys: dict[str, tuple] = {}
-        self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
-
-    @contextmanager
-    def attached(self, model: nn.Module):
-        handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def set_masks(self, masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
-        """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts.
-
-        The masks become row indices once per batch: boolean indexing in every layer's hook would wait for
-        the GPU (to learn the result's size) hundreds of times per batch.
-        """
-        self._masks = {}
-        for shape, (example_mask, token_mask) in masks.items():
-            per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1).float()
-            token_rows = token_mask.reshape(-1).nonzero().squeeze(1)
-            self._masks[shape] = (example_mask.reshape(-1).nonzero().squeeze(1), token_rows, per_token[token_rows])
-
-    def discard_batch(self) -> None:
-        self._input_keys.clear()
-
-    def hash_batch(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
-        """Add each example's hash (its unpadded ids and labels) to an order- and batching-free data hash."""
-        ids = batch["input_ids"]
-        attention = batch.get("attention_mask")
-        attention = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention.bool()
-        ids, labels, attention = ids.cpu(), labels.cpu(), attention.cpu()
-        for row in range(ids.shape[0]):
-            keep = attention[row] if attention.dim() == ids.dim() else slice(None)
-            payload = ids[row][keep].to(torch.int64).numpy().tobytes() + b"|"
-            if labels.shape == ids.shape:
-                payload += labels[row][keep].to(torch.int64).numpy().tobytes()
-            else:
-                payload += labels[row].to(torch.int64).numpy().tobytes()
-            value = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
-            self.data_hash_sums[0] += 1
-            self.data_hash_sums[1] += value & 0x7FFFFFFF
-            self.data_hash_sums[2] += (value >> 31) & 0x7FFFFFFF
-
-    def data_hash(self) -> str:
-        """Hash of the multiset of calibration examples: the same for any batching, order or sharding."""
-        text = "-".join(str(v) for v in self.data_hash_sums)
-        return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-    def layout(self) -> dict:
-        """Input groups and gradient shapes found on this rank (None groups: no valid batch here)."""
-        shapes = {k: list(v.shape) for k, v in self.gradient_sums.items()}
-        return {"groups": self.input_groups, "shapes": shapes, "data": list(self.data_hash_sums)}
-
-    def finalize_groups(self) -> None:
-        """After the first forward: layers that read the same tensor (same parent) share one `Z`."""
-        if self.input_groups is not None:
-            return
-        missing = [name for name in self.modules if name not in self._input_keys]
-        if missing:
-            raise LoraDAError(f"Target layer {missing[0]!r} was not called in the forward pass.")
-        leaders: dict[tuple, str] = {}
-        self.input_groups = {name: leaders.setdefault(self._input_keys[name], name) for name in self.modules}
-
-    def _forward_hook(self, name: str):
-        parent = name.rsplit(".", 1)[0] if "." in name else ""
-
-        def hook(module, args, output):
-            if not args or not isinstance(output, torch.Tensor):
-                return
-            x = args[0]
-            if self.input_groups is None:
-                self._input_keys[name] = (parent, x.data_ptr(), tuple(x.shape), x.dtype)
-            if not torch.is_grad_enabled():
-                return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute counts
-            if not output.requires_grad:
-                output.requires_grad_(True)  # a leaf here: the layer's inputs and weight need no grad
-            x = x.detach()
-            # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
-            output.register_hook(lambda grad: self._accumulate(name, x, grad))
-
-        return hook
-
-    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
-        n, m = x.shape[-1], grad.shape[-1]
-        xs, gs = x.reshape(-1, n).float(), grad.reshape(-1, m).float()
-        masks = self._masks.get(tuple(x.shape[:-1]))
-        if masks is not None:
-            example_rows, token_rows, per_token_count = masks
-            # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
-            _add(self.gradient_sums, name, gs.index_select(0, example_rows).T @ xs.index_select(0, example_rows))
-            xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
-        else:
-            _add(self.gradient_sums, name, gs.T @ xs)
-            per_token_count = None
-        if self.config.output_scaling == "token" and per_token_count is not None:
-            gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
-        _add(self.output_sq_sums, name, (gs * gs).sum(0))
-        self.output_token_counts[name] += xs.shape[0]
-        group = self.input_groups[name]
-        if group == name:
-            _add(self.input_sums, group, xs.T @ xs)
-            self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
-
-    def result(self) -> LoraDAStatistics:
-        unreached = [name for name in self.modules if name not in self.gradient_sums]
-        if unreached:
-            raise LoraDAError(
-                f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any "
-                "calibration token."
-            )
-        names = list(self.modules)  # the given order, not the backward order in which the sums were created
-        leaders = list(dict.fromkeys(self.input_groups[name] for name in names))
-        return LoraDAStatistics(
-            {name: self.gradient_sums[name] for name in names},
-            {name: self.output_sq_sums[name] for name in names},
-            {name: self.output_token_counts[name] for name in names},
-            {name: self.input_groups[name] for name in names},
-            {group: self.input_sums[group] for group in leaders},
-            {group: self.input_token_counts[group] for group in leaders},
-            self.num_examples,
-        )
-
-
-def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    # float64 running sums of float32 per-batch products: the sums, and so the factors of layers with a nearly
-    # singular Z (e.g. o_proj of a random GQA model: heads of one key-value group agree), do not depend on
-    # batching, batch order or number of ranks (float32 sums moved such factors by ~1e-3).
-    if key in sums:
-        sums[key] += value
-    else:
-        sums[key] = value.to(ACCUMULATOR_DTYPE)
-
-
-@dataclass
-class _Task:
-    """How a model family turns a batch into inputs, per-example losses and token masks."""
-
-    kind: str  # "causal", "seq2seq", "token" (masked LM, token labels) or "sequence" (classification)
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _Task:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = getattr(base, "config", None)
-        name = type(base).__name__
-        if getattr(config, "is_encoder_decoder", False):
-            return cls("seq2seq")
-        if name.endswith(("ForCausalLM", "LMHeadModel")):
-            return cls("causal")
-        if name.endswith(("ForSequenceClassification", "ForMultipleChoice")):
-            return cls("sequence")
-        return cls("token")
-
-    def labels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch.get("labels")
-        if labels is not None:
-            if self.kind == "seq2seq" and "decoder_input_ids" not in batch and labels.shape == batch["input_ids"].shape:
-                # Masks are found by the hooked input's shape (cross-attention k/v read encoder positions), so
-                # give the causal decoder one more, ignored position; the earlier positions do not change.
-                labels = nn.functional.pad(labels, (0, 1), value=-100)
-            return labels
-        if self.kind != "causal":
-            raise LoraDAError(f"Calibration batches for a {self.kind} model need `labels`.")
-        labels = batch["input_ids"].clone()
-        attention = batch.get("attention_mask")
-        if attention is not None:
-            labels[attention == 0] = -100
-        return labels
-
-    def supervised_counts(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Supervised targets per example, [B]."""
-        if self.kind == "sequence":
-            return torch.ones(labels.shape[0], dtype=torch.long, device=labels.device)
-        targets = labels[:, 1:] if self.kind == "causal" else labels
-        return (targets != -100).sum(dim=1)
-
-    def model_inputs(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> dict:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if self.kind == "seq2seq" and "decoder_input_ids" not in inputs:
-            inputs["labels"] = labels  # lets the model build decoder inputs; its own loss is ignored
-        return inputs
-
-    def token_masks(
-        self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor, counts: torch.Tensor, token_mask: str
-    ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]:
-        """(positions of supervised examples, positions that feed Z and y), keyed by their shape."""
-        input_ids = batch["input_ids"]
-        attention = batch.get("attention_mask")
-        attention = torch.ones_like(input_ids, dtype=torch.bool) if attention is None else attention.bool()
-        valid = (counts > 0)[:, None]
-        example_mask = attention & valid
-        factor_mask = example_mask
-        if token_mask == "labels" and self.kind == "causal":
-            factor_mask = torch.zeros_like(example_mask)
-            factor_mask[:, :-1] = labels[:, 1:] != -100  # position t predicts the supervised token t + 1
-        elif token_mask == "labels" and self.kind == "token":
-            factor_mask = labels != -100
-        masks = {tuple(example_mask.shape): (example_mask, factor_mask), (valid.shape[0],): (valid[:, 0],) * 2}
-        if self.kind == "seq2seq":
-            decoder = batch.get("decoder_attention_mask")
-            decoder = (labels != -100) if decoder is None else decoder.bool() & valid
-            masks.setdefault(tuple(decoder.shape), (decoder, decoder))  # `labels` made the widths differ
-        return masks
-
-    def losses(self, outputs, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example mean loss over its supervised targets, and the target counts; [B] each."""
-        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs.logits
-        logits = logits.float()
-        if self.kind == "sequence":
-            if logits.shape[-1] == 1:
-                losses = (logits.squeeze(-1) - labels.float()) ** 2
-            else:
-                losses = nn.functional.cross_entropy(logits, labels, reduction="none")
-            return losses, torch.ones_like(losses, dtype=torch.long)
-        if self.kind == "causal":
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        token_losses = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
-        ).reshape(labels.shape)
-        counts = (labels != -100).sum(dim=1)
-        return token_losses.sum(dim=1) / counts.clamp(min=1), counts
+        stats.check_valid(f"The statistics in {path!r}")
+        return stats

@@ -1,0 +1,102 @@
+"""Scheduling of the LoRA-DA work: which layers share a pass over the data, and which rank solves which layer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .config import LoraDAConfig, LoraDAError
+from .distributed import (
+    all_gather_objects,
+    broadcast_tensors,
+    communication_device,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    raise_if_any_rank_failed,
+)
+from .layers import check_ranks
+from .solver import LayerSolution, solve_all
+from .statistics import LoraDAStatistics
+
+
+def plan_passes(
+    sizes: Mapping[str, int], layers_per_pass: int | None = None, memory_budget: int | None = None
+) -> list[list[str]]:
+    """Split layers (in order, with their statistics bytes) into passes of at most `layers_per_pass` layers
+    and `memory_budget` bytes; one pass when neither is given. A layer larger than the budget gets a pass
+    of its own."""
+    if layers_per_pass is not None and (int(layers_per_pass) != layers_per_pass or layers_per_pass < 1):
+        raise LoraDAError(f"`layers_per_pass` must be a positive integer, got {layers_per_pass!r}.")
+    if memory_budget is not None and not memory_budget > 0:
+        raise LoraDAError(f"`memory_budget` must be a positive number of bytes, got {memory_budget!r}.")
+    passes: list[list[str]] = []
+    used = 0
+    for name, size in sizes.items():
+        full = passes and (
+            (layers_per_pass is not None and len(passes[-1]) >= layers_per_pass)
+            or (memory_budget is not None and used + size > memory_budget)
+        )
+        if not passes or full:
+            passes.append([])
+            used = 0
+        passes[-1].append(name)
+        used += size
+    return passes
+
+
+def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
+    """Deterministic longest-first assignment of work items (input groups) to the least-loaded rank."""
+    loads = [0.0] * world_size
+    owner = {}
+    for key in sorted(costs, key=lambda k: (-costs[k], k)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        owner[key] = rank
+        loads[rank] += costs[key]
+    return owner
+
+
+def solve_layers(
+    stats: LoraDAStatistics, ranks: Mapping[str, int], config: LoraDAConfig, layers: Sequence[str]
+) -> dict[str, LayerSolution]:
+    """`solve_all` over `layers`, split across ranks under `torch.distributed`; every rank returns every
+    layer's `LayerSolution` (factors broadcast from the rank that solved them)."""
+    layers = list(layers)
+    if not is_distributed():
+        return solve_all(stats, dict(ranks), config, layers=layers)
+    # checked on every rank first: a failure on one rank alone would hang the others
+    check_ranks({name: stats.shape(name) for name in layers}, ranks)
+    by_group: dict[str, list[str]] = {}
+    for name in layers:
+        by_group.setdefault(stats.input_group(name), []).append(name)
+    costs = {}
+    for group, names in by_group.items():  # eigh and Cholesky are O(n^3); the step is O(m n^2)
+        n = stats.gradient_sums[names[0]].shape[1]
+        costs[group] = float(n) ** 3 * (1 + len(names)) + sum(
+            float(stats.gradient_sums[name].shape[0]) * n * n for name in names
+        )
+    owner = assign_groups(costs, get_world_size())
+    per_rank = [[name for group, names in by_group.items() if owner[group] == r for name in names]
+                for r in range(get_world_size())]
+    mine = per_rank[get_rank()]
+    error, solutions = None, {}
+    try:
+        solutions = solve_all(stats, dict(ranks), config, layers=mine) if mine else {}
+    except Exception as exc:
+        error = exc
+    raise_if_any_rank_failed(error)
+    device = next(iter(stats.gradient_sums.values())).device
+    comm = communication_device(device)
+    for src, names in enumerate(per_rank):
+        if src != get_rank():
+            for name in names:
+                m, n = stats.gradient_sums[name].shape
+                solutions[name] = LayerSolution(
+                    A=torch.empty(ranks[name], n, device=device), B=torch.empty(m, ranks[name], device=device)
+                )
+        broadcast_tensors([t for name in names for t in (solutions[name].A, solutions[name].B)], src, comm)
+    for infos in all_gather_objects({name: solutions[name].info for name in mine}):
+        for name, info in infos.items():
+            solutions[name].info = info
+    return {name: solutions[name] for name in layers}
