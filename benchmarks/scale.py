@@ -18,40 +18,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
+from lora_da.bench import PeakRSS
+
 RESULTS = Path(__file__).parent / "results"
-
-
-class PeakRSS:
-    """Samples this process's resident set size every few milliseconds; `peak` in bytes."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * self._page
-
-    def __enter__(self) -> PeakRSS:
-        self.start = self.peak = self.current()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.current())
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.current())
 
 
 def parse_passes(value: str) -> list[int | None]:
@@ -87,14 +61,14 @@ def worker(args) -> None:
     runs = []
     for layers_per_pass in parse_passes(args.layers_per_pass):
         barrier()
-        with PeakRSS() as rss:
+        with PeakRSS(interval=0.005) as rss:
             start = time.perf_counter()
             report = initialize_lora_da(model, batches, config, layers_per_pass=layers_per_pass, shard=True)
             seconds = time.perf_counter() - start
         barrier()
         run = {"layers_per_pass": layers_per_pass or "all", "passes": report.passes, "seconds": seconds,
                "statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
-               "peak_rss_mib": rss.peak / 2**20, "rss_before_mib": rss.start / 2**20,
+               "peak_rss_mib": rss.peak_mb, "rss_before_mib": rss.start_mb,
                "statistics_mib": report.statistics_bytes / 2**20,
                "statistics_estimate_mib": report.statistics_bytes_estimate / 2**20,
                "layers": len(report.layers), "num_examples": report.num_examples}

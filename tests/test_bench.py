@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from lora_da import bench
-from lora_da.bench import BenchConfig, parse_variant, run_bench, select_learning_rate
+from lora_da.bench import BenchConfig, parse_variant, run_bench, runner, select_learning_rate
 
 LOW_LR, HIGH_LR = 1e-6, 3e-2
 
@@ -87,13 +87,13 @@ def test_resume_skips_finished_cells_and_runs_only_new_ones(bench_run, tmp_path,
     resumed.mkdir()
     (resumed / "results.json").write_text((out / "results.json").read_text())
     calls = []
-    real = bench.run_cell
+    real = runner.run_cell
 
     def counting(*args):
         calls.append(bench.cell_key(args[4].name, *args[5:]))
         return real(*args)
 
-    monkeypatch.setattr(bench, "run_cell", counting)
+    monkeypatch.setattr(runner, "run_cell", counting)
     config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora", "lora_da@damping=-1"],
                          learning_rates=[LOW_LR, HIGH_LR, 1e-3])
     records = run_bench(resumed, config, show_progress=False)

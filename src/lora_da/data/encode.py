@@ -88,7 +88,7 @@ def encode_examples(
     if not kept:
         raise ValueError(
             f"no example keeps a supervised token after truncation to max_length={max_length}; "
-            "raise --max-length"
+            "raise max_length"
         )
     return kept
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the initialization registry: the result record, target resolution, batch handling."""
+"""Shared pieces of the initialization registry: the result record and calibration-batch handling."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -28,59 +27,8 @@ class InitInfo:
                 "report": self.report}
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """True for the layer types PEFT's LoRA and our solvers support (nn.Linear, GPT-2 Conv1D)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return isinstance(module, nn.Linear)
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def resolve_target_modules(model: nn.Module, target_modules: str | list[str] | set[str]) -> list[str]:
-    """Full names of the linear layers to adapt; "all-linear" = every linear layer but the output head."""
-    linear_names = [name for name, module in model.named_modules() if _is_linear(module)]
-    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
-        excluded = set()
-        get_out = getattr(model, "get_output_embeddings", None)
-        head = get_out() if callable(get_out) else None
-        if head is not None:
-            excluded = {name for name, module in model.named_modules() if module is head}
-        names = [n for n in linear_names if n not in excluded]
-    else:
-        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        names = [n for n in linear_names if any(n == t or n.endswith("." + t) for t in wanted)]
-    if not names:
-        raise ValueError(
-            f"target_modules={target_modules!r} matches no linear layer of the model; "
-            "pass 'all-linear' or names such as ['q_proj', 'v_proj']"
-        )
-    return names
-
-
-def layer_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a Linear or Conv1D layer."""
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    # Conv1D stores its weight as [in, out]
-    n_in, n_out = module.weight.shape
-    return n_out, n_in
-
-
-def check_rank(model: nn.Module, names: list[str], rank: int) -> None:
-    """Raise ValueError unless 1 <= rank <= min(out, in) for every target layer."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    smallest = min((min(layer_shape(model.get_submodule(n))), n) for n in names)
-    if rank > smallest[0]:
-        raise ValueError(
-            f"rank {rank} is too large: layer '{smallest[1]}' has min(out, in) = {smallest[0]}; "
-            f"use --rank <= {smallest[0]}"
-        )
-
-
 def prepare_batches(batches: Iterable[dict[str, Any]] | None, device: torch.device) -> list[dict[str, Any]]:
-    """Materialize calibration batches as a list of dicts of tensors on `device`; ValueError when empty."""
+    """Materialize calibration batches as a list of dicts of tensors on `device`; ValueError when malformed."""
     if batches is None:
         return []
     out = []
@@ -100,6 +48,13 @@ def prepare_batches(batches: Iterable[dict[str, Any]] | None, device: torch.devi
             moved["attention_mask"] = torch.ones_like(moved["input_ids"])
         out.append(moved)
     return out
+
+
+def add_labels(batches: list[dict[str, torch.Tensor]]) -> None:
+    """Give label-less batches causal-LM labels (every attended token, padding ignored)."""
+    for batch in batches:
+        if "labels" not in batch:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
 
 def single_examples(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:

@@ -2,32 +2,17 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from peft import get_peft_model
 
+from lora_da import initialize_lora_da
 from lora_da.methods.peft_inits import build_lora_config
-
-
-def lora_da_config_for(ctx):
-    """The LoraDAConfig to use: the caller's (population size filled in when given) or the defaults."""
-    from lora_da import LoraDAConfig
-
-    if ctx.lora_da_config is None:
-        return LoraDAConfig(population_size=ctx.population_size, seed=ctx.seed)
-    if ctx.population_size is not None and ctx.lora_da_config.population_size is None:
-        return dataclasses.replace(ctx.lora_da_config, population_size=ctx.population_size)
-    return ctx.lora_da_config
 
 
 def init_lora_da(ctx):
     """LoRA-DA: core statistics + closed-form solve written into a default-initialized PEFT LoRA."""
-    from lora_da import initialize_lora_da
-
-    config = lora_da_config_for(ctx)
     model = get_peft_model(ctx.base_model, build_lora_config(ctx, True))
-    report = initialize_lora_da(model, ctx.batches, config, adapter_name="default")
+    report = initialize_lora_da(model, ctx.batches, ctx.options, adapter_name="default")
     return model, report.to_dict()
 
 

@@ -14,51 +14,57 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_da.layers import model_device
+from lora_da import LoraDAConfig
+from lora_da.layers import check_ranks, layer_shape, match_target_modules, model_device
 from lora_da.methods import data_aware, peft_inits, svd_inits
-from lora_da.methods.base import InitInfo, check_rank, prepare_batches, resolve_target_modules
+from lora_da.methods.base import InitInfo, add_labels, prepare_batches
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registry entry: how to initialize, whether it needs calibration data, whether it rewrites W."""
+    """A registry entry: how to initialize, its data needs, whether it rewrites W, and its options type.
+
+    `options_type` is the class of the method's own options object (None: the method takes none);
+    `default_options` builds the options used when the caller passes none.
+    """
 
     name: str
     description: str
     init: Callable
-    needs_calibration: bool
-    modifies_base: bool
-    builtin_peft: bool
+    needs_calibration: bool = False
+    modifies_base: bool = False
+    options_type: type | None = None
+    default_options: Callable[[], Any] | None = None
 
 
-def _spec(name, init, description, calibration=False, modifies_base=False, peft=False) -> MethodSpec:
-    """Shorthand for a registry entry."""
-    return MethodSpec(name, description, init, calibration, modifies_base, peft)
+def _lora_one_defaults() -> LoraDAConfig:
+    """LoRA-One reads only the mean gradient, so no population size is needed."""
+    return LoraDAConfig(variance_weight=0.0)
 
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in [
-        _spec("lora", peft_inits.init_plain(True), "PEFT default: Kaiming-uniform A, zero B", peft=True),
-        _spec("gaussian", peft_inits.init_plain("gaussian"), "PEFT gaussian: A ~ N(0,1/r), B = 0", peft=True),
-        _spec("pissa", peft_inits.init_plain("pissa"), "PEFT PiSSA: r principal singular components of W, "
-              "residual frozen", modifies_base=True, peft=True),
-        _spec("milora", svd_inits.init_milora, "MiLoRA: r minor singular components of W, residual frozen",
-              modifies_base=True),
-        _spec("olora", peft_inits.init_plain("olora"), "PEFT OLoRA: QR of W, residual frozen",
-              modifies_base=True, peft=True),
-        _spec("eva", peft_inits.init_eva, "PEFT EVA: SVD of calibration layer inputs, ranks redistributed",
-              calibration=True, peft=True),
-        _spec("corda", peft_inits.init_corda, "PEFT CorDA (IPM): covariance-aware SVD of W, "
-              "residual frozen", calibration=True, modifies_base=True, peft=True),
-        _spec("lora_ga", peft_inits.init_lora_ga, "PEFT LoRA-GA: SVD of mean gradient, residual frozen",
-              calibration=True, modifies_base=True, peft=True),
-        _spec("lora_one", svd_inits.init_lora_one, "LoRA-One: SVD of -mean gradient, base unchanged",
-              calibration=True),
-        _spec("lora_da", data_aware.init_lora_da, "LoRA-DA: Fisher-aware bias/variance-optimal subspace, "
-              "base unchanged", calibration=True),
-        _spec("full", data_aware.init_full, "full fine-tuning reference, no adapter",
-              modifies_base=True),
+        MethodSpec("lora", "PEFT default: Kaiming-uniform A, zero B", peft_inits.init_plain(True)),
+        MethodSpec("gaussian", "PEFT gaussian: A ~ N(0,1/r), B = 0", peft_inits.init_plain("gaussian")),
+        MethodSpec("pissa", "PEFT PiSSA: r principal singular components of W, residual frozen",
+                   peft_inits.init_plain("pissa"), modifies_base=True),
+        MethodSpec("milora", "MiLoRA: r minor singular components of W, residual frozen", svd_inits.init_milora,
+                   modifies_base=True),
+        MethodSpec("olora", "PEFT OLoRA: QR of W, residual frozen", peft_inits.init_plain("olora"),
+                   modifies_base=True),
+        MethodSpec("eva", "PEFT EVA: SVD of calibration layer inputs, ranks redistributed", peft_inits.init_eva,
+                   needs_calibration=True),
+        MethodSpec("corda", "PEFT CorDA (IPM): covariance-aware SVD of W, residual frozen", peft_inits.init_corda,
+                   needs_calibration=True, modifies_base=True),
+        MethodSpec("lora_ga", "PEFT LoRA-GA: SVD of mean gradient, residual frozen", peft_inits.init_lora_ga,
+                   needs_calibration=True, modifies_base=True),
+        MethodSpec("lora_one", "LoRA-One: SVD of -mean gradient, base unchanged", svd_inits.init_lora_one,
+                   needs_calibration=True, options_type=LoraDAConfig, default_options=_lora_one_defaults),
+        MethodSpec("lora_da", "LoRA-DA: Fisher-aware bias/variance-optimal subspace, base unchanged",
+                   data_aware.init_lora_da, needs_calibration=True, options_type=LoraDAConfig,
+                   default_options=LoraDAConfig),
+        MethodSpec("full", "full fine-tuning reference, no adapter", data_aware.init_full, modifies_base=True),
     ]
 }
 
@@ -71,6 +77,20 @@ def normalize_method(method: str) -> str:
     return key
 
 
+def _method_options(spec: MethodSpec, options: Any) -> Any:
+    """The options object a method runs with: the caller's (type-checked) or the method's defaults."""
+    if spec.options_type is None:
+        if options is not None:
+            raise ValueError(f"init method '{spec.name}' takes no options; pass options=None")
+        return None
+    if options is None:
+        return spec.default_options()
+    if not isinstance(options, spec.options_type):
+        raise ValueError(f"init method '{spec.name}' takes options={spec.options_type.__name__}(...), "
+                         f"got {type(options).__name__}")
+    return options
+
+
 @dataclass
 class _InitContext:
     """Everything an init function may read."""
@@ -81,17 +101,7 @@ class _InitContext:
     use_rslora: bool
     targets: list[str]
     batches: list[dict[str, torch.Tensor]]
-    population_size: int | None
-    lora_da_config: Any
-    seed: int
-    tokenizer: Any
-
-
-def _add_labels(batches: list[dict[str, torch.Tensor]]) -> None:
-    """Give label-less batches causal-LM labels (every attended token, padding ignored)."""
-    for batch in batches:
-        if "labels" not in batch:
-            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    options: Any
 
 
 def create_adapted_model(
@@ -103,39 +113,28 @@ def create_adapted_model(
     use_rslora: bool = True,
     target_modules: str | list[str] = "all-linear",
     calibration_batches: Iterable[dict[str, Any]] | None = None,
-    population_size: int | None = None,
-    lora_da_config: Any = None,
+    options: Any = None,
     seed: int = 0,
-    tokenizer: Any = None,
 ) -> tuple[nn.Module, InitInfo]:
     """Wrap `base_model` (in place) with an adapter initialized by `method`; returns (model, InitInfo).
 
     Calibration batches are dicts with input_ids/attention_mask/labels [batch, seq]; they are required by
-    eva, corda, lora_ga, lora_one and lora_da. `tokenizer` is accepted so that callers can pass it uniformly.
+    eva, corda, lora_ga, lora_one and lora_da. `options` is the method's own options object
+    (`LoraDAConfig` for lora_da and lora_one; see `METHODS[name].options_type`). `seed` seeds torch's
+    random generator before the method runs (the random parts of every method, e.g. LoRA's A).
     """
     key = normalize_method(method)
     spec = METHODS[key]
+    options = _method_options(spec, options)
+    targets = []
     if key != "full":
-        targets = resolve_target_modules(base_model, target_modules)
-        check_rank(base_model, targets, rank)
-    else:
-        targets = []
+        targets = match_target_modules(base_model, target_modules)
+        check_ranks({name: layer_shape(base_model.get_submodule(name)) for name in targets}, rank)
     batches = prepare_batches(calibration_batches, model_device(base_model))
     if spec.needs_calibration and not batches:
         raise ValueError(f"init method '{key}' needs calibration data: pass calibration_batches (non-empty)")
-    _add_labels(batches)
-    ctx = _InitContext(
-        base_model,
-        rank,
-        lora_alpha,
-        use_rslora,
-        targets,
-        batches,
-        population_size,
-        lora_da_config,
-        seed,
-        tokenizer,
-    )
+    add_labels(batches)
+    ctx = _InitContext(base_model, rank, lora_alpha, use_rslora, targets, batches, options)
     torch.manual_seed(seed)
     start = time.perf_counter()
     model, report = spec.init(ctx)

@@ -10,16 +10,14 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
+from lora_da import collect_statistics
+from lora_da.layers import canonical_layer_name, find_lora_layers
 from lora_da.methods.peft_inits import build_lora_config
 
 
 def lora_layers(model) -> list[tuple[str, LoraLayer]]:
-    """(base-model module name, LoRA layer) for every adapted layer of a PeftModel."""
-    out = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            out.append((name.removeprefix("base_model.model."), module))
-    return out
+    """(base-model module name, LoRA layer) for every adapted linear layer of a PeftModel."""
+    return [(canonical_layer_name(name), layer) for name, layer in find_lora_layers(model)[0].items()]
 
 
 def _base_weight(layer: LoraLayer) -> torch.Tensor:
@@ -79,13 +77,8 @@ def lora_one_factors(
 
 def init_lora_one(ctx):
     """LoRA-One: factors from the SVD of the negative averaged gradient (core statistics); base unchanged."""
-    from lora_da import LoraDAConfig, collect_statistics
-
     # Only G is used; variance_weight=0 keeps the config valid without a population size.
-    if ctx.lora_da_config is not None:
-        stats_config = dataclasses.replace(ctx.lora_da_config, variance_weight=0.0)
-    else:
-        stats_config = LoraDAConfig(variance_weight=0.0, seed=ctx.seed)
+    stats_config = dataclasses.replace(ctx.options, variance_weight=0.0)
     gamma = float(stats_config.gamma)
     stats = collect_statistics(ctx.base_model, ctx.batches, list(ctx.targets), stats_config)
     model = get_peft_model(ctx.base_model, build_lora_config(ctx, True))
