@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .cache import check_statistics
 from .collect import PerExampleLoss, collect_statistics
@@ -144,11 +145,19 @@ def initialize_lora_da(
     with torch.no_grad():
         for name, module in layers.items():
             solution = solutions[name]
-            lora_a, lora_b = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
-            lora_a.copy_(solution.A.to(device=lora_a.device, dtype=lora_a.dtype))
-            lora_b.copy_(solution.B.to(device=lora_b.device, dtype=lora_b.dtype))
+            write_parameter(module.lora_A[adapter_name].weight, solution.A)
+            write_parameter(module.lora_B[adapter_name].weight, solution.B)
             report.layers[name] = {**solution.info, "scaling": float(module.scaling[adapter_name])}
     return report
+
+
+def write_parameter(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the full `value` into `parameter` in its dtype and device; a sharded (FSDP2 DTensor) parameter
+    keeps this rank's shard of it (every rank holds the same full `value`, so no communication is needed)."""
+    value = value.to(device=parameter.device, dtype=parameter.dtype)
+    if isinstance(parameter, DTensor):
+        value = distribute_tensor(value, parameter.device_mesh, parameter.placements, src_data_rank=None)
+    parameter.copy_(value)
 
 
 def _gather_and_solve(

@@ -33,7 +33,13 @@ from .distributed import (
 )
 from .layers import layer_shape, model_device, resolve_layers, unwrap_model
 from .model_tasks import ModelTask
-from .statistics import ACCUMULATOR_DTYPE, LoraDAStatistics, statistics_bytes
+from .statistics import GRADIENT_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics, statistics_bytes
+
+# Z is summed in float32 over chunks of at least this many tokens (about what one large batch's product sums
+# over anyway), then folded into its float64 total, so its precision does not fall with the number of batches.
+FOLD_TOKENS = 1024
+# Z's rows are accumulated in blocks of this many; blocks below the diagonal are mirrored, not computed.
+GRAM_BLOCK = 2048
 
 PerExampleLoss = Callable[[object, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
@@ -163,14 +169,18 @@ def _all_reduce(collector: _Collector, device: torch.device) -> LoraDAStatistics
         )
     leaders = list(dict.fromkeys(groups[name] for name in names))
 
-    def local(sums: dict[str, torch.Tensor], key: str, shape: list[int]) -> torch.Tensor:
-        return sums[key] if key in sums else torch.zeros(shape, dtype=ACCUMULATOR_DTYPE, device=device)
+    def local(sums: dict[str, torch.Tensor], key: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return sums[key] if key in sums else torch.zeros(shape, dtype=dtype, device=device)
 
-    gradient_sums = {name: local(collector.gradient_sums, name, shapes[name]) for name in names}
-    output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1]) for name in names}
-    input_sums = {g: local(collector.input_sums, g, [shapes[g][1]] * 2) for g in leaders}
+    collector.fold_all()
+    gradient_sums = {name: local(collector.gradient_sums, name, shapes[name], GRADIENT_DTYPE) for name in names}
+    output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1], OUTPUT_DTYPE) for name in names}
+    input_sums = {g: local(collector.input_sums, g, [shapes[g][1]] * 2, INPUT_DTYPE) for g in leaders}
     comm = communication_device(device)
-    all_reduce_sum([*gradient_sums.values(), *output_sq_sums.values(), *input_sums.values()], comm)
+    all_reduce_sum(list(gradient_sums.values()), comm)
+    all_reduce_sum([*output_sq_sums.values(), *input_sums.values()], comm)
+    for total in input_sums.values():
+        mirror_blocks(total)
     counts = all_reduce_counts(
         [collector.output_token_counts.get(name, 0) for name in names]
         + [collector.input_token_counts.get(g, 0) for g in leaders],
@@ -238,6 +248,8 @@ class _Collector:
         self.input_groups: dict[str, str] | None = None
         self.num_examples = 0
         self.data_hash_sums = [0, 0, 0]  # examples seen, and two 31-bit sums of per-example hashes
+        self._input_chunks: dict[str, torch.Tensor] = {}  # float32 sums of Z since the last fold
+        self._chunk_tokens: dict[str, int] = {}
         self._input_keys: dict[str, tuple] = {}
         self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
 
@@ -329,21 +341,49 @@ class _Collector:
         if masks is not None:
             example_rows, token_rows, per_token_count = masks
             # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
-            _add(self.gradient_sums, name, gs.index_select(0, example_rows).T @ xs.index_select(0, example_rows))
+            _add_product(self.gradient_sums, name, gs.index_select(0, example_rows).T, xs.index_select(0, example_rows))
             xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
         else:
-            _add(self.gradient_sums, name, gs.T @ xs)
+            _add_product(self.gradient_sums, name, gs.T, xs)
             per_token_count = None
         if self.config.output_scaling == "token" and per_token_count is not None:
             gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
-        _add(self.output_sq_sums, name, (gs * gs).sum(0))
+        square_sum = (gs * gs).sum(0, dtype=OUTPUT_DTYPE)
+        if name in self.output_sq_sums:
+            self.output_sq_sums[name] += square_sum
+        else:
+            self.output_sq_sums[name] = square_sum
         self.output_token_counts[name] += xs.shape[0]
         group = self.input_groups[name]
         if group == name:
-            _add(self.input_sums, group, xs.T @ xs)
+            _add_gram(self._input_chunks, group, xs)
             self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
+            self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
+            if self._chunk_tokens[group] >= FOLD_TOKENS:
+                self._fold(group)
+
+    def _fold(self, group: str) -> None:
+        """Add the float32 chunk of `Z` into its float64 sum and clear the chunk."""
+        chunk = self._input_chunks[group]
+        if group not in self.input_sums:
+            self.input_sums[group] = torch.zeros(chunk.shape, dtype=INPUT_DTYPE, device=chunk.device)
+        total = self.input_sums[group]
+        for start in range(0, chunk.shape[0], GRAM_BLOCK):  # the filled part only, a row block at a time
+            total[start : start + GRAM_BLOCK, start:] += chunk[start : start + GRAM_BLOCK, start:]
+        chunk.zero_()
+        self._chunk_tokens[group] = 0
+
+    def fold_all(self) -> None:
+        """Fold every pending `Z` chunk and free the chunks (the totals still hold only their upper blocks)."""
+        for group in list(self._input_chunks):
+            if self._chunk_tokens.get(group, 0):
+                self._fold(group)
+        self._input_chunks.clear()
 
     def result(self) -> LoraDAStatistics:
+        self.fold_all()
+        for total in self.input_sums.values():
+            mirror_blocks(total)
         unreached = [name for name in self.modules if name not in self.gradient_sums]
         if unreached:
             raise LoraDAError(
@@ -363,13 +403,30 @@ class _Collector:
         )
 
 
-def _add(sums: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
-    # float64 running sums of float32 per-batch products: the sums, and so the factors of layers with a nearly
-    # singular Z (e.g. o_proj of a random GQA model: heads of one key-value group agree), do not depend on
-    # batching, batch order or number of ranks (float32 sums moved such factors by ~1e-3).
+def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor) -> None:
+    """`sums[key] += xs^T xs` [n, n] in float32, in place, computing only the blocks on and above the block
+    diagonal (rows in blocks of GRAM_BLOCK): Z is symmetric, so wide inputs save up to half the products.
+    `mirror_blocks` fills the rest once the sum is complete."""
+    n = xs.shape[1]
+    if key not in sums:
+        sums[key] = torch.zeros(n, n, dtype=xs.dtype, device=xs.device)
+    total = sums[key]
+    for start in range(0, n, GRAM_BLOCK):
+        rows = xs[:, start : start + GRAM_BLOCK]
+        total[start : start + GRAM_BLOCK, start:].addmm_(rows.T, xs[:, start:])
+
+
+def mirror_blocks(total: torch.Tensor) -> None:
+    """Copy the blocks above the block diagonal of a sum filled by `_add_gram` into those below it."""
+    n = total.shape[0]
+    for start in range(0, n - GRAM_BLOCK, GRAM_BLOCK):
+        end = start + GRAM_BLOCK
+        total[end:, start:end] = total[start:end, end:].T
+
+
+def _add_product(sums: dict[str, torch.Tensor], key: str, left: torch.Tensor, right: torch.Tensor) -> None:
+    """`sums[key] += left @ right` in place, in float32 (one GEMM, no temporary)."""
     if key in sums:
-        sums[key] += value
+        sums[key].addmm_(left, right)
     else:
-        sums[key] = value.to(ACCUMULATOR_DTYPE)
-
-
+        sums[key] = left @ right

@@ -18,12 +18,20 @@ from .config import LoraDAError
 from .files import write_atomic
 
 FORMAT_VERSION = "1"
-ACCUMULATOR_DTYPE = torch.float64
+# Precision of each sum (see `collect.py`): G enters the solve linearly and each batch's float32 product already
+# carries float32 rounding, so a float32 sum adds little; y is tiny; Z is inverted with a damping of ~1e-6 of its
+# scale, so its total is kept in float64 (float32 order effects moved the factors of a nearly singular GQA o_proj).
+GRADIENT_DTYPE = torch.float32
+OUTPUT_DTYPE = torch.float64
+INPUT_DTYPE = torch.float64
+INPUT_CHUNK_DTYPE = torch.float32
 
 
 def statistics_bytes(m: int, n: int) -> int:
-    """Bytes of the accumulators of one [m, n] layer with its own input factor: G [m, n], y [m], Z [n, n]."""
-    return ACCUMULATOR_DTYPE.itemsize * (m * n + m + n * n)
+    """Peak bytes of the accumulators of one [m, n] layer with its own input factor while they are gathered:
+    G [m, n], y [m], Z [n, n] with its float32 chunk."""
+    return (GRADIENT_DTYPE.itemsize * m * n + OUTPUT_DTYPE.itemsize * m
+            + (INPUT_DTYPE.itemsize + INPUT_CHUNK_DTYPE.itemsize) * n * n)
 
 
 @dataclass
@@ -112,7 +120,7 @@ class LoraDAStatistics:
                 ("output factor y", self.output_sq_sums[name]),
                 ("input factor Z", self.input_sums[group]),
             ):
-                if not torch.isfinite(tensor).all():
+                if not bool(tensor.sum(dtype=torch.float64).isfinite()):  # one read; a NaN or inf survives the sum
                     raise LoraDAError(
                         f"Layer {name!r}: its {what} in {source.lower()} is not finite (overflow or NaN)."
                     )
