@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny import batches, examples, lora_state, tiny_llama, wrap
 
-from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da
+from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da, schedule
 from lora_da.collect import estimate_statistics_bytes
 from lora_da.schedule import plan_passes
 
@@ -55,7 +55,31 @@ def test_default_is_one_pass_and_a_large_budget_too(all_at_once):
 def test_estimate_is_logged_before_the_pass(caplog):
     with caplog.at_level(logging.INFO, logger="lora_da"):
         initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2), CFG, layers_per_pass=7)
-    assert any("MiB for 14 layers" in r.message and "2 pass(es)" in r.message for r in caplog.records)
+    assert any("2 pass(es) over the data (1 extra) for 14 layers" in r.message for r in caplog.records)
+
+
+def test_automatic_plan_follows_free_memory(monkeypatch, all_at_once):
+    sizes = estimate_statistics_bytes(tiny_llama(), list(_names()))
+    solve = dict.fromkeys(sizes, 1000)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: 10**12)
+    roomy = schedule.plan_memory(sizes, solve, torch.device("cpu"))
+    assert roomy.rule == "one pass" and len(roomy.passes) == 1
+    # Room for about three layers' statistics next to the largest solve: several passes, each within the share.
+    free = int((3 * max(sizes.values()) + 1000) / schedule.STATISTICS_SHARE)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    tight = schedule.plan_memory(sizes, solve, torch.device("cpu"))
+    assert tight.rule == "automatic" and 2 <= len(tight.passes) < 14
+    assert all(b + 1000 <= schedule.STATISTICS_SHARE * free for b in tight.pass_bytes)
+    assert "automatic" in tight.describe() and "MiB free" in tight.describe()
+    # The default call plans by the free memory too, and its several passes give the factors of one.
+    model = wrap(tiny_llama())
+    report = initialize_lora_da(model, batches(examples(6), 3), CFG)
+    assert 1 < report.passes <= 14
+    assert_same(lora_state(model), all_at_once[0])
+
+
+def test_free_memory_is_read_from_the_machine():
+    assert 0 < schedule.free_memory_bytes(torch.device("cpu")) < 2**50
 
 
 def test_several_passes_need_reiterable_batches():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -19,7 +20,7 @@ from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_world_size, is_main_process, local_config
 from .layers import canonical_layer_name, check_ranks, find_lora_layers, layer_shape, model_device, unwrap_model
-from .schedule import plan_passes, solve_layers
+from .schedule import plan_memory, solve_layers, solve_working_bytes
 from .statistics import LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")
@@ -174,15 +175,17 @@ def _gather_and_solve(
     shard: bool,
 ) -> dict:
     """Gather statistics of the base model for each planned group of layers, solve and free them."""
-    sizes = {name: statistics_bytes(*layer_shape(module)) for name, module in layers.items()}
-    passes = plan_passes(sizes, layers_per_pass, memory_budget)
+    shapes = {name: layer_shape(module) for name, module in layers.items()}
+    sizes = {name: statistics_bytes(*shape) for name, shape in shapes.items()}
+    plan = plan_memory(sizes, {name: solve_working_bytes(*shape) for name, shape in shapes.items()},
+                       model_device(model), layers_per_pass=layers_per_pass, memory_budget=memory_budget)
+    passes = plan.passes
     report.passes = len(passes)
-    report.statistics_bytes_estimate = max(sum(sizes[name] for name in group) for group in passes)
+    report.statistics_bytes_estimate = max(plan.pass_bytes)
     if is_main_process():
-        logger.info(
-            "LoRA-DA statistics: at most %.1f MiB for %d layers (%.1f MiB per pass, %d pass(es) over the data)",
-            sum(sizes.values()) / 2**20, len(layers), report.statistics_bytes_estimate / 2**20, len(passes),
-        )
+        logger.info(plan.describe())
+        if config.show_progress:
+            print(plan.describe(), file=sys.stderr, flush=True)
         too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
         if too_big:
             warnings.warn(

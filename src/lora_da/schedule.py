@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -44,6 +46,82 @@ def plan_passes(
         passes[-1].append(name)
         used += size
     return passes
+
+
+# Share of the free memory the automatic plan gives the statistics of one pass: the rest is left to the
+# forward+backward's activations, which are not known before the pass.
+STATISTICS_SHARE = 0.5
+
+
+@dataclass
+class PassPlan:
+    """The layers of each pass over the calibration data, and why they were split so."""
+
+    passes: list[list[str]]
+    pass_bytes: list[int]  # upper bound of each pass's statistics
+    solve_bytes: int  # working set of the largest layer's solve
+    free_bytes: int | None  # memory free on the device when planned (automatic plan only)
+    rule: str  # "one pass", "memory_budget", "layers_per_pass" or "automatic"
+
+    def describe(self) -> str:
+        """One line for the log: passes, bytes per pass, and what the plan was based on."""
+        mib = 2**20
+        text = (f"LoRA-DA plan: {len(self.passes)} pass(es) over the data ({len(self.passes) - 1} extra) for "
+                f"{sum(map(len, self.passes))} layers, statistics <= {max(self.pass_bytes) / mib:.0f} MiB per pass "
+                f"+ {self.solve_bytes / mib:.0f} MiB to solve a layer ({self.rule}")
+        if self.free_bytes is not None:
+            text += f"; {self.free_bytes / mib:.0f} MiB free"
+        return text + ")"
+
+
+def solve_working_bytes(m: int, n: int) -> int:
+    """Upper bound of the memory the solve of one [m, n] layer holds at once (float64 n x n and n x m
+    matrices; the solver frees them before the next layer)."""
+    return 8 * (5 * n * n + 2 * n * m)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory that new tensors on `device` can use: free GPU memory plus torch's cached blocks, or the
+    available RAM of the machine for a CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_memory(
+    sizes: Mapping[str, int],
+    solve_sizes: Mapping[str, int],
+    device: torch.device,
+    *,
+    layers_per_pass: int | None = None,
+    memory_budget: int | None = None,
+) -> PassPlan:
+    """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else so that each pass's statistics
+    and the largest solve fit in `STATISTICS_SHARE` of the memory free on `device` (the smallest of all ranks)."""
+    solve_bytes = max(solve_sizes.values(), default=0)
+    free = None
+    if layers_per_pass is not None or memory_budget is not None:
+        rule = "layers_per_pass" if memory_budget is None else "memory_budget"
+    else:
+        free = free_memory_bytes(device)
+        if is_distributed():
+            free = min(all_gather_objects(free))
+        if sum(sizes.values()) + solve_bytes <= STATISTICS_SHARE * free:
+            rule = "one pass"
+        else:
+            rule = "automatic"
+            memory_budget = max(int(STATISTICS_SHARE * free) - solve_bytes, 1)
+    passes = plan_passes(sizes, layers_per_pass, memory_budget)
+    pass_bytes = [sum(sizes[name] for name in group) for group in passes]
+    return PassPlan(passes, pass_bytes, solve_bytes, free, rule)
 
 
 def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
