@@ -5,6 +5,7 @@ import torch
 from _tiny import all_weights, batches, examples, lora_state, tiny_gpt2, tiny_llama, wrap
 from peft import LoraConfig, PeftModel
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lora_da import (
     LoraDAConfig,
@@ -151,6 +152,21 @@ class TestBadInput:
     def test_not_a_peft_model(self):
         with pytest.raises(LoraDAError, match="peft.PeftModel"):
             initialize_lora_da(tiny_llama(), batches(examples(2), 2), CFG)
+
+    def test_unsupported_sharding_is_refused(self):
+        # FSDP1 cannot be built without an accelerator here, so a bare instance stands in for its wrapper.
+        flat = FullyShardedDataParallel.__new__(FullyShardedDataParallel)
+        nn.Module.__init__(flat)
+        model = wrap(tiny_llama())
+        model.base_model.model.add_module("fsdp1_unit", flat)
+        before = all_weights(model)
+        with pytest.raises(LoraDAError, match="FSDP1"):
+            init(model)
+        self.check_unchanged(model, before)
+        model = wrap(tiny_llama())
+        model.base_model.model.lm_head.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+        with pytest.raises(LoraDAError, match="ZeRO-3"):
+            init(model)
 
 
 class PlantedLinear(nn.Module):

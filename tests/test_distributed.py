@@ -5,22 +5,21 @@ import os
 import socket
 import traceback
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 import torch
-from _tiny import batches, examples, lora_state, tiny_llama, wrap
+from _tiny import batches, collate, examples, factor_tolerance, lora_state, relative_error, tiny_llama, wrap
+from transformers import TrainerState
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, initialize_lora_da
 from lora_da.cache import compute_and_save_statistics
 from lora_da.distributed import shard_batches
+from lora_da.integrations import LoraDACallback
 from lora_da.schedule import assign_groups
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
 WORLD = 2
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
 def _free_port() -> int:
@@ -32,6 +31,8 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, out: str) -> None:
     """One rank: every scenario in a row (one process group start-up for all of them)."""
     import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     from torch.nn.parallel import DistributedDataParallel
 
     from lora_da.distributed import local_config
@@ -59,6 +60,25 @@ def _worker(rank: int, port: int, out: str) -> None:
             initialize_lora_da(model, batches(examples(8), 2), CFG)
         results["unsharded"] = lora_state(model)
         results["warnings"] = [str(w.message) for w in caught if "same calibration batches" in str(w.message)]
+        # FSDP2: every decoder layer and the root sharded; factors written into the DTensor LoRA weights.
+        model = wrap(tiny_llama())
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True)
+        results["fsdp2"] = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        results["fsdp2_sharded"] = all(isinstance(p, DTensor) for n, p in model.named_parameters() if "lora_" in n)
+        # The Trainer callback on an FSDP2 model (the Trainer's FSDP2 needs an accelerator, so it is called directly).
+        model = wrap(tiny_llama())
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        args = SimpleNamespace(fsdp="full_shard", fsdp_config={"version": 2}, deepspeed=None,
+                               per_device_train_batch_size=2, output_dir=None)
+        loader = torch.utils.data.DataLoader(examples(8), batch_size=2, collate_fn=collate)
+        callback = LoraDACallback(num_samples=8, config={"show_progress": False})
+        callback.on_train_begin(args, TrainerState(), None, model=model, train_dataloader=loader)
+        results["callback_fsdp2"] = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
         # Cache written by rank 0 only, from both ranks' shards.
         compute_and_save_statistics(tiny_llama(), batches(examples(8), 2), os.path.join(out, "stats.safetensors"),
                                     CFG, shard=True)
@@ -99,13 +119,6 @@ def ranks(tmp_path_factory):
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
 
 
-def factor_tolerance(key: str) -> float:
-    """The statistics of any split agree to float32 rounding (see test_cache_written_once_with_all_shards); the
-    rank-deficient input factor of the GQA o_proj amplifies that ~1e3-fold, as it amplifies the float32 rounding
-    of the per-batch products (tests/test_statistics.py: TestPrecision)."""
-    return 5e-3 if "o_proj" in key else 1e-5
-
-
 def assert_factors_match(per_rank: list[dict], reference: dict) -> None:
     assert per_rank[0].keys() == reference.keys()
     for key, expected in reference.items():
@@ -122,6 +135,19 @@ class TestTwoRanks:
         report = results[0]["ddp_report"]
         assert report["world_size"] == 2 and report["num_examples"] == 8
         assert results[1]["ddp_report"]["layers"].keys() == report["layers"].keys()
+
+    def test_fsdp2_sharded_factors_equal_single_process(self, ranks):
+        results, _ = ranks
+        assert all(r["fsdp2_sharded"] for r in results)
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(8), 2), CFG)
+        assert_factors_match([r["fsdp2"] for r in results], lora_state(model))
+
+    def test_callback_on_fsdp2_model_equals_single_process(self, ranks):
+        results, _ = ranks
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(8), 2), LoraDAConfig(population_size=8, show_progress=False))
+        assert_factors_match([r["callback_fsdp2"] for r in results], lora_state(model))
 
     def test_unsharded_batches_give_the_same_factors_and_a_warning(self, ranks):
         results, _ = ranks

@@ -19,7 +19,15 @@ from .cache import check_statistics
 from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_world_size, is_main_process, local_config
-from .layers import canonical_layer_name, check_ranks, find_lora_layers, layer_shape, model_device, unwrap_model
+from .layers import (
+    canonical_layer_name,
+    check_ranks,
+    check_supported_sharding,
+    find_lora_layers,
+    layer_shape,
+    model_device,
+    unwrap_model,
+)
 from .schedule import plan_memory, solve_layers, solve_working_bytes
 from .statistics import LoraDAStatistics, statistics_bytes
 
@@ -110,6 +118,7 @@ def initialize_lora_da(
     `batches` must be re-iterable); the factors are the same as in one pass. By default one pass is made.
     """
     model = unwrap_model(model)
+    check_supported_sharding(model)
     check_peft_model(model, adapter_name)
     layers, unsupported = find_lora_layers(model, adapter_name)
     if not layers:

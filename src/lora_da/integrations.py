@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from .adapter import LoraDAReport, initialize_lora_da
 from .collect import PerExampleLoss
 from .config import LoraDAConfig, LoraDAError
+from .layers import check_supported_sharding
 
 logger = logging.getLogger("lora_da")
 
@@ -142,14 +143,18 @@ def _active_adapter(model) -> str:
 
 
 def _check_supported_setup(args, model) -> None:
-    """Refuse setups whose parameters are sharded or shadowed by master copies that an in-place init misses."""
-    if getattr(args, "fsdp", None):
+    """Refuse setups whose parameters are flattened, partitioned or shadowed by master copies that an in-place
+    init misses: FSDP1, DeepSpeed. FSDP2 (the Trainer's default FSDP; DTensor parameters) is supported."""
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    if getattr(args, "fsdp", None) and int(fsdp_config.get("version", 2)) == 1:
         raise LoraDAError(
-            "LoraDACallback does not support FSDP (sharded parameters): call lora_da.initialize_lora_da on the "
-            "PeftModel before building the trainer, then train as usual."
+            "LoraDACallback does not support FSDP1 (flat parameters): use FSDP2 (fsdp_config={'version': 2}), or "
+            "call lora_da.initialize_lora_da on the PeftModel before building the trainer."
         )
-    if getattr(args, "deepspeed", None) or (model is not None and any(hasattr(p, "ds_id") for p in model.parameters())):
+    if getattr(args, "deepspeed", None):
         raise LoraDAError(
             "LoraDACallback does not support DeepSpeed (its optimizer keeps master copies of the weights): call "
             "lora_da.initialize_lora_da on the PeftModel before building the trainer, then train as usual."
         )
+    if model is not None:
+        check_supported_sharding(model)

@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from .config import LoraDAError
@@ -23,6 +24,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
+
+
+def check_supported_sharding(model: nn.Module) -> None:
+    """Refuse parameter sharding whose LoRA weights an in-place write would miss: FSDP1 (flat parameters) and
+    DeepSpeed ZeRO-3 (partitioned parameters). FSDP2 (`fully_shard`, DTensor parameters) is supported."""
+    if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
+        raise LoraDAError(
+            "The model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters LoRA-DA cannot write: "
+            "shard it with FSDP2 (torch.distributed.fsdp.fully_shard), or initialize before wrapping."
+        )
+    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
+        raise LoraDAError(
+            "The model's parameters are partitioned by DeepSpeed ZeRO-3, which LoRA-DA cannot write in place: "
+            "initialize the PeftModel before deepspeed.initialize (or the Trainer), save or keep it, then train."
+        )
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
