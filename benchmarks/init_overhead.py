@@ -1,7 +1,11 @@
-"""LoRA-DA init overhead on the embedded SmolLM2-135M: statistics + solve vs one forward+backward pass.
+"""LoRA-DA init overhead on the embedded SmolLM2-135M: our init (statistics + solve) against the floor, one
+forward+backward pass that forms every target layer's weight gradient, at several batch sizes; optionally the
+authors' released implementation side by side (its `lora_da.py` given by path, never committed).
 
-Each measurement runs in a fresh process so that its peak RSS is its own:
-    python benchmarks/init_overhead.py            # writes benchmarks/results/init_overhead.{json,md}
+Each measurement runs in a fresh process, so that its peak memory is its own:
+    python benchmarks/init_overhead.py [--released PATH/lora_da.py] [--device cuda]
+writes benchmarks/results/init_overhead.{json,md} (with --device cuda: init_overhead_gpu.{json,md}), including a
+torch.profiler table of our statistics pass.
 """
 
 from __future__ import annotations
@@ -9,117 +13,119 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
+from _harness import RESULTS, floor_pass, measured, ours_init, profile_statistics, released_init, run_parts
 
-RESULTS = Path(__file__).parent / "results"
+POPULATION = 100_000
 
 
-def load(args):
-    from peft import LoraConfig, get_peft_model
-
+def load(args, batch_size: int):
     from lora_da.data import calibration_batches, encode_examples, load_examples
     from lora_da.models import load_model_and_tokenizer
 
     torch.manual_seed(0)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     examples = load_examples("arith", num_examples=args.examples, seed=0)
     features = encode_examples(examples, tokenizer, max_length=args.max_length)
-    batches = calibration_batches(features, args.examples, args.batch_size, tokenizer.pad_token_id)
-    lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
-    return get_peft_model(model, lora), batches
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    batches = calibration_batches(features, args.examples, batch_size, tokenizer.pad_token_id)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    return model, batches
 
 
 def run_part(args) -> dict:
-    model, batches = load(args)
-    tokens = int(sum(b["attention_mask"].sum() for b in batches))
-    rss_loaded = peak_rss_mib()
-    if args.part == "floor":
-        start = time.perf_counter()
-        for batch in batches:
-            model(**batch).loss.backward()
-        return {"seconds": time.perf_counter() - start, "tokens": tokens, "peak_rss_mib": peak_rss_mib(),
-                "rss_after_load_mib": rss_loaded}
-    from lora_da import LoraDAConfig, initialize_lora_da, solve_all
+    part, _, size = args.part.partition("@")
+    model, batches = load(args, int(size))
+    device = next(model.parameters()).device
+    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    if part == "floor":
+        result = measured(device, lambda: floor_pass(model, batches))
+    elif part == "released":
+        result = measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
+    else:
+        from peft import LoraConfig, get_peft_model
 
-    config = LoraDAConfig(population_size=100_000, eigensolver=args.eigensolver)
-    report = initialize_lora_da(model, batches, config)
-    result = {"seconds": report.total_seconds, "statistics_seconds": report.statistics_seconds,
-              "solve_seconds": report.solve_seconds, "tokens": tokens, "peak_rss_mib": peak_rss_mib(),
-              "rss_after_load_mib": rss_loaded, "layers": len(report.layers),
-              "solvers_used": sorted({v["eigensolver"] for v in report.layers.values()})}
-    # Solve-only timings of each eigensolver on the same statistics (no model pass).
-    from lora_da import collect_statistics
+        lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
+        peft_model = get_peft_model(model, lora)
+        if part == "profile":
+            return {"table": profile_statistics(peft_model, batches)}
+        result = measured(device, lambda: ours_init(peft_model, batches, POPULATION))
+    return {**result, "tokens": tokens}
 
-    with model.disable_adapter():
-        stats = collect_statistics(model, batches, list(report.layers), LoraDAConfig(variance_weight=0,
-                                                                                     show_progress=False))
-    for solver in ("eigh", "lobpcg", "auto"):
-        start = time.perf_counter()
-        solve_all(stats, args.rank, LoraDAConfig(population_size=100_000, eigensolver=solver, show_progress=False))
-        result[f"solve_seconds_{solver}"] = time.perf_counter() - start
-    return result
+
+def parts_for(args) -> list[str]:
+    parts = []
+    for size in args.batch_sizes:
+        parts += [f"floor@{size}", f"lora-da@{size}"] + ([f"released@{size}"] if args.released else [])
+    return parts + [f"profile@{args.batch_sizes[-1]}"]
+
+
+def report(args, results: dict) -> str:
+    machine = results["machine"]
+    lines = [
+        "# LoRA-DA init overhead",
+        "",
+        f"`python benchmarks/init_overhead.py {' '.join(sys.argv[1:])}` on {machine}: {args.model}, "
+        f"{args.examples} `arith` examples, rank {args.rank}, all linear layers of the blocks. Floor: one "
+        "forward+backward pass forming every target layer's weight gradient (what LoRA-DA's G needs). Each "
+        "row is a fresh process; memory grown is the peak over the memory after loading.",
+        "",
+        "| batch | step | seconds | x floor | memory grown (MiB) |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    for size in args.batch_sizes:
+        floor = results["parts"][f"floor@{size}"]
+        rows = [("floor", floor), ("LoRA-DA (ours)", results["parts"][f"lora-da@{size}"])]
+        if args.released:
+            rows.append(("released implementation", results["parts"][f"released@{size}"]))
+        for label, row in rows:
+            if "error" in row:
+                lines.append(f"| {size} | {label} | failed: {row['error']} | | |")
+                continue
+            ratio = row["seconds"] / floor["seconds"] if "seconds" in floor else float("nan")
+            lines.append(f"| {size} | {label} | {row['seconds']:.1f} | {ratio:.2f} | {row['grown_mib']:.0f} |")
+            if "statistics_seconds" in row:
+                lines.append(f"| {size} | - statistics ({row['passes']} pass) | {row['statistics_seconds']:.1f} | "
+                             f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
+                lines.append(f"| {size} | - solve ({', '.join(row['solvers_used'])}; max residual "
+                             f"{row['max_residual']:.1e}) | {row['solve_seconds']:.1f} | "
+                             f"{row['solve_seconds'] / floor['seconds']:.2f} | |")
+        ours, released = results["parts"][f"lora-da@{size}"], results["parts"].get(f"released@{size}", {})
+        if "seconds" in ours and "seconds" in released:
+            lines.append(f"| {size} | released / ours | {released['seconds'] / ours['seconds']:.2f}x | | |")
+    profile = results["parts"][f"profile@{args.batch_sizes[-1]}"]
+    lines += ["", f"Our statistics pass under torch.profiler (batch {args.batch_sizes[-1]}):", "", "```",
+              profile.get("table", profile.get("error", "")).rstrip(), "```", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--eigensolver", default="auto")
-    parser.add_argument("--part", choices=["floor", "lora-da"], help="internal: run one measurement")
+    parser.add_argument("--released", default=None, help="path of the authors' lora_da.py, run side by side")
+    parser.add_argument("--part", help="internal: run one measurement")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     if args.part:
         print(json.dumps(run_part(args)))
         return
-    results = {"model": args.model, "examples": args.examples, "max_length": args.max_length,
-               "batch_size": args.batch_size, "rank": args.rank, "target_modules": "all-linear",
-               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"}
-    for part in ("floor", "lora-da"):
-        command = [sys.executable, __file__, "--part", part, *sys.argv[1:]]
-        output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
-        results[part] = json.loads(output.strip().splitlines()[-1])
-        print(part, results[part], flush=True)
-    results["ratio_to_floor"] = results["lora-da"]["seconds"] / results["floor"]["seconds"]
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
+    results = {"model": args.model, "examples": args.examples, "max_length": args.max_length, "rank": args.rank,
+               "batch_sizes": args.batch_sizes, "released": bool(args.released),
+               "machine": f"{device_name}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+               "parts": run_parts(__file__, parts_for(args), sys.argv[1:])}
+    stem = "init_overhead_gpu" if args.device.startswith("cuda") else "init_overhead"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "init_overhead.json").write_text(json.dumps(results, indent=2) + "\n")
-    floor, init = results["floor"], results["lora-da"]
-    table = [
-        "# LoRA-DA init overhead",
-        "",
-        f"`python benchmarks/init_overhead.py` on {results['machine']}: {args.model}, {args.examples} `arith` "
-        f"examples ({floor['tokens']} tokens, batch {args.batch_size}), rank {args.rank}, all linear layers "
-        f"of the blocks ({init['layers']} layers).",
-        "",
-        "| step | seconds | peak RSS (MiB) |",
-        "| --- | ---: | ---: |",
-        f"| floor: one forward+backward pass (LoRA training step) | {floor['seconds']:.1f} | "
-        f"{floor['peak_rss_mib']:.0f} |",
-        f"| LoRA-DA init, total | {init['seconds']:.1f} | {init['peak_rss_mib']:.0f} |",
-        f"| - statistics (one pass, hooks) | {init['statistics_seconds']:.1f} | |",
-        f"| - solve ({', '.join(init['solvers_used'])}) | {init['solve_seconds']:.1f} | |",
-        "",
-        f"LoRA-DA init / floor = **{results['ratio_to_floor']:.2f}x** (target <= 1.3x).",
-        "",
-        "Solve only, same statistics: "
-        + ", ".join(f"`{s}` {init[f'solve_seconds_{s}']:.1f} s" for s in ("eigh", "lobpcg", "auto"))
-        + ".",
-        "",
-    ]
-    (RESULTS / "init_overhead.md").write_text("\n".join(table))
-    print("\n".join(table))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = report(args, results)
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

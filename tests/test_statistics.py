@@ -5,7 +5,7 @@ import torch
 from _tiny import batches, examples, tiny_llama
 from torch import nn
 
-from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect, collect_statistics, solve_all
+from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, hooks, solve_all
 
 TARGETS = [
     "model.layers.0.self_attn.q_proj",
@@ -190,7 +190,7 @@ class TestPrecision:
         )
         expected = solved_update(exact)
         default = relative_errors(solved_update(collect_statistics(model, batches(items, 1), names, CFG)), expected)
-        monkeypatch.setattr(collect, "FOLD_TOKENS", 1)  # fold Z into float64 after every batch
+        monkeypatch.setattr(hooks, "FOLD_TOKENS", 1)  # fold Z into float64 after every batch
         per_batch = relative_errors(solved_update(collect_statistics(model, batches(items, 1), names, CFG)), expected)
         for name in names:
             if "o_proj" in name:  # GQA: heads of one key-value group agree, so Z is rank-deficient
@@ -202,7 +202,7 @@ class TestPrecision:
     def test_blockwise_input_factor_equals_full_product(self, monkeypatch):
         model, items = tiny_llama(), examples(7)
         full = collect_statistics(model, batches(items, 3), TARGETS, CFG)
-        monkeypatch.setattr(collect, "GRAM_BLOCK", 10)  # n = 32 and 48: blocks above the diagonal, then mirrored
+        monkeypatch.setattr(hooks, "GRAM_BLOCK", 10)  # n = 32 and 48: blocks above the diagonal, then mirrored
         blocks = collect_statistics(model, batches(items, 3), TARGETS, CFG)
         assert_same_statistics(full, blocks, rtol=1e-5)
         for name in TARGETS:

@@ -1,0 +1,153 @@
+"""Shared parts of the init benchmarks: each measurement runs in a fresh process (its own peak memory), the
+floor pass, our init, the authors' released code (given by path, never committed), and a profile table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import resource
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_parts(script: str, parts: Sequence[str], argv: Sequence[str]) -> dict[str, dict]:
+    """Run `script --part PART argv...` once per part in a fresh process; each prints one JSON line last."""
+    results = {}
+    for part in parts:
+        command = [sys.executable, script, "--part", part, *argv]
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+        lines = done.stdout.strip().splitlines()
+        ok = done.returncode == 0 and lines
+        results[part] = json.loads(lines[-1]) if ok else {"error": f"exit status {done.returncode}"}
+        print(part, results[part], flush=True)
+    return results
+
+
+def memory_now_mib(device: torch.device) -> float:
+    """Peak memory so far: the GPU's allocator on CUDA, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measured(device: torch.device, work: Callable[[], dict | None]) -> dict:
+    """Seconds, peak memory and memory grown over the load of `work()`; an exception is a result too."""
+    before = memory_now_mib(device)
+    synchronize(device)
+    start = time.perf_counter()
+    try:
+        extra = work() or {}
+    except Exception as exc:  # a failure of the released code is a result, not a crash of the benchmark
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                "traceback_tail": traceback.format_exc().splitlines()[-3:]}
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = memory_now_mib(device)
+    return {"seconds": seconds, "peak_mib": peak, "grown_mib": peak - before, **extra}
+
+
+def target_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Weights of every linear layer of the blocks (the LoRA targets of "all-linear")."""
+    from lora_da.layers import match_target_modules
+
+    return {name: model.get_submodule(name).weight for name in match_target_modules(model)}
+
+
+def floor_pass(model: nn.Module, batches: list[dict]) -> None:
+    """One forward+backward over `batches` forming every target layer's weight gradient (LoRA-DA's G needs
+    the same products), nothing else trainable."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    for weight in target_weights(model).values():
+        weight.requires_grad_(True)
+    for batch in batches:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    for parameter, flag in flags:
+        parameter.requires_grad_(flag)
+
+
+def load_released(path: str):
+    """The authors' `lora_da.py` as a module named `released_lora_da` (never the project's own package)."""
+    spec = importlib.util.spec_from_file_location("released_lora_da", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def released_init(path: str, model: nn.Module, batches: list[dict], rank: int, population_size: int) -> dict:
+    """The released pipeline with its published settings: a gradient pass (target weights only, which is less
+    work than its own script, whose model trains every weight), then its Fisher passes and solve."""
+    released = load_released(path)
+    weights = target_weights(model)
+    start = time.perf_counter()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    examples = 0
+    for batch in batches:
+        size = batch["input_ids"].shape[0]
+        (model(**batch).loss * size).backward()
+        examples += size
+    named_grads = {f"{name}.weight": w.grad.detach() / examples for name, w in weights.items()}
+    model.zero_grad(set_to_none=True)
+    gradient_seconds = time.perf_counter() - start
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in weights})
+    start = time.perf_counter()
+    factors = released.estimate_lora_da_initializations(
+        model=model, dataset=batches, named_grads=named_grads, target_modules=suffixes, rank=rank,
+        population_size=population_size, batch_size=None, variance_beta=0.03, damping=1e-6, gamma=1024,
+        lobpcg_niter=10, fisher_layers_per_pass=8, deterministic_seed=9,
+    )
+    bad = [name for name, f in factors.items() if not all(torch.isfinite(t).all() for t in f.values())]
+    if bad:
+        raise FloatingPointError(f"non-finite factors in {len(bad)} layer(s), e.g. {bad[0]}")
+    return {"gradient_seconds": gradient_seconds, "fisher_and_solve_seconds": time.perf_counter() - start,
+            "layers": len(factors)}
+
+
+def ours_init(peft_model: nn.Module, batches: list[dict], population_size: int) -> dict:
+    """`initialize_lora_da` with its defaults; the report's timings and solver summary."""
+    from lora_da import LoraDAConfig, initialize_lora_da
+
+    report = initialize_lora_da(peft_model, batches, LoraDAConfig(population_size=population_size))
+    layers = report.layers.values()
+    return {"statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
+            "passes": report.passes, "layers": len(report.layers),
+            "solvers_used": sorted({v["eigensolver"] for v in layers}),
+            "max_residual": max(v["residual"] for v in layers)}
+
+
+def profile_statistics(peft_model: nn.Module, batches: list[dict], rows: int = 12) -> str:
+    """torch.profiler table (top ops by self time) of our statistics pass."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lora_da import LoraDAConfig, collect_statistics
+    from lora_da.layers import target_layer_names
+
+    activities = [ProfilerActivity.CPU]
+    device = next(peft_model.parameters()).device
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    names = target_layer_names(peft_model)
+    base = peft_model.get_base_model()
+    with profile(activities=activities) as prof, peft_model.disable_adapter():
+        collect_statistics(base, batches, names, LoraDAConfig(variance_weight=0, show_progress=False))
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)

@@ -1,0 +1,185 @@
+"""LoRA-DA on 7B-shaped Llama blocks (hidden 4096, intermediate 11008, 32 heads, random weights, small
+vocabulary), the stand-in for big models on this CPU: the floor (one forward+backward forming every target
+weight's gradient), our init (statistics / solve) and peak memory, each in a fresh process; optionally the
+authors' released implementation side by side (its `lora_da.py` given by path, never committed). From the
+measured per-block costs, a projection to 7B, 13B and 70B on 1 and 8 GPUs.
+
+    python benchmarks/scale_7b.py [--blocks 1] [--released PATH/lora_da.py]
+writes benchmarks/results/scale_7b.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from dataclasses import dataclass
+
+import torch
+from _harness import RESULTS, floor_pass, measured, ours_init, released_init, run_parts
+
+from lora_da.schedule import STATISTICS_SHARE, solve_working_bytes
+from lora_da.statistics import statistics_bytes
+
+POPULATION = 100_000
+GPU_BYTES = 80 * 2**30
+ACTIVATION_BYTES = 8 * 2**30  # a generous allowance for one calibration batch's forward+backward
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-family model: blocks, widths and key-value width (GQA)."""
+
+    name: str
+    blocks: int
+    hidden: int
+    intermediate: int
+    kv_width: int
+
+    def layers(self) -> list[tuple[int, int]]:
+        """(out, in) of the seven projections of one block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_width
+        return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+    def block_parameters(self) -> int:
+        return sum(m * n for m, n in self.layers())
+
+    def block_statistics_bytes(self) -> int:
+        """Accumulators of one block as gathered: q/k/v share one Z, gate/up another."""
+        g_and_y = sum(statistics_bytes(m, n) - statistics_bytes(0, n) for m, n in self.layers())
+        inputs = [self.hidden, self.hidden, self.hidden, self.intermediate]  # qkv, o, gate/up, down
+        return g_and_y + sum(statistics_bytes(0, n) for n in inputs)
+
+
+MEASURED = Shape("7B-shaped block", 1, 4096, 11008, 4096)
+PROJECTED = [Shape("Llama-2-7B", 32, 4096, 11008, 4096), Shape("Llama-2-13B", 40, 5120, 13824, 5120),
+             Shape("Llama-2-70B", 80, 8192, 28672, 1024)]
+
+
+def build(args):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                         num_hidden_layers=args.blocks, vocab_size=512, max_position_embeddings=args.tokens)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 512, (args.examples, args.tokens), generator=torch.Generator().manual_seed(0))
+    chunks = ids.split(args.batch_size)
+    batches = [{"input_ids": c, "attention_mask": torch.ones_like(c), "labels": c} for c in chunks]
+    lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
+    return model, batches, lora, get_peft_model
+
+
+def run_part(args) -> dict:
+    model, batches, lora, get_peft_model = build(args)
+    device = torch.device("cpu")
+    if args.part == "floor":
+        return measured(device, lambda: floor_pass(model, batches))
+    if args.part == "released":
+        return measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
+    peft_model = get_peft_model(model, lora)
+    return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
+
+
+def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int) -> list[str]:
+    """Rows of the projected table: memory per GPU, passes and init time in units of one forward+backward."""
+    statistics_ratio = statistics_seconds / floor_seconds  # per pass, size-independent to first order
+    solve_cost = sum(n**3 + n * n * m for m, n in MEASURED.layers()) * blocks
+    rows = []
+    for shape in PROJECTED:
+        per_block = shape.block_statistics_bytes()
+        solve = max(solve_working_bytes(m, n) for m, n in shape.layers())
+        weights = 2 * shape.block_parameters() * shape.blocks  # bf16
+        # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
+        scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
+        scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
+        for gpus in (1, 8):
+            free = GPU_BYTES - weights / gpus - ACTIVATION_BYTES
+            budget = STATISTICS_SHARE * (free + ACTIVATION_BYTES) - solve
+            blocks_per_pass = int(budget // per_block) if budget > 0 else 0
+            if free <= 0 or blocks_per_pass < 1:
+                rows.append(f"| {shape.name} | {gpus} | {weights / gpus / 2**30:.0f} GiB weights alone | "
+                            "does not fit | | |")
+                continue
+            passes = -(-shape.blocks // blocks_per_pass)
+            peak = weights / gpus + min(blocks_per_pass, shape.blocks) * per_block + solve + ACTIVATION_BYTES
+            relative = passes * statistics_ratio + solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
+            rows.append(f"| {shape.name} | {gpus} | {peak / 2**30:.0f} GiB | {passes} | "
+                        f"{per_block / 2**30:.1f} GiB/block | {relative:.1f}x |")
+    return rows
+
+
+def report(args, results: dict) -> str:
+    parts = results["parts"]
+    floor, ours = parts["floor"], parts["lora-da"]
+    lines = [
+        "# LoRA-DA on 7B-shaped blocks",
+        "",
+        f"`python benchmarks/scale_7b.py {' '.join(sys.argv[1:])}` on {results['machine']}: {args.blocks} Llama "
+        f"block(s) of hidden 4096, intermediate 11008, 32 heads (random weights, vocabulary 512), all 7 "
+        f"projections at rank {args.rank}; {args.examples} examples x {args.tokens} tokens in batches of "
+        f"{args.batch_size}. Each row is a fresh process; memory grown is the peak RSS over that after building.",
+        "",
+        "| step | seconds | x floor | memory grown (MiB) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    rows = [("floor: forward+backward with target-weight gradients", floor), ("LoRA-DA init (ours), total", ours)]
+    if "released" in parts:
+        rows.append(("released implementation, total", parts["released"]))
+    for label, row in rows:
+        if "error" in row:
+            lines.append(f"| {label} | failed: {row['error']} | | |")
+            continue
+        lines.append(f"| {label} | {row['seconds']:.1f} | {row['seconds'] / floor['seconds']:.2f} | "
+                     f"{row['grown_mib']:.0f} |")
+        if "statistics_seconds" in row:
+            lines.append(f"| - statistics ({row['passes']} pass) | {row['statistics_seconds']:.1f} | "
+                         f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
+            lines.append(f"| - solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}) | "
+                         f"{row['solve_seconds']:.1f} | {row['solve_seconds'] / floor['seconds']:.2f} | |")
+    if "error" not in ours and "error" not in floor:
+        lines += [
+            "",
+            "## Projection (not a measurement)",
+            "",
+            "From the per-block costs above: the statistics pass keeps its ratio to the floor; solve time scales "
+            "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
+            "from this CPU. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
+            f"activations, {STATISTICS_SHARE:.0%} of the rest for one pass's statistics (the default automatic "
+            "plan); statistics are all-reduced, so every GPU holds a whole pass; solves are split across GPUs.",
+            "",
+            "| model | GPUs (80 GiB) | peak per GPU | passes | statistics | init / one fwd+bwd |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *projection(floor["seconds"], ours["statistics_seconds"], ours["solve_seconds"], args.blocks),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=1)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--released", default=None, help="path of the authors' lora_da.py, run side by side")
+    parser.add_argument("--part", help="internal: run one measurement")
+    args = parser.parse_args()
+    if args.part:
+        print(json.dumps(run_part(args)))
+        return
+    parts = ["floor", "lora-da"] + (["released"] if args.released else [])
+    results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "batch_size": args.batch_size,
+               "rank": args.rank, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}", "parts": run_parts(__file__, parts, sys.argv[1:])}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "scale_7b.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = report(args, results)
+    (RESULTS / "scale_7b.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

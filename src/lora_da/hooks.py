@@ -1,0 +1,218 @@
+"""The hooks of the statistics pass and the accumulators they fill: per target layer, `G` (float32 sums of
+in-place GEMMs), `y` (float64), and one `Z` per distinct input (float32 chunks folded into float64)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .config import LoraDAConfig, LoraDAError
+from .statistics import INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics
+
+# Z is summed in float32 over chunks of at least this many tokens (about what one large batch's product sums
+# over anyway), then folded into its float64 total, so its precision does not fall with the number of batches.
+FOLD_TOKENS = 1024
+# Z's rows are accumulated in blocks of this many; blocks below the diagonal are mirrored, not computed.
+GRAM_BLOCK = 2048
+
+
+class Collector:
+    """Hooks on the target layers and the float32 accumulators they fill."""
+
+    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig):
+        self.modules = modules
+        self.config = config
+        self.gradient_sums: dict[str, torch.Tensor] = {}
+        self.output_sq_sums: dict[str, torch.Tensor] = {}
+        self.output_token_counts = dict.fromkeys(modules, 0)
+        self.input_sums: dict[str, torch.Tensor] = {}
+        self.input_token_counts: dict[str, int] = {}
+        self.input_groups: dict[str, str] | None = None
+        self.num_examples = 0
+        self.data_hash_sums = [0, 0, 0]  # examples seen, and two 31-bit sums of per-example hashes
+        self._input_chunks: dict[str, torch.Tensor] = {}  # float32 sums of Z since the last fold
+        self._chunk_tokens: dict[str, int] = {}
+        self._input_keys: dict[str, tuple] = {}
+        self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+
+    @contextmanager
+    def attached(self, model: nn.Module):
+        handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def set_masks(self, masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
+        """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts.
+
+        The masks become row indices once per batch: boolean indexing in every layer's hook would wait for
+        the GPU (to learn the result's size) hundreds of times per batch.
+        """
+        self._masks = {}
+        for shape, (example_mask, token_mask) in masks.items():
+            per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1).float()
+            token_rows = token_mask.reshape(-1).nonzero().squeeze(1)
+            self._masks[shape] = (example_mask.reshape(-1).nonzero().squeeze(1), token_rows, per_token[token_rows])
+
+    def discard_batch(self) -> None:
+        self._input_keys.clear()
+
+    def hash_batch(self, batch: Mapping[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """Add each example's hash (its unpadded ids and labels) to an order- and batching-free data hash."""
+        ids = batch["input_ids"]
+        attention = batch.get("attention_mask")
+        attention = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention.bool()
+        ids, labels, attention = ids.cpu(), labels.cpu(), attention.cpu()
+        for row in range(ids.shape[0]):
+            keep = attention[row] if attention.dim() == ids.dim() else slice(None)
+            payload = ids[row][keep].to(torch.int64).numpy().tobytes() + b"|"
+            if labels.shape == ids.shape:
+                payload += labels[row][keep].to(torch.int64).numpy().tobytes()
+            else:
+                payload += labels[row].to(torch.int64).numpy().tobytes()
+            value = int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+            self.data_hash_sums[0] += 1
+            self.data_hash_sums[1] += value & 0x7FFFFFFF
+            self.data_hash_sums[2] += (value >> 31) & 0x7FFFFFFF
+
+    def data_hash(self) -> str:
+        """Hash of the multiset of calibration examples: the same for any batching, order or sharding."""
+        text = "-".join(str(v) for v in self.data_hash_sums)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+    def layout(self) -> dict:
+        """Input groups and gradient shapes found on this rank (None groups: no valid batch here)."""
+        shapes = {k: list(v.shape) for k, v in self.gradient_sums.items()}
+        return {"groups": self.input_groups, "shapes": shapes, "data": list(self.data_hash_sums)}
+
+    def finalize_groups(self) -> None:
+        """After the first forward: layers that read the same tensor (same parent) share one `Z`."""
+        if self.input_groups is not None:
+            return
+        missing = [name for name in self.modules if name not in self._input_keys]
+        if missing:
+            raise LoraDAError(f"Target layer {missing[0]!r} was not called in the forward pass.")
+        leaders: dict[tuple, str] = {}
+        self.input_groups = {name: leaders.setdefault(self._input_keys[name], name) for name in self.modules}
+
+    def _forward_hook(self, name: str):
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+
+        def hook(module, args, output):
+            if not args or not isinstance(output, torch.Tensor):
+                return
+            x = args[0]
+            if self.input_groups is None:
+                self._input_keys[name] = (parent, x.data_ptr(), tuple(x.shape), x.dtype)
+            if not torch.is_grad_enabled():
+                return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute counts
+            if not output.requires_grad:
+                output.requires_grad_(True)  # a leaf here: the layer's inputs and weight need no grad
+            x = x.detach()
+            # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
+            output.register_hook(lambda grad: self._accumulate(name, x, grad))
+
+        return hook
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+        n, m = x.shape[-1], grad.shape[-1]
+        xs, gs = x.reshape(-1, n).float(), grad.reshape(-1, m).float()
+        masks = self._masks.get(tuple(x.shape[:-1]))
+        if masks is not None:
+            example_rows, token_rows, per_token_count = masks
+            # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
+            _add_product(self.gradient_sums, name, gs.index_select(0, example_rows).T, xs.index_select(0, example_rows))
+            xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
+        else:
+            _add_product(self.gradient_sums, name, gs.T, xs)
+            per_token_count = None
+        if self.config.output_scaling == "token" and per_token_count is not None:
+            gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
+        square_sum = (gs * gs).sum(0, dtype=OUTPUT_DTYPE)
+        if name in self.output_sq_sums:
+            self.output_sq_sums[name] += square_sum
+        else:
+            self.output_sq_sums[name] = square_sum
+        self.output_token_counts[name] += xs.shape[0]
+        group = self.input_groups[name]
+        if group == name:
+            _add_gram(self._input_chunks, group, xs)
+            self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
+            self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
+            if self._chunk_tokens[group] >= FOLD_TOKENS:
+                self._fold(group)
+
+    def _fold(self, group: str) -> None:
+        """Add the float32 chunk of `Z` into its float64 sum and clear the chunk."""
+        chunk = self._input_chunks[group]
+        if group not in self.input_sums:
+            self.input_sums[group] = torch.zeros(chunk.shape, dtype=INPUT_DTYPE, device=chunk.device)
+        total = self.input_sums[group]
+        for start in range(0, chunk.shape[0], GRAM_BLOCK):  # the filled part only, a row block at a time
+            total[start : start + GRAM_BLOCK, start:] += chunk[start : start + GRAM_BLOCK, start:]
+        chunk.zero_()
+        self._chunk_tokens[group] = 0
+
+    def fold_all(self) -> None:
+        """Fold every pending `Z` chunk and free the chunks (the totals still hold only their upper blocks)."""
+        for group in list(self._input_chunks):
+            if self._chunk_tokens.get(group, 0):
+                self._fold(group)
+        self._input_chunks.clear()
+
+    def result(self) -> LoraDAStatistics:
+        self.fold_all()
+        for total in self.input_sums.values():
+            mirror_blocks(total)
+        unreached = [name for name in self.modules if name not in self.gradient_sums]
+        if unreached:
+            raise LoraDAError(
+                f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any "
+                "calibration token."
+            )
+        names = list(self.modules)  # the given order, not the backward order in which the sums were created
+        leaders = list(dict.fromkeys(self.input_groups[name] for name in names))
+        return LoraDAStatistics(
+            gradient_sums={name: self.gradient_sums[name] for name in names},
+            output_sq_sums={name: self.output_sq_sums[name] for name in names},
+            output_token_counts={name: self.output_token_counts[name] for name in names},
+            input_groups={name: self.input_groups[name] for name in names},
+            input_sums={group: self.input_sums[group] for group in leaders},
+            input_token_counts={group: self.input_token_counts[group] for group in leaders},
+            num_examples=self.num_examples,
+        )
+
+
+def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor) -> None:
+    """`sums[key] += xs^T xs` [n, n] in float32, in place, computing only the blocks on and above the block
+    diagonal (rows in blocks of GRAM_BLOCK): Z is symmetric, so wide inputs save up to half the products.
+    `mirror_blocks` fills the rest once the sum is complete."""
+    n = xs.shape[1]
+    if key not in sums:
+        sums[key] = torch.zeros(n, n, dtype=xs.dtype, device=xs.device)
+    total = sums[key]
+    for start in range(0, n, GRAM_BLOCK):
+        rows = xs[:, start : start + GRAM_BLOCK]
+        total[start : start + GRAM_BLOCK, start:].addmm_(rows.T, xs[:, start:])
+
+
+def mirror_blocks(total: torch.Tensor) -> None:
+    """Copy the blocks above the block diagonal of a sum filled by `_add_gram` into those below it."""
+    n = total.shape[0]
+    for start in range(0, n - GRAM_BLOCK, GRAM_BLOCK):
+        end = start + GRAM_BLOCK
+        total[end:, start:end] = total[start:end, end:].T
+
+
+def _add_product(sums: dict[str, torch.Tensor], key: str, left: torch.Tensor, right: torch.Tensor) -> None:
+    """`sums[key] += left @ right` in place, in float32 (one GEMM, no temporary)."""
+    if key in sums:
+        sums[key].addmm_(left, right)
+    else:
+        sums[key] = left @ right
