@@ -1,4 +1,5 @@
-"""Per-layer LoRA-DA solve: the committed solver (git HEAD) vs the working tree's, on synthetic statistics.
+"""Per-layer LoRA-DA solve: the explicit-M solver (`--old-ref`, by default the last commit before the implicit
+path) vs the working tree's, on synthetic statistics.
 
 Statistics are built the way the hooks build them, from T synthetic tokens: inputs x_t with a decaying spectrum
 and a mean offset (so Z has rank min(T, n), rank-deficient when T < n), output gradients g_t that depend on x_t
@@ -44,9 +45,13 @@ LLAMA7B = {"q_proj": (4096, 4096, "x"), "k_proj": (4096, 4096, "x"), "v_proj": (
            "down_proj": (4096, 11008, "d")}
 
 
-def load_head_solver():
-    """The solver module as committed at git HEAD, imported from a temporary file inside the package."""
-    source = subprocess.run(["git", "show", "HEAD:src/lora_da/solver.py"], capture_output=True, text=True,
+# The last commit with the explicit-M solver (dense eigh / torch.lobpcg on M), before the implicit path.
+OLD_REF = "569b500"
+
+
+def load_head_solver(ref: str = OLD_REF):
+    """The solver module as committed at `ref`, imported from a temporary file inside the package."""
+    source = subprocess.run(["git", "show", f"{ref}:src/lora_da/solver.py"], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).parent).stdout
     path = Path(tempfile.mkdtemp()) / "solver_head.py"
     path.write_text(source)
@@ -171,10 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--old-7b-layers", default="q_proj,down_proj")
     parser.add_argument("--population-size", type=int, default=100_000)
+    parser.add_argument("--old-ref", default=OLD_REF, help="git revision of the solver to compare against")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     config = LoraDAConfig(population_size=args.population_size, show_progress=False)
-    old_module = load_head_solver()
+    old_module = load_head_solver(args.old_ref)
     cases = []
     for examples in (4, 32):
         stats = build(SMOL, args.blocks, examples * 150, examples, seed=examples)
@@ -201,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def markdown(result: dict) -> str:
-    lines = ["# Per-layer solve speed: git HEAD solver vs working tree", "",
+    lines = [f"# Per-layer solve speed: solver at {OLD_REF} (old) vs working tree (new)", "",
              f"`python benchmarks/solve_speed.py` on {result['machine']}, rank {result['rank']}, "
              f"population_size {result['population_size']}, synthetic statistics (see the script's docstring). "
              "Times are the best of the repeats, in one process, old and new alternating.", "",
