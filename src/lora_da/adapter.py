@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
@@ -208,19 +209,43 @@ def _gather_and_solve(
             "one-shot iterator: pass a list or a DataLoader."
         )
     solutions = {}
-    for group in passes:
+    for number, group in enumerate(passes, start=1):
         start = time.perf_counter()
+        # one process: a second pass that yields nothing is a spent iterator (under torch.distributed a rank
+        # may legitimately hold no batch; the data-hash check below, on all-reduced hashes, still holds)
+        again = number > 1 and get_world_size() == 1
+        pass_batches = _iterate_again(batches, number, len(passes)) if again else batches
         with model.disable_adapter():  # statistics of the base model, whatever the adapters hold now
-            stats = collect_statistics(model, batches, group, config, loss_fn=loss_fn, shard=shard)
+            stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard)
         report.statistics_seconds += time.perf_counter() - start
         report.statistics_bytes = max(report.statistics_bytes, stats.nbytes())
         report.num_examples, report.num_tokens = stats.num_examples, stats.num_tokens
-        report.data_hash = stats.metadata.get("data_hash")
+        data_hash = stats.metadata.get("data_hash")
+        if number > 1 and data_hash != report.data_hash:  # each group's factors must come from the same data
+            raise LoraDAError(
+                f"Pass {number} of {len(passes)} over `batches` saw other examples than pass 1 (data hash "
+                f"{data_hash} vs {report.data_hash}): `batches` must give the same examples each time it is "
+                "iterated (a list or a DataLoader; shuffling is fine)."
+            )
+        report.data_hash = data_hash
         start = time.perf_counter()
         solutions.update(solve_layers(stats, ranks, config, group))
         report.solve_seconds += time.perf_counter() - start
         del stats  # freed before the next group is gathered
     return solutions
+
+
+def _iterate_again(batches: Iterable, number: int, total: int) -> Iterable:
+    """`batches` for pass `number` > 1, refused at once when iterating it again yields nothing (an iterable
+    that hands out the same, spent iterator) instead of failing later for want of supervised tokens."""
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if first is None:
+        raise LoraDAError(
+            f"Pass {number} of {total}: iterating `batches` again yielded nothing; it must give the same batches "
+            "each time it is iterated (a list or a DataLoader), not hand out one spent iterator."
+        )
+    return itertools.chain([first], iterator)
 
 
 def _statistics_for(
