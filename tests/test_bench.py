@@ -6,11 +6,27 @@ import json
 import sys
 
 import pytest
+from conftest import build_tiny_model
 
 from lora_da import bench
 from lora_da.bench import BenchConfig, parse_variant, run_bench, runner, select_learning_rate
+from lora_da.cli import commands, main
+from lora_da.methods import METHODS, MethodSpec
 
 LOW_LR, HIGH_LR = 1e-6, 3e-2
+BROKEN = "broken"  # a registry method that fails when it runs (bad option values are refused before any run)
+
+
+def _fail(ctx):
+    raise RuntimeError("broken on purpose")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def broken_method():
+    """Register BROKEN for this module's grids."""
+    METHODS[BROKEN] = MethodSpec(BROKEN, "fails at init", _fail)
+    yield
+    del METHODS[BROKEN]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +41,7 @@ def sums_jsonl(tmp_path_factory):
 def tiny_config(model_dir, data, **overrides) -> BenchConfig:
     """A grid small enough for a few seconds on 2 CPU cores."""
     options = dict(
-        model=str(model_dir), data=str(data), methods=["lora", "lora_da", "lora_da@damping=-1"], ranks=[4],
+        model=str(model_dir), data=str(data), methods=["lora", "lora_da", BROKEN], ranks=[4],
         seeds=[0], learning_rates=[LOW_LR, HIGH_LR], steps=6, batch_size=4, max_length=64, num_train=24,
         num_val=8, num_test=8, num_accuracy=4, max_new_tokens=6, eval_every=3, calibration_examples=8,
         eval_batch_size=8,
@@ -73,11 +89,11 @@ def test_bench_picks_the_better_learning_rate(bench_run):
 
 def test_failed_cell_is_a_row_with_its_error(bench_run):
     out, records = bench_run
-    failed = [r for r in records if r["method"] == "lora_da@damping=-1"]
+    failed = [r for r in records if r["method"] == BROKEN]
     assert len(failed) == 2 and all(r["status"] == "failed" for r in failed)
-    assert all("damping" in r["error"] for r in failed)
+    assert all("broken on purpose" in r["error"] for r in failed)
     assert all(r["status"] == "ok" for r in records if r["method"] in ("lora", "lora_da"))
-    assert "lora_da@damping=-1\\|r4" in (out / "report.md").read_text()
+    assert f"{BROKEN}\\|r4" in (out / "report.md").read_text()
 
 
 def test_resume_skips_finished_cells_and_runs_only_new_ones(bench_run, tmp_path, tiny_model_dir, sums_jsonl,
@@ -89,21 +105,21 @@ def test_resume_skips_finished_cells_and_runs_only_new_ones(bench_run, tmp_path,
     calls = []
     real = runner.run_cell
 
-    def counting(*args):
+    def counting(*args, **kwargs):
         calls.append(bench.cell_key(args[4].name, *args[5:]))
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(runner, "run_cell", counting)
-    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora", "lora_da@damping=-1"],
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora", BROKEN],
                          learning_rates=[LOW_LR, HIGH_LR, 1e-3])
     records = run_bench(resumed, config, show_progress=False)
     # only the new learning rate runs; finished and failed cells are kept as they were
-    expected = [bench.cell_key("lora", 4, 1e-3, 0), bench.cell_key("lora_da@damping=-1", 4, 1e-3, 0)]
+    expected = [bench.cell_key("lora", 4, 1e-3, 0), bench.cell_key(BROKEN, 4, 1e-3, 0)]
     assert sorted(calls) == sorted(expected)
     assert len(records) == 8
     calls.clear()
     run_bench(resumed, config, show_progress=False, retry_failed=True)
-    assert sorted(calls) == sorted(bench.cell_key("lora_da@damping=-1", 4, lr, 0) for lr in (LOW_LR, HIGH_LR, 1e-3))
+    assert sorted(calls) == sorted(bench.cell_key(BROKEN, 4, lr, 0) for lr in (LOW_LR, HIGH_LR, 1e-3))
 
 
 def test_resume_refuses_a_different_protocol(bench_run, tmp_path, tiny_model_dir, sums_jsonl):
@@ -121,6 +137,40 @@ def test_resume_refuses_runs_on_other_data(bench_run, tmp_path, tiny_model_dir, 
     (tmp_path / "results.json").write_text(json.dumps(payload))
     with pytest.raises(ValueError, match="other data"):
         run_bench(tmp_path, tiny_config(tiny_model_dir, sums_jsonl), show_progress=False)
+
+
+def test_resume_refuses_runs_of_other_weights_at_the_same_path(bench_run, tmp_path, tiny_model_dir, sums_jsonl,
+                                                               tiny_tokenizer):
+    """Runs are keyed by the weights, not the model's name: a replaced model never mixes with the old runs."""
+    out, records = bench_run
+    assert len({r["model_hash"] for r in records}) == 1
+    (tmp_path / "results.json").write_text((out / "results.json").read_text())
+    with pytest.raises(ValueError, match="another model.*its weights changed"):
+        run_bench(tmp_path, tiny_config(tiny_model_dir, sums_jsonl), base_model=build_tiny_model(seed=1),
+                  tokenizer=tiny_tokenizer, show_progress=False)
+
+
+def test_a_diverging_learning_rate_is_a_diverged_row(tmp_path, tiny_model_dir, sums_jsonl):
+    records = run_bench(tmp_path, tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], learning_rates=[1e4],
+                                              num_accuracy=0, eval_every=0), show_progress=False, plots=False)
+    assert [r["status"] for r in records] == ["diverged"] and "training diverged" in records[0]["error"]
+
+
+@pytest.mark.parametrize(("statuses", "exit_status"), [(["failed", "diverged"], 1), (["ok", "failed"], 0)])
+def test_bench_command_exit_status_and_retry_flag(statuses, exit_status, tmp_path, monkeypatch, capsys):
+    """A grid in which no run finished exits 1; --retry-failed reaches run_bench."""
+    seen = {}
+
+    def fake_run_bench(output, config, retry_failed=False):
+        seen["retry_failed"] = retry_failed
+        return [{"key": f"lora|r8|lr0.001|s{i}", "status": s, "error": None if s == "ok" else "boom"}
+                for i, s in enumerate(statuses)]
+
+    monkeypatch.setattr(commands, "run_bench", fake_run_bench)
+    assert main(["bench", "--output", str(tmp_path), "--retry-failed"]) == exit_status
+    err = capsys.readouterr().err
+    assert seen["retry_failed"] is True
+    assert ("lora-da: error: no run of the grid finished" in err) == (exit_status == 1)
 
 
 def test_sweep_seeds_run_extra_seeds_only_at_the_chosen_rate(tmp_path, tiny_model_dir, sums_jsonl):

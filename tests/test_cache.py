@@ -61,7 +61,8 @@ class TestRoundTrip:
         assert manifest["data_hash"] == stats.metadata["data_hash"]
         assert manifest["layers"]["model.layers.1.mlp.down_proj"] == [32, 48]
         assert set(manifest["layers"]) == set(target_layer_names(tiny_llama()))
-        assert len(manifest["config_hash"]) == 32 and manifest["weights"].keys() == manifest["layers"].keys()
+        assert len(manifest["config_hash"]) == 32
+        assert {f"{name}.weight" for name in manifest["layers"]} < set(manifest["tensors"])
         json.dumps(manifest)
 
     def test_data_hash_ignores_batching_and_order_but_not_content(self, tmp_path):
@@ -86,7 +87,7 @@ class TestRoundTrip:
 class TestRefused:
     def test_other_weights(self, cache):
         model = wrap(tiny_llama(seed=1))
-        with pytest.raises(LoraDAError, match="another model.*the weights of layer"):
+        with pytest.raises(LoraDAError, match="another model.*the weights of"):
             initialize_lora_da(model, None, CFG, statistics=cache)
 
     def test_other_config(self, tmp_path, cache):
@@ -182,3 +183,74 @@ class TestAtomicWrite:
             save_stats(cache, items=examples(6, seed=1))
         assert cache.read_bytes() == before
         assert [p.name for p in cache.parent.iterdir()] == [cache.name]
+
+
+class TestModelIdentity:
+    """The manifest covers every tensor that shapes the forward pass, not only the target layers' first elements."""
+
+    @pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
+                                        "model.layers.0.input_layernorm.weight"])
+    def test_a_changed_non_target_tensor_is_refused(self, cache, tensor):
+        model = tiny_llama()
+        with torch.no_grad():
+            model.get_parameter(tensor).mul_(1.5)
+        with pytest.raises(LoraDAError, match=f"another model.*the weights of '{tensor}' differ"):
+            load_statistics(cache, wrap(model))
+
+    def test_a_target_weight_changed_after_its_first_64_elements_is_refused(self, cache):
+        model = tiny_llama()
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.view(-1)[64:].add_(1e-2)
+        with pytest.raises(LoraDAError, match="the weights of 'model.layers.1.mlp.down_proj.weight' differ"):
+            load_statistics(cache, model)
+
+    def test_a_bfloat16_copy_of_the_same_model_is_accepted(self, cache):
+        load_statistics(cache, wrap(tiny_llama().to(torch.bfloat16)))
+
+    def test_a_manifest_without_the_full_identity_is_refused(self, cache, tmp_path):
+        stats = LoraDAStatistics.load(cache)
+        manifest = manifest_of(stats)
+        del manifest["identity_version"], manifest["tensors"]
+        stats.metadata["lora_da_manifest"] = json.dumps(manifest)
+        stats.save(tmp_path / "old.safetensors")
+        with pytest.raises(LoraDAError, match="older lora-da"):
+            load_statistics(tmp_path / "old.safetensors", tiny_llama())
+
+
+class TestInvalidContentsRefusedOnLoad:
+    """A file whose numbers cannot be statistics is refused when read, with a message that says so."""
+
+    @pytest.mark.parametrize("part", ["gradient_sums", "output_sq_sums", "input_sums"])
+    def test_non_finite_tensor(self, cache, tmp_path, part):
+        stats = LoraDAStatistics.load(cache)
+        tensors = getattr(stats, part)
+        next(iter(tensors.values())).view(-1)[3] = float("nan")
+        stats.save(tmp_path / "nan.safetensors")
+        with pytest.raises(LoraDAError, match="is not finite"):
+            LoraDAStatistics.load(tmp_path / "nan.safetensors")
+
+    @pytest.mark.parametrize("count", ["num_examples", "output_token_counts", "input_token_counts"])
+    def test_count_below_one(self, cache, tmp_path, count):
+        stats = LoraDAStatistics.load(cache)
+        if count == "num_examples":
+            stats.num_examples = -2
+        else:
+            counts = getattr(stats, count)
+            counts[next(iter(counts))] = -5
+        stats.save(tmp_path / "negative.safetensors")
+        with pytest.raises(LoraDAError, match="a positive count is needed"):
+            LoraDAStatistics.load(tmp_path / "negative.safetensors")
+
+
+def test_next_write_removes_the_temp_file_of_a_dead_writer_only(cache):
+    """A SIGKILLed writer's full-size temp file goes at the next write into the folder; a live one's stays."""
+    child = multiprocessing.get_context("fork").Process(target=_half_write_then_die, args=(str(cache),))
+    child.start()
+    child.join(timeout=120)
+    dead = [p for p in cache.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert len(dead) == 1 and f"-{child.pid}-" in dead[0].name  # the writer's pid is in the name
+    alive = dead[0].with_name(dead[0].name.replace(f"-{child.pid}-", f"-{os.getppid()}-"))
+    alive.write_bytes(b"being written")
+    save_stats(cache)
+    assert not dead[0].exists() and alive.exists()
+    assert sorted(p.name for p in cache.parent.iterdir()) == sorted([cache.name, alive.name])

@@ -212,7 +212,7 @@ def test_collate_pads_both_sides():
 
 
 def test_calibration_batches_are_seeded_and_capped():
-    features = [{"input_ids": [i + 1], "labels": [i + 1]} for i in range(10)]
+    features = [{"input_ids": [i + 1, 0], "labels": [i + 1, 0]} for i in range(10)]
     first = calibration_batches(features, 6, 4, 0, seed=1)
     again = calibration_batches(features, 6, 4, 0, seed=1)
     assert [b["input_ids"].tolist() for b in first] == [b["input_ids"].tolist() for b in again]

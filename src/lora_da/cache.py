@@ -1,8 +1,8 @@
 """Statistics cache: gather once, save with a manifest, solve later for any rank / beta / gamma.
 
-The manifest (JSON in the safetensors metadata) names the model (config hash and a fingerprint of the target
-layers' weights), the data hash, token mask, counts, and the layers with their shapes. Loading it for another
-model, other layers or another token mask raises `LoraDAError`.
+The manifest (JSON in the safetensors metadata) names the model (config hash, and shape, norm and a hash of
+sampled elements of every parameter and buffer), the data hash, token mask, counts, and the layers with their
+shapes. Loading it for another model, other layers or another token mask raises `LoraDAError`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,58 @@ from .statistics import LoraDAStatistics
 MANIFEST_KEY = "lora_da_manifest"
 # Config entries that do not change the function the model computes.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
-_FINGERPRINT_ELEMENTS = 64
+# Version of the weight identity below; manifests without it (older files) recorded only part of the weights.
+IDENTITY_VERSION = 2
+_SAMPLES_PER_TENSOR = 1024  # evenly spaced elements hashed per tensor
+# A float32 tensor and its bfloat16 copy must match: their norms differ by at most bfloat16's relative
+# rounding (2^-9 per element), so norms are compared to 2^-8.
+_NORM_TOLERANCE = 2.0**-8
+# PEFT's own tensors (adapters, trainable copies) are not the base model's; its wrappers add name parts.
+_ADAPTER_NAME_PARTS = ("lora_", ".modules_to_save.")
+_WRAPPER_NAME_PARTS = (".base_layer", ".original_module")
 
 
-def model_identity(model: nn.Module, layer_names: Sequence[str]) -> dict:
-    """Name, config hash and weight fingerprint of a model (bare or PEFT) at the given canonical layers."""
+def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of the base model (bare or under PEFT), by its name in the bare model."""
+    base = base_model_of(model)
+    tensors = {}
+    for name, tensor in [*base.named_parameters(), *base.named_buffers()]:
+        if any(part in name for part in _ADAPTER_NAME_PARTS):
+            continue
+        for part in _WRAPPER_NAME_PARTS:
+            name = name.replace(part, "")
+        tensors[canonical_layer_name(name)] = tensor
+    return tensors
+
+
+def _samples(tensor: torch.Tensor) -> torch.Tensor:
+    """Up to `_SAMPLES_PER_TENSOR` evenly spaced elements of `tensor`, on the CPU."""
+    flat = tensor.detach().reshape(-1)
+    if flat.numel() > _SAMPLES_PER_TENSOR:
+        flat = flat[torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()]
+    return flat.cpu()
+
+
+def _tensor_identity(tensor: torch.Tensor) -> list:
+    """[shape, norm or None, hash of sampled elements]: floats rounded to bfloat16 for the hash, so a float32
+    model and its bfloat16 copy agree; the norm covers the elements between the samples."""
+    samples = _samples(tensor)
+    norm = None
+    if tensor.is_floating_point():
+        samples = samples.to(torch.bfloat16).float()
+        norm = float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float32))
+    digest = hashlib.sha256(_bytes(samples)).hexdigest()[:16]
+    return [list(tensor.shape), norm, digest]
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU tensor of any dtype (numpy has no bfloat16)."""
+    return tensor.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def model_identity(model: nn.Module) -> dict:
+    """Name, config hash and, per parameter and buffer of the base model, shape, norm and a hash of sampled
+    elements: everything that shapes the forward pass, read once."""
     base = base_model_of(model)
     config = getattr(base, "config", None)
     settings = {}
@@ -37,32 +84,43 @@ def model_identity(model: nn.Module, layer_names: Sequence[str]) -> dict:
         settings = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in
                     _VOLATILE_CONFIG_KEYS}
     config_hash = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:32]
-    weights = {}
-    for name in layer_names:
-        module = base.get_submodule(name)
-        module = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            weights[name] = _fingerprint(weight)
     return {
         "model_name": str(getattr(config, "_name_or_path", "") or type(base).__name__),
         "config_hash": config_hash,
-        "weights": weights,
+        "identity_version": IDENTITY_VERSION,
+        "tensors": {name: _tensor_identity(tensor) for name, tensor in _base_tensors(model).items()},
     }
 
 
-def _fingerprint(weight: torch.Tensor) -> str:
-    """Hash of a weight's first elements, rounded to bfloat16 so float32 and bfloat16 copies agree."""
-    head = weight.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS]
-    if head.is_floating_point():
-        head = head.to(torch.bfloat16).float()
-    return hashlib.sha256(head.cpu().numpy().tobytes()).hexdigest()[:16]
+def model_fingerprint(model: nn.Module) -> str:
+    """A short exact hash of the base model's tensors (names, shapes, dtypes, sampled elements as stored):
+    the same model loaded the same way gives the same value on any device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_base_tensors(model).items()):
+        digest.update(f"{name}|{list(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(_bytes(_samples(tensor)))
+    return digest.hexdigest()[:16]
+
+
+def _differing_tensor(stored: Mapping[str, list], current: Mapping[str, list]) -> str | None:
+    """What first differs between two weight identities, in words, or None."""
+    for name in sorted(set(stored) | set(current)):
+        if name not in current:
+            return f"this model has no tensor {name!r}"
+        if name not in stored:
+            return f"tensor {name!r} is new"
+        (shape, norm, digest), (now_shape, now_norm, now_digest) = stored[name], current[name]
+        if shape != now_shape:
+            return f"tensor {name!r} has shape {now_shape}, not {shape}"
+        if digest != now_digest or (norm is None) != (now_norm is None) or (
+                norm is not None and abs(norm - now_norm) > _NORM_TOLERANCE * max(abs(norm), abs(now_norm))):
+            return f"the weights of {name!r} differ"
+    return None
 
 
 def build_manifest(model: nn.Module, stats: LoraDAStatistics, model_name: str | None = None) -> dict:
     """The manifest of statistics gathered on `model` (layers as stored in `stats`)."""
-    names = [canonical_layer_name(name) for name in stats.layer_names]
-    identity = model_identity(model, names)
+    identity = model_identity(model)
     if model_name:
         identity["model_name"] = model_name
     return {
@@ -143,18 +201,22 @@ def check_statistics(
             )
     manifest = manifest_of(stats)
     if manifest is not None:
-        identity = model_identity(model, list(layer_shapes))
+        identity = model_identity(model)
         if manifest.get("config_hash") != identity["config_hash"]:
             raise LoraDAError(
                 f"{source} come from another model ({manifest.get('model_name')!r}: its configuration differs "
                 f"from that of {identity['model_name']!r}); recompute them on this model."
             )
-        stored = manifest.get("weights", {})
-        changed = [name for name, value in identity["weights"].items() if stored.get(name, value) != value]
-        if changed:
+        if manifest.get("identity_version") != IDENTITY_VERSION:
             raise LoraDAError(
-                f"{source} come from another model ({manifest.get('model_name')!r}: the weights of layer "
-                f"{changed[0]!r} differ from those of {identity['model_name']!r}); recompute them on this model."
+                f"{source} were saved by an older lora-da, whose record of the model covers only part of its "
+                "weights, so they cannot be checked against this model; recompute them."
+            )
+        difference = _differing_tensor(manifest["tensors"], identity["tensors"])
+        if difference is not None:
+            raise LoraDAError(
+                f"{source} come from another model ({manifest.get('model_name')!r}: {difference} in "
+                f"{identity['model_name']!r}); recompute them on this model."
             )
     if config is not None:
         for key in ("token_mask", "output_scaling"):

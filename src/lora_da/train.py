@@ -20,6 +20,10 @@ from .models import resolve_dtype
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+class TrainingDiverged(ValueError):
+    """The loss, the gradient norm or a trained parameter became NaN or infinite: the run is not usable."""
+
+
 @dataclass
 class TrainConfig:
     """Fine-tuning hyperparameters; `steps` counts optimizer steps of batch_size * grad_accum examples."""
@@ -44,16 +48,16 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):  # written so NaN fails too
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None and not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {self.max_grad_norm}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         resolve_dtype(self.dtype)
@@ -90,6 +94,20 @@ def _example_order(num_examples: int, num_needed: int, seed: int) -> list[int]:
     return order[:num_needed]
 
 
+def _first_non_finite(params: Sequence[tuple[str, torch.Tensor]]) -> str | None:
+    """Name of the first parameter holding a NaN or an infinity, else None (one reduction per tensor)."""
+    for name, param in params:
+        if not bool(param.detach().sum(dtype=torch.float64).isfinite()):  # a NaN or inf survives the sum
+            return name
+    return None
+
+
+def _diverged(step: int, what: str, value: float | str) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"training diverged at step {step}: {what} is {value} (try a lower lr)"
+    )
+
+
 def train(
     model: nn.Module,
     train_features: Sequence[dict],
@@ -99,11 +117,14 @@ def train(
 ) -> list[dict]:
     """Fine-tune the parameters with requires_grad; return the history [{step, loss, lr[, eval_loss]}].
 
+    Raises `TrainingDiverged` as soon as the loss, the gradient norm, the eval loss or (after the last step) a
+    trained parameter is NaN or infinite, so a diverged run never looks like a finished one.
     Features are dicts with 'input_ids' and 'labels' lists (see `lora_da.data.encode_examples`).
     """
     if not train_features:
         raise ValueError("cannot train on an empty set of examples")
-    params = [p for p in model.parameters() if p.requires_grad]
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named_params]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
     torch.manual_seed(config.seed)
@@ -133,8 +154,12 @@ def train(
                 loss = total / max(count, 1)
                 (loss / config.grad_accum).backward()
                 losses.append(float(loss.detach()))
+                if not math.isfinite(losses[-1]):
+                    raise _diverged(step + 1, "the training loss", losses[-1])
             if config.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
+                if not math.isfinite(grad_norm):
+                    raise _diverged(step + 1, "the gradient norm", grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -144,7 +169,13 @@ def train(
                 record["eval_loss"] = evaluate_loss(
                     model, eval_features, pad_token_id, config.eval_batch_size, config.dtype, show_progress=False
                 )["loss"]
+                if not math.isfinite(record["eval_loss"]):
+                    raise _diverged(step + 1, "the eval loss", record["eval_loss"])
                 model.train()
+            if last:  # a last update to inf/NaN would not show in any loss above
+                bad = _first_non_finite(named_params)
+                if bad is not None:
+                    raise _diverged(step + 1, f"parameter {bad!r}", "not finite")
             history.append(record)
             if log is not None:
                 log.write(json.dumps(record) + "\n")

@@ -21,11 +21,12 @@ from lora_da.bench.memory import PeakRSS
 from lora_da.bench.report import RESULTS_FILE, write_outputs
 from lora_da.bench.summary import select_learning_rate, sweep_seeds_of
 from lora_da.bench.task import BenchTask, load_bench_task
+from lora_da.cache import model_fingerprint
 from lora_da.evaluate import evaluate_loss, evaluate_model
 from lora_da.layers import model_device
 from lora_da.methods import adapt_model
 from lora_da.models import load_model_and_tokenizer
-from lora_da.train import train
+from lora_da.train import TrainingDiverged, train
 
 
 def cell_key(variant: str, rank: int, lr: float, seed: int) -> str:
@@ -59,11 +60,13 @@ def run_cell(
     lr: float,
     seed: int,
     progress: Callable[[str], None] = _quiet,
+    model_hash: str | None = None,
 ) -> dict:
     """Initialize, fine-tune and evaluate one run; never raises: a failure is a record with status 'failed'.
 
     `progress` receives a line at the start of each phase. With `config.detailed_records` the record also
-    holds the step history, the init report and the metrics before and after training.
+    holds the step history, the init report and the metrics before and after training. `model_hash` (see
+    `lora_da.cache.model_fingerprint`) is recorded so that a resumed grid never mixes two models' runs.
     """
     device = model_device(base_model)
     record: dict[str, Any] = {
@@ -83,6 +86,7 @@ def run_cell(
         "accuracy": None,
         "device": _device_name(device),
         "data_hash": task.fingerprint,
+        "model_hash": model_hash,
     }
     pad_id = tokenizer.pad_token_id
     evaluation = config.eval_config()
@@ -132,6 +136,9 @@ def run_cell(
             if config.detailed_records:
                 record["after"] = after
             record["status"] = "ok" if math.isfinite(final_val) and math.isfinite(test) else "diverged"
+        except TrainingDiverged as err:  # a result of this learning rate, not a fault: kept on resume
+            record["status"] = "diverged"
+            record["error"] = str(err)
         except Exception as err:  # a failed cell is a row, never a crash of the whole grid
             record["status"] = "failed"
             record["error"] = f"{type(err).__name__}: {err}"
@@ -206,6 +213,13 @@ def run_bench(
             f"{task.fingerprint} vs {', '.join(sorted(other_data))}): e.g. another tokenizer or, for "
             "stdlib-code, another Python version; use another output folder"
         )
+    model_hash = model_fingerprint(base_model)
+    other_models = {r["model_hash"] for r in records if r.get("model_hash")} - {model_hash}
+    if other_models:
+        raise ValueError(
+            f"{results_path} holds runs of another model than {config.model!r} is here (weights hash "
+            f"{model_hash} vs {', '.join(sorted(other_models))}): its weights changed; use another output folder"
+        )
     variants = {spec: parse_variant(spec) for spec in config.methods}
 
     def run(spec: str, rank: int, lr: float, seed: int, bar) -> None:
@@ -215,7 +229,7 @@ def run_bench(
             bar.update(1)
             return
         bar.set_postfix_str(key)
-        record = run_cell(base_model, tokenizer, task, config, variants[spec], rank, lr, seed)
+        record = run_cell(base_model, tokenizer, task, config, variants[spec], rank, lr, seed, model_hash=model_hash)
         if previous is not None:
             records.remove(previous)
         records.append(record)

@@ -4,15 +4,18 @@ then runs the library."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 
 from lora_da import LoraDAConfig, compute_and_save_statistics, init_distributed_from_env, initialize_lora_da
 from lora_da.bench import BenchConfig, run_bench
 from lora_da.cli.common import (
+    check_model_args,
     eval_config,
     eval_examples,
     init_config,
@@ -22,28 +25,33 @@ from lora_da.cli.common import (
     target_modules,
     train_config,
 )
-from lora_da.data import calibration_batches, encode_examples, is_builtin, load_examples
+from lora_da.cli.output import check_output_folder, staged_output
+from lora_da.data import LazyFeatures, calibration_batches, encode_examples, is_builtin, load_examples
 from lora_da.distributed import barrier, is_main_process
 from lora_da.evaluate import evaluate_model
 from lora_da.files import write_json
-from lora_da.methods import METHODS, InitInfo, adapt_model, save_adapter
+from lora_da.methods import METHODS, InitInfo, adapt_model, check_adapter_fits, save_adapter
+from lora_da.models import check_adapter_folder, load_adapter
 from lora_da.train import train
 
 
-def _save(model, info: InitInfo, tokenizer, output: Path, args: argparse.Namespace) -> None:
-    """Save the adapter folder and init_report.json (under torchrun: rank 0 writes, the others wait)."""
-    if not is_main_process():
-        barrier()
-        return
-    output.mkdir(parents=True, exist_ok=True)
-    save_adapter(model, info, output)
+def _write_adapter(folder: Path, model, info: InitInfo, tokenizer, args: argparse.Namespace) -> None:
+    """Write the adapter (or, for `full`, the model with its tokenizer) and init_report.json into `folder`."""
+    save_adapter(model, info, folder)
     if info.method == "full":
-        tokenizer.save_pretrained(output)  # a full model folder is used as --model, so it needs its tokenizer
+        tokenizer.save_pretrained(folder)  # a full model folder is used as --model, so it needs its tokenizer
     report = {"method": info.method, "init_seconds": info.init_seconds, "modifies_base": info.modifies_base,
               "rank": args.rank, "lora_alpha": args.lora_alpha, "use_rslora": args.rslora,
               "target_modules": args.target_modules, "model": args.model, "data": args.data,
               "seed": args.seed, "report": info.report}
-    write_json(output / "init_report.json", report)
+    write_json(folder / "init_report.json", report)
+
+
+def _save_initialized(model, info: InitInfo, tokenizer, output: Path, args: argparse.Namespace) -> None:
+    """Save the initialized adapter folder (under torchrun: rank 0 writes, the others wait)."""
+    if is_main_process():
+        with staged_output(output, args.overwrite) as folder:
+            _write_adapter(folder, model, info, tokenizer, args)
     barrier()
 
 
@@ -54,24 +62,34 @@ def _adapt(base, tokenizer, features, init) -> tuple:
     return adapt_model(base, features, init, tokenizer.pad_token_id)
 
 
+def _load_checked_model(args: argparse.Namespace, init):
+    """(model, tokenizer), refused before any data is encoded when the adapter does not fit the model."""
+    base, tokenizer = load_model(args)
+    check_adapter_fits(base, init.method, init.rank, init.target_modules)
+    return base, tokenizer
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """`lora-da init`: initialize an adapter and save it."""
     init = init_config(args)
+    check_model_args(args)
+    output = check_output_folder(args.output, args.overwrite)
     init_distributed_from_env()  # under torchrun every rank gathers statistics, rank 0 saves
     if args.stats is not None:
-        return _init_from_statistics(args, init)
+        return _init_from_statistics(args, init, output)
     if args.data is None:
         raise ValueError("--data is required (or --stats FILE from `lora-da stats`)")
     examples = load_examples(args.data, "train", args.num_train, args.data_seed)
-    base, tokenizer = load_model(args)
-    features = encode_examples(examples, tokenizer, args.max_length)
+    base, tokenizer = _load_checked_model(args, init)
+    # encoded on demand: a data-aware method encodes only the calibration examples it draws
+    features = LazyFeatures(examples, tokenizer, args.max_length)
     model, info = _adapt(base, tokenizer, features, init)
-    _save(model, info, tokenizer, Path(args.output), args)
+    _save_initialized(model, info, tokenizer, output, args)
     print(f"{info.method}: initialized rank {args.rank} in {info.init_seconds:.2f} s; saved to {args.output}")
     return 0
 
 
-def _init_from_statistics(args: argparse.Namespace, init) -> int:
+def _init_from_statistics(args: argparse.Namespace, init, output: Path) -> int:
     """`lora-da init --stats FILE`: LoRA-DA factors solved from saved statistics, no model pass."""
     if init.method != "lora_da":
         raise ValueError("--stats works with --method lora_da only")
@@ -79,13 +97,13 @@ def _init_from_statistics(args: argparse.Namespace, init) -> int:
         raise FileNotFoundError(f"statistics file not found: {args.stats}")
     if args.population_size is None and args.variance_weight != 0:
         raise ValueError("--population-size is required with --stats (the size of your fine-tuning set)")
-    base, tokenizer = load_model(args)
+    base, tokenizer = _load_checked_model(args, init)
     model = get_peft_model(base, LoraConfig(r=init.rank, lora_alpha=init.lora_alpha, use_rslora=init.use_rslora,
                                             target_modules=init.target_modules, lora_dropout=0.0))
     start = time.perf_counter()
     report = initialize_lora_da(model, None, init.method_options(args.population_size), statistics=args.stats)
     info = InitInfo("lora_da", time.perf_counter() - start, False, report.to_dict())
-    _save(model, info, tokenizer, Path(args.output), args)
+    _save_initialized(model, info, tokenizer, output, args)
     print(f"lora_da: solved rank {args.rank} from {args.stats} in {info.init_seconds:.2f} s; saved to {args.output}")
     return 0
 
@@ -93,10 +111,13 @@ def _init_from_statistics(args: argparse.Namespace, init) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     """`lora-da stats`: gather and save LoRA-DA statistics."""
     config = LoraDAConfig(variance_weight=0.0, token_mask=args.token_mask)
+    check_model_args(args)
+    if args.num_calibration < 1:
+        raise ValueError(f"--num-calibration must be >= 1, got {args.num_calibration}")
     init_distributed_from_env()
     examples = load_examples(args.data, "train", args.num_train, args.data_seed)
     base, tokenizer = load_model(args)
-    features = encode_examples(examples, tokenizer, args.max_length)
+    features = LazyFeatures(examples, tokenizer, args.max_length)  # only the drawn examples are encoded
     batches = calibration_batches(features, args.num_calibration, args.batch_size, tokenizer.pad_token_id,
                                   args.seed)
     stats = compute_and_save_statistics(base, batches, args.output, config,
@@ -109,7 +130,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """`lora-da bench`: run (or resume) a comparison grid."""
+    """`lora-da bench`: run (or resume) a comparison grid; status 1 when every run failed."""
 
     def numbers(text: str, kind):
         return [kind(v) for v in text.split(",") if v.strip()]
@@ -118,34 +139,45 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          ranks=numbers(args.ranks, int), seeds=numbers(args.seeds, int),
                          learning_rates=numbers(args.lrs, float), sweep_seeds=args.sweep_seeds, steps=args.steps,
                          batch_size=args.batch_size, max_length=args.max_length)
-    run_bench(args.output, config)
+    records = run_bench(args.output, config, retry_failed=args.retry_failed)
+    bad = [r for r in records if r["status"] != "ok"]
+    if records and len(bad) == len(records):
+        raise ValueError(f"no run of the grid finished ({len(bad)} failed or diverged; first: {bad[0]['key']}: "
+                         f"{bad[0]['error']}); see {args.output}/report.md")
+    failed = [r for r in bad if r["status"] == "failed"]
+    if failed:
+        status(f"{len(failed)} of {len(records)} runs failed (listed in {args.output}/report.md); "
+               "rerun with --retry-failed to try them again")
     print(f"results in {args.output}/results.json and {args.output}/report.md")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """`lora-da train`: initialize, fine-tune, evaluate, save."""
+    """`lora-da train`: initialize, fine-tune, evaluate, save (see `cli.output`: all or nothing)."""
     init = init_config(args)
-    output = Path(args.output)
-    config = train_config(args, output / "train_log.jsonl")
+    check_model_args(args)
+    output = check_output_folder(args.output, args.overwrite)
+    config = train_config(args)
     evaluation = eval_config(args)
     examples = load_examples(args.data, "train", one_epoch(args) if is_builtin(args.data) else args.num_train,
                              args.data_seed)
     held_out = eval_examples(args)
-    base, tokenizer = load_model(args)
+    base, tokenizer = _load_checked_model(args, init)
     features = encode_examples(examples, tokenizer, args.max_length)
     eval_features = encode_examples(held_out, tokenizer, args.max_length) if held_out else None
     model, info = _adapt(base, tokenizer, features, init)
     status(f"{init.method}: initialized in {info.init_seconds:.2f} s; training {config.steps} steps")
-    output.mkdir(parents=True, exist_ok=True)
-    history = train(model, features, config, tokenizer.pad_token_id, eval_features)
-    metrics = {}
-    if eval_features:
-        metrics = evaluate_model(model, tokenizer, eval_features, held_out, evaluation, history[-1]["eval_loss"])
-    _save(model, info, tokenizer, output, args)
-    summary = {"method": init.method, "init_seconds": info.init_seconds, "train_config": config.to_dict(),
-               "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], **metrics}
-    write_json(output / "results.json", summary)
+    with staged_output(output, args.overwrite) as folder:
+        config = dataclasses.replace(config, log_path=str(folder / "train_log.jsonl"))
+        history = train(model, features, config, tokenizer.pad_token_id, eval_features)
+        metrics = {}
+        if eval_features:
+            metrics = evaluate_model(model, tokenizer, eval_features, held_out, evaluation,
+                                     history[-1]["eval_loss"])
+        _write_adapter(folder, model, info, tokenizer, args)
+        summary = {"method": init.method, "init_seconds": info.init_seconds, "train_config": config.to_dict(),
+                   "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], **metrics}
+        write_json(folder / "results.json", summary)
     line = f"{init.method}: train loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
     if metrics:
         line += f"; eval loss {metrics['eval_loss']:.4f} (ppl {metrics['perplexity']:.2f})"
@@ -158,20 +190,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     """`lora-da eval`: loss, perplexity and exact-match accuracy."""
     evaluation = eval_config(args)
+    check_model_args(args)
+    if args.adapter is not None:
+        check_adapter_folder(args.adapter)
     examples = load_examples(args.data, "test", args.num_eval, args.data_seed)
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise FileNotFoundError(f"adapter folder not found: {args.adapter}")
-    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"{args.adapter} is not a PEFT adapter folder (no adapter_config.json); "
-            "pass a fully fine-tuned model folder as --model instead"
-        )
     model, tokenizer = load_model(args)
     if args.adapter is not None:
-        model = PeftModel.from_pretrained(model, args.adapter)
-        model.eval()
+        model = load_adapter(model, args.adapter)
     features = encode_examples(examples, tokenizer, args.max_length)
     metrics = {"examples": len(features), **evaluate_model(model, tokenizer, features, examples, evaluation)}
+    if not math.isfinite(metrics["eval_loss"]):
+        raise ValueError(f"the eval loss is {metrics['eval_loss']}: the model (or adapter) computes NaN or infinity")
     if args.json:
         print(json.dumps(metrics))
         return 0

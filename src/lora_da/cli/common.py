@@ -9,7 +9,7 @@ import time
 from lora_da.data import is_builtin, load_examples, parse_spec
 from lora_da.evaluate import EvalConfig
 from lora_da.methods import METHODS, InitConfig, normalize_method
-from lora_da.models import load_model_and_tokenizer
+from lora_da.models import is_hub_id, load_model_and_tokenizer, resolve_device
 from lora_da.train import TrainConfig
 
 PROG = "lora-da"
@@ -33,9 +33,19 @@ def target_modules(value: str) -> str | list[str]:
     return names
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Checks of the flags that every model command has, before anything is loaded."""
+    if args.max_length < 2:
+        raise ValueError(f"--max-length must be >= 2 (a prompt token and a predicted one), got {args.max_length}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    resolve_device(args.device)
+
+
 def load_model(args: argparse.Namespace):
     """Load (model, tokenizer) per --model and --device, with a progress line."""
-    status(f"loading model {args.model}")
+    where = " from the Hugging Face hub (HF_HUB_OFFLINE=1: the local cache only)" if is_hub_id(args.model) else ""
+    status(f"loading model {args.model}{where}")
     return load_model_and_tokenizer(args.model, dtype="float32", device=args.device)
 
 
@@ -72,7 +82,7 @@ def eval_config(args: argparse.Namespace) -> EvalConfig:
 
 def one_epoch(args: argparse.Namespace) -> int:
     """Training examples to generate for a built-in task: --num-train, else one epoch of the training steps."""
-    return args.num_train or args.steps * args.batch_size * args.grad_accum
+    return args.num_train if args.num_train is not None else args.steps * args.batch_size * args.grad_accum
 
 
 def eval_data_spec(args: argparse.Namespace) -> str | None:

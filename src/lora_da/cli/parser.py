@@ -100,6 +100,12 @@ def _add_eval_args(parser: argparse.ArgumentParser, num_eval: int | None) -> Non
                        help="generation budget per answer (default: %(default)s)")
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """--overwrite: replace a non-empty --output folder (only once the new run has finished)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty --output folder; it is replaced only when the new run finishes")
+
+
 def _add_num_train(parser: argparse.ArgumentParser, default_help: str) -> None:
     """--num-train: examples generated for a built-in task."""
     parser.add_argument("--num-train", type=int, default=None,
@@ -123,6 +129,7 @@ def _add_init_parser(sub) -> None:
     _add_calibration_data_args(p, required=False, output_help="output adapter folder")
     p.add_argument("--stats", default=None,
                    help="LoRA-DA statistics file from `lora-da stats`: solve from it with no model pass")
+    _add_overwrite(p)
     _add_init_args(p, "--method")
     p.set_defaults(func=cmd_init)
 
@@ -162,6 +169,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--seeds", default=joined("seeds"), help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--lrs", default=joined("learning_rates"),
                    help="comma-separated learning rates (default: %(default)s)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="rerun the runs that failed in an earlier invocation (default: keep them as failed)")
     p.add_argument("--sweep-seeds", type=int, default=1,
                    help="seeds used to pick the learning rate; the others run at the chosen one (default: 1)")
     for flag, name, text in (("--steps", "steps", "training steps per run"), ("--batch-size", "batch_size",
@@ -180,6 +189,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--eval-data", default=None,
                    help="evaluation data (default: the test split of a built-in task; none for a file)")
     p.add_argument("--output", required=True, help="output folder")
+    _add_overwrite(p)
     _add_init_args(p, "--init")
     _add_train_args(p)
     _add_num_train(p, "steps x batch size x grad accum, i.e. one epoch")

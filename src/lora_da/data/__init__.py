@@ -4,7 +4,9 @@ from .arith import extract_answer, generate_arith, is_correct
 from .builtin import BUILTIN_TASKS, is_builtin, load_examples, parse_spec, register_task
 from .encode import (
     IGNORE_INDEX,
+    LazyFeatures,
     calibration_batches,
+    check_max_length,
     collate,
     encode_example,
     encode_examples,
@@ -20,7 +22,9 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "Example",
+    "LazyFeatures",
     "calibration_batches",
+    "check_max_length",
     "collate",
     "encode_example",
     "encode_examples",

@@ -63,9 +63,7 @@ def load_examples(
         if not path.exists() and path.suffix.lower() not in (".jsonl", ".json") and "/" not in name:
             known = ", ".join(sorted(BUILTIN_TASKS))
             raise FileNotFoundError(f"data not found: {name!r} is neither a file nor a built-in task ({known})")
-        examples = read_jsonl(path)
-        if num_examples is not None:
-            examples = examples[:num_examples]
+        examples = read_jsonl(path, limit=num_examples)
     if not examples:
         raise ValueError(f"data {spec!r} has no examples")
     return examples

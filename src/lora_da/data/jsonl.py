@@ -31,6 +31,17 @@ class Example:
         return self.kind != "text"
 
 
+def _check_text(value: str, where: str, what: str) -> str:
+    """`value`, unless it cannot be written as UTF-8 (a lone surrogate from a `\\ud800` escape)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where}: {what} holds an invalid character at position {err.start} (a lone UTF-16 surrogate)"
+        ) from None
+    return value
+
+
 def _check_messages(messages, where: str) -> tuple:
     """Validate a chat message list whose last turn is the assistant's; return it as a tuple of dicts."""
     if not isinstance(messages, list) or len(messages) < 2:
@@ -40,6 +51,8 @@ def _check_messages(messages, where: str) -> tuple:
             turn.get("content"), str
         ):
             raise ValueError(f"{where}: every message needs string 'role' and 'content'")
+    for turn in messages:
+        _check_text(turn["content"], where, "a message's 'content'")
     if messages[-1]["role"] != "assistant":
         raise ValueError(f"{where}: the last message must have role 'assistant' (the completion)")
     return tuple({"role": t["role"], "content": t["content"]} for t in messages)
@@ -54,7 +67,7 @@ def record_to_example(record: dict, where: str = "record") -> Example:
         value = record[key]
         if not isinstance(value, str):
             raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-        return value
+        return _check_text(value, where, f"field {key!r}")
 
     meta = {k: v for k, v in record.items() if k not in ("messages", "prompt", "completion", "question",
                                                          "answer", "text")}
@@ -73,22 +86,37 @@ def record_to_example(record: dict, where: str = "record") -> Example:
     )
 
 
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read a JSONL file into Examples; a bad line raises ValueError naming the file and line."""
+def parse_line(raw: bytes, where: str) -> object:
+    """One JSONL line as a JSON value; every failure is a ValueError starting with `where` (file:line)."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not UTF-8 text (byte {err.start} of the line)") from None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: invalid JSON (nested too deeply)") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ValueError(f"{where}: invalid JSON ({' '.join(str(err).split())})") from None
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[Example]:
+    """Read a JSONL file into Examples (the first `limit`, if given; later lines are not read); a bad line
+    raises ValueError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # bytes: a line that is not UTF-8 is reported with its number
+        for number, raw in enumerate(handle, start=1):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not raw.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
-            examples.append(record_to_example(record, where))
+            examples.append(record_to_example(parse_line(raw, where), where))
     if not examples:
         raise ValueError(f"data file {path} contains no examples")
     return examples

@@ -22,12 +22,13 @@ def adapt_model(
     """Initialize an adapter on `base_model` (in place) per `config`, calibrating on `features` when needed.
 
     `population_size` (default: the number of features) is the fine-tuning set size of LoRA-DA's variance term.
+    `features` may be a `lora_da.data.LazyFeatures`: then only the calibration examples drawn are encoded.
     """
     batches = None
     if config.needs_calibration:
         batches = calibration_batches(features, config.num_calibration, config.calibration_batch_size,
                                       pad_token_id, config.seed)
-    options = config.method_options(population_size or len(features))
+    options = config.method_options(len(features) if population_size is None else population_size)
     return create_adapted_model(
         base_model, config.method, rank=config.rank, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora,
         target_modules=config.target_modules, calibration_batches=batches, options=options, seed=config.seed,

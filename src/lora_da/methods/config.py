@@ -50,7 +50,7 @@ class InitConfig:
 
     def __post_init__(self) -> None:
         self.method = normalize_method(self.method)
-        for name in ("num_calibration", "calibration_batch_size"):
+        for name in ("rank", "num_calibration", "calibration_batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -58,6 +58,7 @@ class InitConfig:
             raise ValueError("target_modules is empty; pass 'all-linear' or names such as q_proj,v_proj")
         self.options = dict(self.options)
         check_method_options(self.method, self.options)
+        self.method_options(population_size=1)  # the option values are checked now, not after loading anything
 
     @property
     def needs_calibration(self) -> bool:

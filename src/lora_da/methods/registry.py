@@ -104,6 +104,16 @@ class _InitContext:
     options: Any
 
 
+def check_adapter_fits(base_model: nn.Module, method: str, rank: int,
+                       target_modules: str | list[str] = "all-linear") -> list[str]:
+    """The target layers of `method` on `base_model`; raises when there is none or `rank` exceeds one's size."""
+    if normalize_method(method) == "full":
+        return []
+    targets = match_target_modules(base_model, target_modules)
+    check_ranks({name: layer_shape(base_model.get_submodule(name)) for name in targets}, rank)
+    return targets
+
+
 def create_adapted_model(
     base_model: nn.Module,
     method: str,
@@ -126,10 +136,7 @@ def create_adapted_model(
     key = normalize_method(method)
     spec = METHODS[key]
     options = _method_options(spec, options)
-    targets = []
-    if key != "full":
-        targets = match_target_modules(base_model, target_modules)
-        check_ranks({name: layer_shape(base_model.get_submodule(name)) for name in targets}, rank)
+    targets = check_adapter_fits(base_model, key, rank, target_modules)
     batches = prepare_batches(calibration_batches, model_device(base_model))
     if spec.needs_calibration and not batches:
         raise ValueError(f"init method '{key}' needs calibration data: pass calibration_batches (non-empty)")
