@@ -10,7 +10,7 @@ import torch
 from _tiny import batches, examples, lora_state, tiny_gpt2, tiny_llama, wrap
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, initialize_lora_da
-from lora_da.cache import compute_and_save_statistics, load_statistics, manifest_of
+from lora_da.cache import compute_and_save_statistics, load_statistics, manifest_of, sample_indices
 from lora_da.layers import target_layer_names
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
@@ -187,6 +187,12 @@ class TestAtomicWrite:
 
 class TestModelIdentity:
     """The manifest covers every tensor that shapes the forward pass, not only the target layers' first elements."""
+
+    @pytest.mark.parametrize("numel", [1, 1024, 1025, 28_311_552, 2**31 + 7])
+    def test_sample_indices_stay_inside_large_tensors(self, numel):
+        indices = sample_indices(numel)
+        assert indices[0] == 0 and indices[-1] == numel - 1 and len(indices) == min(numel, 1024)
+        assert bool((indices[1:] > indices[:-1]).all())
 
     @pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight",
                                         "model.layers.0.input_layernorm.weight"])

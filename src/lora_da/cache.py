@@ -49,12 +49,18 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def sample_indices(numel: int, count: int = _SAMPLES_PER_TENSOR) -> torch.Tensor:
+    """`min(count, numel)` evenly spaced indices into `numel` elements, first and last included (integer
+    arithmetic: float positions round past the end for tensors of more than 2^24 elements)."""
+    if numel <= count:
+        return torch.arange(numel)
+    return torch.arange(count, dtype=torch.int64) * (numel - 1) // (count - 1)
+
+
 def _samples(tensor: torch.Tensor) -> torch.Tensor:
     """Up to `_SAMPLES_PER_TENSOR` evenly spaced elements of `tensor`, on the CPU."""
     flat = tensor.detach().reshape(-1)
-    if flat.numel() > _SAMPLES_PER_TENSOR:
-        flat = flat[torch.linspace(0, flat.numel() - 1, _SAMPLES_PER_TENSOR, device=flat.device).long()]
-    return flat.cpu()
+    return flat[sample_indices(flat.numel()).to(flat.device)].cpu()
 
 
 def _tensor_identity(tensor: torch.Tensor) -> list:
