@@ -10,6 +10,8 @@ in its own folder, so several worker processes can share one device and a stoppe
 workers train 1.38x faster in total; on stdlib-code each run then takes 20-28 minutes and peaks at 9-12 GB of RSS,
 so two of them fit in 24 GB.
 `--lrs` / `--seeds` run part of each shard now (e.g. a one-lr screen); a later run without them adds the rest.
+`--regime lora_fa|lora_plus` trains every shard that way, in folders of their own (`<variant>-r8-lora_fa`);
+`merge` reports each regime apart (`smollm2-135m-arith-lora_fa`, ...).
 Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
 """
 
@@ -67,11 +69,13 @@ class Shard:
     task: str
     variant: str
     ranks: tuple[int, ...]
+    regime: str = "standard"
 
     @property
     def folder(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.variant)
-        return f"{task_folder(self.task)}/{safe}-r{'-'.join(map(str, self.ranks))}"
+        regime = "" if self.regime == "standard" else f"-{self.regime}"  # standard shards keep their folders
+        return f"{task_folder(self.task)}/{safe}-r{'-'.join(map(str, self.ranks))}{regime}"
 
 
 def task_folder(task: str) -> str:
@@ -86,8 +90,9 @@ def selects(only: list[str] | None, folder: str) -> bool:
     return not only or any(part in folder for part in only)
 
 
-def invocations_of(env: list[dict], task_dir: str, shard_names: list[str]) -> list[dict]:
-    """The entries of environment.json that may have run these shards of `task_dir` (stdlib-code: same Python)."""
+def invocations_of(env: list[dict], task_dir: str, shard_names: list[str], regime: str = "standard") -> list[dict]:
+    """The entries of environment.json that may have run these shards of `task_dir` (stdlib-code: same Python)
+    in `regime`."""
     task, _, version = task_dir.partition("-py")
     # older entries name stdlib-code's folder without the version
     folders = [f"{prefix}/{name}" for prefix in dict.fromkeys([task_dir, task]) for name in shard_names]
@@ -98,20 +103,21 @@ def invocations_of(env: list[dict], task_dir: str, shard_names: list[str]) -> li
             continue
         # the recorded argv (after the script), parsed as `run` parsed it; extra notes such as "resumed with" are left
         args, _ = parser.parse_known_args(entry["command"].replace(",", " ").split()[1:])
-        if any(selects(args.only, folder) for folder in folders):
+        if args.regime == regime and any(selects(args.only, folder) for folder in folders):
             chosen.append(entry)
     return chosen
 
 
-def jobs() -> list[Shard]:
+def jobs(regime: str = "standard") -> list[Shard]:
     """Every shard of the grid, most important first, alternating tasks."""
     groups = [[(v, (8,)) for v in METHODS], [(v, (8,)) for v in LORA_DA_OPTIONS],
               [(v, tuple(RANK_SWEEP[1])) for v in RANK_SWEEP[0]], [(v, (8,)) for v in ABLATIONS],
               [(v, (8,)) for v in MORE_METHODS]]
-    return [Shard(task, variant, ranks) for group in groups for variant, ranks in group for task in TASKS]
+    return [Shard(task, variant, ranks, regime) for group in groups for variant, ranks in group for task in TASKS]
 
 
-def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool = False, **subset):
+def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool = False, regime: str = "standard",
+                 **subset):
     """The BenchConfig of a shard; `subset` may narrow `learning_rates` or `seeds` (runs outside it wait)."""
     from lora_da.bench import BenchConfig
 
@@ -123,7 +129,7 @@ def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool =
         settings[key] = [v for v in settings[key] if not values or v in values]
     if settings["seeds"][: settings["sweep_seeds"]] != PROTOCOL["seeds"][: settings["sweep_seeds"]]:
         raise ValueError(f"seeds must include the sweep seeds {PROTOCOL['seeds'][: settings['sweep_seeds']]}")
-    return BenchConfig(data=task, methods=variants, ranks=ranks, **settings)
+    return BenchConfig(data=task, methods=variants, ranks=ranks, regime=regime, **settings)
 
 
 def environment(device: str) -> dict:
@@ -167,7 +173,7 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
         except queue.Empty:
             return
         start = time.time()
-        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, **subset)
+        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, shard.regime, **subset)
         records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
                             show_progress=False, plots=False)
         bad = sum(r["status"] != "ok" for r in records)
@@ -183,12 +189,12 @@ def run(args: argparse.Namespace) -> None:
     runs = json.loads(history.read_text()) if history.exists() else []
     history.write_text(json.dumps(runs + [environment(args.device)], indent=1))
     subset = {"learning_rates": args.lrs, "seeds": args.seeds}
-    bench_config(TASKS[0], METHODS[:1], [8], args.smoke, **subset)  # a bad subset fails here, not in a worker
+    bench_config(TASKS[0], METHODS[:1], [8], args.smoke, args.regime, **subset)  # a bad subset fails here
     start = time.time()
     deadline = start + args.deadline_s
     context = mp.get_context("spawn")
     todo = context.Queue()
-    for shard in jobs():
+    for shard in jobs(args.regime):
         if selects(args.only, shard.folder):
             todo.put(shard)
     # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
@@ -217,21 +223,28 @@ def merge(args: argparse.Namespace) -> None:
         shards = {path.parent.name: json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))}
         if not shards:
             continue
-        records = [r for shard in shards.values() for r in shard["records"]]
         protocol = dict(next(iter(shards.values()))["config"])
         for key in ("learning_rates", "seeds"):  # a shard may have run a subset first
             protocol[key] = sorted({value for shard in shards.values() for value in shard["config"][key]})
-        for suffix, variants in STUDIES.items():
-            chosen = [r for r in records if r["method"] in variants]
+        by_regime = {}  # each regime is its own study: its runs never share a table with another's
+        for shard in shards.values():
+            for record in shard["records"]:
+                by_regime.setdefault(record.get("regime", "standard"), []).append(record)
+        studies = [(regime, suffix + ("" if regime == "standard" else f"-{regime}"), variants)
+                   for regime in sorted(by_regime) for suffix, variants in STUDIES.items()]
+        for regime, suffix, variants in studies:
+            protocol["regime"] = regime
+            chosen = [r for r in by_regime[regime] if r["method"] in variants]
             present = [v for v in variants if v in {r["method"] for r in chosen}]
             if not present:
                 continue
             ranks = sorted({r["rank"] for r in chosen})
-            names = [name for name, shard in shards.items() if any(r["method"] in variants for r in shard["records"])]
+            names = [name for name, shard in shards.items() if any(
+                r["method"] in variants and r.get("regime", "standard") == regime for r in shard["records"])]
             commands = "".join(
                 f"\n- Python {e['python']}, torch {e['torch']}, transformers {e['transformers']}, peft {e['peft']}, "
                 f"{e.get('gpu', e['device'])}: `python {e['command']}`"
-                for e in invocations_of(env, task_dir.name, names))
+                for e in invocations_of(env, task_dir.name, names, regime))
             dest = Path(args.dest) / f"smollm2-135m-{task_dir.name}{suffix}"
             write_outputs(dest, chosen, BenchConfig(**{**protocol, "methods": present, "ranks": ranks}))
             finished = sum(r["status"] == "ok" for r in chosen)
@@ -267,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--lrs", type=float, nargs="*", help="run only these of the grid's learning rates for now "
                     "(e.g. a screen at one lr; seeds beyond the sweep seed then run at the best of these)")
     go.add_argument("--seeds", type=int, nargs="*", help="run only these of the grid's seeds for now")
+    go.add_argument("--regime", default="standard",
+                    help="how adapters are trained, one of lora_da.train.REGIMES (standard, lora_fa, lora_plus); "
+                    "other regimes than standard get shard folders of their own")
     go.add_argument("--smoke", action="store_true", help="tiny budget: checks the plumbing")
     together = sub.add_parser("merge", help="merge shard results into one folder per task and study")
     together.add_argument("raw", help="the --out folder of run")

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -18,6 +20,12 @@ from .layers import model_device
 from .models import resolve_dtype
 
 SCHEDULES = ("cosine", "linear", "constant")
+#: How the adapter is trained: AdamW on every trainable parameter; LoRA-FA (every lora_A frozen, B trained by
+#: PEFT's LoRA-FA optimizer); LoRA+ (PEFT's LoRA+ AdamW: B at LORAPLUS_LR_RATIO times A's learning rate).
+REGIMES = ("standard", "lora_fa", "lora_plus")
+#: PEFT's create_loraplus_optimizer has no default ratio; 16 (2^4) is the one its documentation's example and
+#: the LoRA+ authors recommend.
+LORAPLUS_LR_RATIO = 16.0
 
 
 class TrainingDiverged(ValueError):
@@ -40,6 +48,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only after the last step (when eval data is given)
     eval_batch_size: int = 8
     seed: int = 0
+    regime: str = "standard"  # one of REGIMES
     log_path: str | None = None  # per-step JSONL log
     show_progress: bool = True
 
@@ -50,6 +59,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if self.regime not in REGIMES:
+            raise ValueError(f"unknown regime {self.regime!r}; choose one of: {', '.join(REGIMES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
         if not 0 <= self.warmup_ratio < 1:
@@ -94,6 +105,21 @@ def _example_order(num_examples: int, num_needed: int, seed: int) -> list[int]:
     return order[:num_needed]
 
 
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer of `config.regime`; lora_fa and lora_plus need a PEFT LoRA model (lora_fa freezes lora_A)."""
+    if config.regime == "standard":
+        params = [p for p in model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    adapter = model.peft_config.get(model.active_adapter) if isinstance(model, PeftModel) else None
+    if adapter is None or str(getattr(adapter, "peft_type", "")).split(".")[-1] != "LORA":
+        raise ValueError(f"regime {config.regime!r} trains a LoRA adapter; this model has none (e.g. method 'full')")
+    if config.regime == "lora_fa":
+        return create_lorafa_optimizer(model, r=adapter.r, lora_alpha=adapter.lora_alpha, lr=config.lr,
+                                       weight_decay=config.weight_decay)
+    return create_loraplus_optimizer(model, torch.optim.AdamW, lr=config.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO,
+                                     loraplus_weight_decay=config.weight_decay)
+
+
 def _first_non_finite(params: Sequence[tuple[str, torch.Tensor]]) -> str | None:
     """Name of the first parameter holding a NaN or an infinity, else None (one reduction per tensor)."""
     for name, param in params:
@@ -123,13 +149,13 @@ def train(
     """
     if not train_features:
         raise ValueError("cannot train on an empty set of examples")
-    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named_params]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
     torch.manual_seed(config.seed)
     device = model_device(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, config)
+    named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # lora_fa froze lora_A
+    params = [p for _, p in named_params]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     per_step = config.batch_size * config.grad_accum
     order = _example_order(len(train_features), config.steps * per_step, config.seed)

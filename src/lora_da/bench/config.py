@@ -32,7 +32,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 PROTOCOL_FIELDS = (
     "model", "data", "steps", "batch_size", "max_length", "num_train", "num_val", "num_test", "num_accuracy",
     "max_new_tokens", "calibration_examples", "calibration_batch_size", "lora_alpha", "use_rslora",
-    "target_modules", "warmup_ratio", "schedule", "weight_decay", "dtype", "data_seed", "grad_accum",
+    "target_modules", "warmup_ratio", "schedule", "weight_decay", "dtype", "data_seed", "grad_accum", "regime",
 )
 
 
@@ -120,6 +120,7 @@ class BenchConfig:
     data_seed: int = 0
     eval_batch_size: int = 16
     grad_accum: int = TrainConfig.grad_accum
+    regime: str = TrainConfig.regime  # how adapters are trained (lora_da.train.REGIMES); one per output folder
     generate_batch_size: int | None = None  # None: eval_batch_size
     detailed_records: bool = False  # also record the step history, init report and metrics before/after training
 
@@ -152,6 +153,7 @@ class BenchConfig:
             steps=self.steps, lr=lr, batch_size=self.batch_size, grad_accum=self.grad_accum, schedule=self.schedule,
             warmup_ratio=self.warmup_ratio, weight_decay=self.weight_decay, dtype=self.dtype,
             eval_every=self.eval_every, eval_batch_size=self.eval_batch_size, seed=seed, show_progress=False,
+            regime=self.regime,
         )
 
     def eval_config(self) -> EvalConfig:

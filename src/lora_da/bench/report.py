@@ -52,7 +52,8 @@ def write_report(output_dir: Path, records: Sequence[dict], config: BenchConfig,
         "",
         f"Model `{config.model}`, data `{config.data}`; {config.steps} steps of batch {config.batch_size}, "
         f"max length {config.max_length}, {config.schedule} schedule (warmup {config.warmup_ratio}), "
-        f"lora_alpha {config.lora_alpha}, rsLoRA {config.use_rslora}, targets `{config.target_modules}`; "
+        f"lora_alpha {config.lora_alpha}, rsLoRA {config.use_rslora}, targets `{config.target_modules}`, "
+        f"training regime `{config.regime}`; "
         f"{len(config.learning_rates)} learning rates; calibration {config.calibration_examples} train examples.",
         "",
         f"Protocol: each method's learning rate is chosen by the mean validation loss over seeds {sweep} "

@@ -29,9 +29,10 @@ from lora_da.models import load_model_and_tokenizer
 from lora_da.train import TrainingDiverged, train
 
 
-def cell_key(variant: str, rank: int, lr: float, seed: int) -> str:
-    """Stable identifier of one run of the grid."""
-    return f"{variant}|r{rank}|lr{lr:g}|s{seed}"
+def cell_key(variant: str, rank: int, lr: float, seed: int, regime: str = "standard") -> str:
+    """Stable identifier of one run of the grid (runs of the standard regime keep the keys they had before
+    regimes existed)."""
+    return f"{variant}|r{rank}|lr{lr:g}|s{seed}" + ("" if regime == "standard" else f"|{regime}")
 
 
 def _finite(value: Any) -> Any:
@@ -70,13 +71,14 @@ def run_cell(
     """
     device = model_device(base_model)
     record: dict[str, Any] = {
-        "key": cell_key(variant.name, rank, lr, seed),
+        "key": cell_key(variant.name, rank, lr, seed, config.regime),
         "method": variant.name,
         "base_method": variant.method,
         "overrides": variant.overrides,
         "rank": rank,
         "seed": seed,
         "lr": lr,
+        "regime": config.regime,
         "status": "running",
         "error": None,
         "init_seconds": None,
@@ -155,7 +157,7 @@ def run_cell(
 def _load_previous(path: Path, config: BenchConfig) -> list[dict]:
     """Records of an earlier run of the same protocol; ValueError when its settings differ."""
     payload = json.loads(path.read_text())
-    before = payload.get("config", {})
+    before = {"regime": "standard", **payload.get("config", {})}  # files from before regimes: standard training
     now = config.to_dict()
     changed = [k for k in PROTOCOL_FIELDS if k in before and before[k] != now[k]]
     if changed:
@@ -223,7 +225,7 @@ def run_bench(
     variants = {spec: parse_variant(spec) for spec in config.methods}
 
     def run(spec: str, rank: int, lr: float, seed: int, bar) -> None:
-        key = cell_key(spec, rank, lr, seed)
+        key = cell_key(spec, rank, lr, seed, config.regime)
         previous = done.get(key)
         if previous is not None and (previous["status"] != "failed" or not retry_failed):
             bar.update(1)

@@ -138,7 +138,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(model=args.model, data=args.data, methods=args.methods.split(),
                          ranks=numbers(args.ranks, int), seeds=numbers(args.seeds, int),
                          learning_rates=numbers(args.lrs, float), sweep_seeds=args.sweep_seeds, steps=args.steps,
-                         batch_size=args.batch_size, max_length=args.max_length)
+                         batch_size=args.batch_size, max_length=args.max_length, regime=args.regime)
     records = run_bench(args.output, config, retry_failed=args.retry_failed)
     bad = [r for r in records if r["status"] != "ok"]
     if records and len(bad) == len(records):
@@ -175,10 +175,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             metrics = evaluate_model(model, tokenizer, eval_features, held_out, evaluation,
                                      history[-1]["eval_loss"])
         _write_adapter(folder, model, info, tokenizer, args)
-        summary = {"method": init.method, "init_seconds": info.init_seconds, "train_config": config.to_dict(),
+        summary = {"method": init.method, "init_options": init.options, "regime": config.regime,
+                   "init_seconds": info.init_seconds, "train_config": config.to_dict(),
                    "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], **metrics}
         write_json(folder / "results.json", summary)
-    line = f"{init.method}: train loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
+    regime = "" if config.regime == "standard" else f" ({config.regime})"
+    line = f"{init.method}{regime}: train loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}"
     if metrics:
         line += f"; eval loss {metrics['eval_loss']:.4f} (ppl {metrics['perplexity']:.2f})"
     if "accuracy" in metrics:

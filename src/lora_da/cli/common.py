@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from lora_da.bench import parse_variant
 from lora_da.data import is_builtin, load_examples, parse_spec
 from lora_da.evaluate import EvalConfig
 from lora_da.methods import METHODS, InitConfig, normalize_method
@@ -57,12 +58,22 @@ def method_options(args: argparse.Namespace, method: str) -> dict:
 
 
 def init_config(args: argparse.Namespace, method: str | None = None) -> InitConfig:
-    """The initialization settings from the adapter flags (calibration batches of --batch-size)."""
-    method = method or args.method
-    return InitConfig(method=method, rank=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
-                      target_modules=target_modules(args.target_modules), num_calibration=args.num_calibration,
+    """The initialization settings from the adapter flags (calibration batches of --batch-size).
+
+    The method may be a spec as in `bench`: 'lora_da@gamma=256,calibration=64' sets any option of the method
+    (and the calibration size); an option both in the spec and a flag must agree.
+    """
+    variant = parse_variant(method or args.method)
+    flags = method_options(args, variant.method)
+    twice = sorted(k for k in flags if k in variant.overrides and flags[k] != variant.overrides[k])
+    if twice:
+        raise ValueError(f"{twice[0]} is set twice, to {flags[twice[0]]!r} by --{twice[0].replace('_', '-')} and "
+                         f"to {variant.overrides[twice[0]]!r} in {variant.name!r}")
+    return InitConfig(method=variant.method, rank=args.rank, lora_alpha=args.lora_alpha, use_rslora=args.rslora,
+                      target_modules=target_modules(args.target_modules),
+                      num_calibration=variant.calibration or args.num_calibration,
                       calibration_batch_size=args.batch_size, seed=args.seed,
-                      options=method_options(args, method))
+                      options={**flags, **variant.overrides})
 
 
 def train_config(args: argparse.Namespace, log_path=None) -> TrainConfig:
@@ -70,7 +81,7 @@ def train_config(args: argparse.Namespace, log_path=None) -> TrainConfig:
     return TrainConfig(steps=args.steps, lr=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        schedule=args.schedule, warmup_ratio=args.warmup_ratio, dtype=args.dtype,
                        eval_every=args.eval_every, eval_batch_size=args.batch_size, seed=args.seed,
-                       log_path=str(log_path) if log_path else None)
+                       regime=args.regime, log_path=str(log_path) if log_path else None)
 
 
 def eval_config(args: argparse.Namespace) -> EvalConfig:

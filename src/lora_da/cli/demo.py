@@ -50,6 +50,7 @@ def demo_config(args: argparse.Namespace, methods: list[str], num_train: int, nu
         lora_alpha=args.lora_alpha, use_rslora=args.rslora, target_modules=parse_targets(args.target_modules),
         warmup_ratio=args.warmup_ratio, schedule=args.schedule, dtype=args.dtype, data_seed=args.data_seed,
         eval_batch_size=args.batch_size, generate_batch_size=max(args.batch_size, 16), detailed_records=True,
+        regime=args.regime,
     )
 
 

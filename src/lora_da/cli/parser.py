@@ -14,7 +14,7 @@ from lora_da.data import BUILTIN_TASKS
 from lora_da.evaluate import EvalConfig
 from lora_da.methods import InitConfig
 from lora_da.models import DEFAULT_MODEL
-from lora_da.train import SCHEDULES, TrainConfig
+from lora_da.train import LORAPLUS_LR_RATIO, REGIMES, SCHEDULES, TrainConfig
 
 
 def default(settings: type, name: str):
@@ -60,7 +60,8 @@ def _add_init_args(parser: argparse.ArgumentParser, method_flag: str | None) -> 
     group = parser.add_argument_group("adapter initialization")
     if method_flag:
         group.add_argument(method_flag, dest="method", default=InitConfig.method,
-                           help="initialization method (default: %(default)s); see `lora-da methods`")
+                           help="initialization method, optionally with options as in bench, e.g. "
+                           "lora_da@gamma=256,factor_balance=kaiming (default: %(default)s); see `lora-da methods`")
     group.add_argument("--rank", type=int, default=InitConfig.rank, help="LoRA rank r (default: %(default)s)")
     group.add_argument("--lora-alpha", type=float, default=InitConfig.lora_alpha,
                        help="LoRA alpha (default: %(default)s)")
@@ -86,6 +87,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                        help="warmup fraction (default: %(default)s)")
     group.add_argument("--eval-every", type=int, default=TrainConfig.eval_every,
                        help="evaluate the eval loss every N steps; 0 = only at the end (default: %(default)s)")
+    _add_regime(group)
+
+
+def _add_regime(group) -> None:
+    """--regime: how the adapter is trained (train, demo, bench)."""
+    group.add_argument("--regime", choices=REGIMES, default=TrainConfig.regime,
+                       help="standard (AdamW on A and B), lora_fa (A frozen, B by PEFT's LoRA-FA optimizer) or "
+                       f"lora_plus (PEFT's LoRA+: B at {LORAPLUS_LR_RATIO:g}x A's learning rate) "
+                       "(default: %(default)s)")
 
 
 def _add_eval_args(parser: argparse.ArgumentParser, num_eval: int | None) -> None:
@@ -169,6 +179,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--seeds", default=joined("seeds"), help="comma-separated seeds (default: %(default)s)")
     p.add_argument("--lrs", default=joined("learning_rates"),
                    help="comma-separated learning rates (default: %(default)s)")
+    _add_regime(p)
     p.add_argument("--retry-failed", action="store_true",
                    help="rerun the runs that failed in an earlier invocation (default: keep them as failed)")
     p.add_argument("--sweep-seeds", type=int, default=1,
