@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from _harness import RESULTS, floor_pass, measured, ours_init, released_init, run_parts
 
-from lora_da.schedule import STATISTICS_SHARE, solve_working_bytes
+from lora_da.schedule import STATISTICS_SHARE
+from lora_da.solver import solve_working_bytes
 from lora_da.statistics import statistics_bytes
 
 POPULATION = 100_000
@@ -75,6 +76,7 @@ def build(args):
 def run_part(args) -> dict:
     model, batches, lora, get_peft_model = build(args)
     device = torch.device("cpu")
+    floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
     if args.part == "floor":
         return measured(device, lambda: floor_pass(model, batches))
     if args.part == "released":

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, solve_all, solve_layer, solver
+from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, input_factor, solve_all, solve_layer, solver
 from lora_da.solver import uses_lobpcg
 
 
@@ -284,11 +284,11 @@ class TestImplicitSolver:
         torch.testing.assert_close(narrow.B @ narrow.A, wide.B @ wide.A, rtol=1e-3, atol=1e-6)
 
     def test_large_n_shifts_instead_of_clamping_by_eigh(self, monkeypatch):
-        monkeypatch.setattr(solver, "DENSE_MAX_SIZE", 32)
+        monkeypatch.setattr(input_factor, "DENSE_MAX_SIZE", 32)
         _, z, _ = wide_problem(m=12, n=40, tokens=8, seed=15)
         values, vectors = torch.linalg.eigh(z)
         z_bad = z - 1e-5 * vectors[:, :1] @ vectors[:, :1].T  # -1e-5 < -damping: Cholesky fails
-        factor = solver.factor_input(z_bad, LoraDAConfig(variance_weight=0))
+        factor = input_factor.factor_input(z_bad, LoraDAConfig(variance_weight=0))
         assert factor.clamped and factor.shift > 0  # shifted: the eigh clamp leaves shift at 0
 
     def test_solve_all_gives_wide_groups_all_threads(self, monkeypatch):

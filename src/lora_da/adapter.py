@@ -29,7 +29,8 @@ from .layers import (
     model_device,
     unwrap_model,
 )
-from .schedule import plan_memory, solve_layers, solve_working_bytes
+from .schedule import plan_memory, solve_layers
+from .solver import solve_working_bytes
 from .statistics import LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")

