@@ -142,7 +142,7 @@ class Collector:
         self.output_token_counts[name] += xs.shape[0]
         group = self.input_groups[name]
         if group == name:
-            _add_gram(self._input_chunks, group, xs)
+            _add_gram(self._input_chunks, group, xs, overwrite=not self._chunk_tokens.get(group, 0))
             self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
             if self._chunk_tokens[group] >= FOLD_TOKENS:
@@ -151,13 +151,17 @@ class Collector:
     def _fold(self, group: str) -> None:
         """Add the float32 chunk of `Z` into its float64 sum and clear the chunk."""
         chunk = self._input_chunks[group]
-        if group not in self.input_sums:
-            self.input_sums[group] = torch.zeros(chunk.shape, dtype=INPUT_DTYPE, device=chunk.device)
+        first = group not in self.input_sums
+        if first:  # blocks below the diagonal stay unset until `mirror_blocks`
+            self.input_sums[group] = torch.empty(chunk.shape, dtype=INPUT_DTYPE, device=chunk.device)
         total = self.input_sums[group]
         for start in range(0, chunk.shape[0], GRAM_BLOCK):  # the filled part only, a row block at a time
-            total[start : start + GRAM_BLOCK, start:] += chunk[start : start + GRAM_BLOCK, start:]
-        chunk.zero_()
-        self._chunk_tokens[group] = 0
+            rows = slice(start, start + GRAM_BLOCK)
+            if first:
+                total[rows, start:] = chunk[rows, start:]
+            else:
+                total[rows, start:] += chunk[rows, start:]
+        self._chunk_tokens[group] = 0  # the next product overwrites the chunk
 
     def fold_all(self) -> None:
         """Fold every pending `Z` chunk and free the chunks (the totals still hold only their upper blocks)."""
@@ -189,17 +193,18 @@ class Collector:
         )
 
 
-def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor) -> None:
-    """`sums[key] += xs^T xs` [n, n] in float32, in place, computing only the blocks on and above the block
-    diagonal (rows in blocks of GRAM_BLOCK): Z is symmetric, so wide inputs save up to half the products.
-    `mirror_blocks` fills the rest once the sum is complete."""
+def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor, overwrite: bool = False) -> None:
+    """`sums[key] += xs^T xs` [n, n] in float32 (`=` when `overwrite`), in place, computing only the blocks on and
+    above the block diagonal (rows in blocks of GRAM_BLOCK): Z is symmetric, so wide inputs save up to half the
+    products. The blocks below stay unset: `mirror_blocks` fills them once the sum is complete."""
     n = xs.shape[1]
     if key not in sums:
-        sums[key] = torch.zeros(n, n, dtype=xs.dtype, device=xs.device)
+        sums[key] = torch.empty(n, n, dtype=xs.dtype, device=xs.device)
+        overwrite = True
     total = sums[key]
     for start in range(0, n, GRAM_BLOCK):
         rows = xs[:, start : start + GRAM_BLOCK]
-        total[start : start + GRAM_BLOCK, start:].addmm_(rows.T, xs[:, start:])
+        total[start : start + GRAM_BLOCK, start:].addmm_(rows.T, xs[:, start:], beta=0.0 if overwrite else 1.0)
 
 
 def mirror_blocks(total: torch.Tensor) -> None:

@@ -120,7 +120,7 @@ class LoraDAStatistics:
                 ("output factor y", self.output_sq_sums[name]),
                 ("input factor Z", self.input_sums[group]),
             ):
-                if not bool(tensor.sum(dtype=torch.float64).isfinite()):  # one read; a NaN or inf survives the sum
+                if not bool(tensor.sum().isfinite()):  # one read: a NaN or inf survives the sum
                     raise LoraDAError(
                         f"Layer {name!r}: its {what} in {source.lower()} is not finite (overflow or NaN)."
                     )
