@@ -18,11 +18,10 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .cache import check_statistics
 from .collect import PerExampleLoss, collect_statistics
-from .config import LoraDAConfig, LoraDAError
+from .config import LoraDAConfig, LoraDAError, check_ranks
 from .distributed import get_world_size, is_main_process, local_config
 from .layers import (
     canonical_layer_name,
-    check_ranks,
     check_supported_sharding,
     find_lora_layers,
     layer_shape,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -96,3 +97,15 @@ class LoraDAConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise LoraDAError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def check_ranks(shapes: Mapping[str, tuple[int, int]], ranks: int | Mapping[str, int]) -> None:
+    """Raise `LoraDAError` naming the first layer whose rank is not in [1, min(out, in)]."""
+    for name, (m, n) in shapes.items():
+        rank = ranks if isinstance(ranks, int) else ranks[name]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise LoraDAError(f"Layer {name!r}: the rank must be a positive integer, got {rank!r}.")
+        if rank > min(m, n):
+            raise LoraDAError(
+                f"Layer {name!r}: rank {rank} is larger than min(out, in) = {min(m, n)}; choose a smaller rank."
+            )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from types import SimpleNamespace
 
 import torch
@@ -59,9 +59,14 @@ def canonical_layer_name(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
+def is_plain_linear(module: nn.Module) -> bool:
+    """`nn.Linear` or GPT-2 `Conv1D`: what PEFT's "all-linear" selects."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def is_linear_layer(module: nn.Module) -> bool:
-    """`nn.Linear`, GPT-2 `Conv1D`, or a (quantized) layer that maps the last dim in -> out."""
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    """A plain linear layer, or a (quantized) layer that maps the last dim in -> out."""
+    if is_plain_linear(module):
         return True
     return hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "weight")
 
@@ -76,18 +81,6 @@ def layer_shape(module: nn.Module) -> tuple[int, int]:
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
         return int(module.out_features), int(module.in_features)
     raise LoraDAError(f"Cannot tell the shape of a {type(module).__name__}: LoRA-DA needs a linear layer.")
-
-
-def check_ranks(shapes: Mapping[str, tuple[int, int]], ranks: int | Mapping[str, int]) -> None:
-    """Raise `LoraDAError` naming the first layer whose rank is not in [1, min(out, in)]."""
-    for name, (m, n) in shapes.items():
-        rank = ranks if isinstance(ranks, int) else ranks[name]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise LoraDAError(f"Layer {name!r}: the rank must be a positive integer, got {rank!r}.")
-        if rank > min(m, n):
-            raise LoraDAError(
-                f"Layer {name!r}: rank {rank} is larger than min(out, in) = {min(m, n)}; choose a smaller rank."
-            )
 
 
 def find_lora_layers(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, nn.Module], list[str]]:
@@ -123,7 +116,7 @@ def match_target_modules(model: nn.Module, target_modules: str | Sequence[str] =
                                 target_parameters=None)
     names = []
     for name, module in model.named_modules():
-        if not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D") or module is head:
+        if not is_plain_linear(module) or module is head:
             continue
         if selection.target_modules is None or check_target_module_exists(selection, name):
             names.append(name)

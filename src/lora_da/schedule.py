@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import LoraDAConfig, LoraDAError
+from .config import LoraDAConfig, LoraDAError, check_ranks
 from .distributed import (
     all_gather_objects,
     broadcast_tensors,
@@ -18,7 +18,6 @@ from .distributed import (
     is_distributed,
     raise_if_any_rank_failed,
 )
-from .layers import check_ranks
 from .solver import LayerSolution, solve_all
 from .statistics import LoraDAStatistics
 

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .config import LoraDAConfig, LoraDAError
+from .config import LoraDAConfig, LoraDAError, check_ranks
 from .eigensolvers import block_davidson, fix_signs, smallest_eigenvectors, top_singular_value
 from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input
 
@@ -65,8 +65,7 @@ def solve_layer(
     Inputs may be any float dtype; the math runs in float64."""
     start = time.perf_counter()
     m, n = gradient.shape
-    if not 1 <= rank <= min(m, n):
-        raise LoraDAError(f"Layer {layer!r}: rank {rank} must be between 1 and min(in, out) = {min(m, n)}.")
+    check_ranks({layer: (m, n)}, rank)
     if not isinstance(input_factor, InputFactor):
         input_factor = factor_input(input_factor, config, layer)
     g = gradient.to(torch.float64)
@@ -283,12 +282,8 @@ def solve_all(
     """Solve every layer of `stats` (or just `layers`); `rank` is one int or a rank per layer."""
     names = list(stats.layer_names if layers is None else layers)
     ranks = {name: rank if isinstance(rank, int) else rank[name] for name in names}
-    for name in names:  # every rank is checked before any work is done (the shape, not the mean gradient)
-        m, n = stats.gradient_sums[name].shape
-        if not 1 <= ranks[name] <= min(m, n):
-            raise LoraDAError(
-                f"Layer {name!r}: rank {ranks[name]} must be between 1 and min(in, out) = {min(m, n)}."
-            )
+    # every rank is checked before any work is done (the shape, not the mean gradient)
+    check_ranks({name: tuple(stats.gradient_sums[name].shape) for name in names}, ranks)
     show = config.show_progress if progress is None else progress
     groups: dict[str, list[str]] = {}  # layers that read one input share the Cholesky factor of its Z
     for name in names:

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lora_da import LoraDAConfig
-from lora_da.layers import check_ranks, layer_shape, match_target_modules, model_device
+from lora_da.config import check_ranks
+from lora_da.layers import layer_shape, match_target_modules, model_device
 from lora_da.methods import data_aware, peft_inits, svd_inits
 from lora_da.methods.base import InitInfo, add_labels, prepare_batches
 
