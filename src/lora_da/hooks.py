@@ -57,8 +57,9 @@ class Collector:
         self._masks = {}
         for shape, (example_mask, token_mask) in masks.items():
             per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1).float()
-            token_rows = token_mask.reshape(-1).nonzero().squeeze(1)
-            self._masks[shape] = (example_mask.reshape(-1).nonzero().squeeze(1), token_rows, per_token[token_rows])
+            example_rows = example_mask.reshape(-1).nonzero().squeeze(1)
+            token_rows = example_rows if token_mask is example_mask else token_mask.reshape(-1).nonzero().squeeze(1)
+            self._masks[shape] = (example_rows, token_rows, per_token[token_rows])
 
     def discard_batch(self) -> None:
         self._input_keys.clear()
@@ -127,14 +128,18 @@ class Collector:
         if masks is not None:
             example_rows, token_rows, per_token_count = masks
             # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
-            _add_product(self.gradient_sums, name, gs.index_select(0, example_rows).T, xs.index_select(0, example_rows))
-            xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
+            xs_examples, gs_examples = xs.index_select(0, example_rows), gs.index_select(0, example_rows)
+            _add_product(self.gradient_sums, name, gs_examples.T, xs_examples)
+            if token_rows is example_rows:  # the default token mask: the same rows, selected once
+                xs, gs = xs_examples, gs_examples
+            else:
+                xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
         else:
             _add_product(self.gradient_sums, name, gs.T, xs)
             per_token_count = None
         if self.config.output_scaling == "token" and per_token_count is not None:
             gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
-        square_sum = (gs * gs).sum(0, dtype=OUTPUT_DTYPE)
+        square_sum = (gs * gs).sum(0).to(OUTPUT_DTYPE)  # float32 over one batch; no float64 copy of gs
         if name in self.output_sq_sums:
             self.output_sq_sums[name] += square_sum
         else:

@@ -92,8 +92,8 @@ class ModelTask:
             else:
                 losses = nn.functional.cross_entropy(logits, labels, reduction="none")
             return losses, torch.ones_like(losses, dtype=torch.long)
-        if self.kind == "causal":
-            logits, labels = logits[:, :-1], labels[:, 1:]
+        if self.kind == "causal":  # shift the labels, not the logits: slicing them would copy the whole logits
+            labels = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         token_losses = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
         ).reshape(labels.shape)
