@@ -114,9 +114,11 @@ def initialize_lora_da(
     the solves are split across ranks and every rank ends with the same factors. A DDP-wrapped model is
     unwrapped.
 
-    Memory: `layers_per_pass` (a number of layers) and/or `memory_budget` (bytes of statistics) split the
-    layers into groups that are gathered, solved and freed in turn (one pass over `batches` per group, so
-    `batches` must be re-iterable); the factors are the same as in one pass. By default one pass is made.
+    Memory: the layers are split into groups that are gathered, solved and freed in turn (one pass over `batches`
+    per group, so several passes need re-iterable `batches`); the factors are the same as in one pass. By
+    default the groups follow the memory free on the model's device (see `schedule.plan_memory`; the plan is
+    logged, and printed when `config.show_progress`); `layers_per_pass` (a number of layers) and/or
+    `memory_budget` (bytes of statistics) set them instead.
     """
     model = unwrap_model(model)
     check_supported_sharding(model)

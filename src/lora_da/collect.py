@@ -1,6 +1,6 @@
 """One forward+backward pass that gathers LoRA-DA's per-layer statistics from hooks on the target layers.
 
-For every target layer `y = W x` it sums (float32 products per batch, float64 running sums):
+For every target layer `y = W x` it sums (precisions: see `statistics.py` and `hooks.py`):
 - `G`: per-example loss gradients `dL_i/dW = sum_t g_t x_t^T` (exact: every position), from the hooked `x_t` and
   output gradient `g_t` (so base weights need no `requires_grad` and may be quantized);
 - `Z`: `x_t x_t^T`, once per distinct input tensor (q/k/v projections share one);
