@@ -50,13 +50,13 @@ def factor_input(input_factor: torch.Tensor, config: LoraDAConfig, layer: str = 
     damping = config.damping
     if config.damping_mode == "relative":
         damping = config.damping * float(torch.diagonal(z).mean())
-    damped = z + z.T  # a new tensor: the caller's Z is never written to
-    del z
-    damped.mul_(0.5)
-    damped.diagonal().add_(damping)
+    if n >= DENSE_MAX_SIZE:
+        cholesky, info, clamped, shift = _factor_wide(z, damping)
+        return _checked(InputFactor(cholesky=cholesky, damping=damping, clamped=clamped, shift=shift), info, layer)
+    damped = _damped(z, damping)
     cholesky, info = torch.linalg.cholesky_ex(damped)
-    clamped, shift = False, 0.0
-    if int(info) != 0 and n < DENSE_MAX_SIZE:
+    clamped = False
+    if int(info) != 0:
         # Z is a Gram matrix, so negative eigenvalues are rounding: drop them, then damp.
         damped.diagonal().sub_(damping)
         values, vectors = torch.linalg.eigh(damped)
@@ -64,21 +64,36 @@ def factor_input(input_factor: torch.Tensor, config: LoraDAConfig, layer: str = 
         damped.diagonal().add_(damping)
         cholesky, info = torch.linalg.cholesky_ex(damped)
         clamped = True
-    elif int(info) != 0:
-        # A dense eigh would take minutes here: shift by what float32 rounding of Z can reach, ||E||_2 <=
-        # eps ||Z||_F, growing tenfold while Cholesky still fails.
-        step = float(torch.finfo(torch.float32).eps) * float(damped.norm())
-        for _ in range(4):
-            damped.diagonal().add_(step - shift)
-            shift = step
-            cholesky, info = torch.linalg.cholesky_ex(damped)
-            if int(info) == 0:
-                break
-            step *= 10
-        clamped = True
-    if int(info) != 0 or not torch.isfinite(cholesky).all():
+    return _checked(InputFactor(cholesky=cholesky, damping=damping, clamped=clamped), info, layer)
+
+
+def _damped(z: torch.Tensor, damping: float) -> torch.Tensor:
+    """(Z + Z^T) / 2 + damping I as a new tensor: the caller's Z is never written to."""
+    damped = z + z.T
+    damped.mul_(0.5)
+    damped.diagonal().add_(damping)
+    return damped
+
+
+def _factor_wide(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
+    """Cholesky factor of a wide layer's damped Z, computed in place (one n x n matrix beside Z, not two).
+    A dense eigh would take minutes here, so a Z that rounding left indefinite is shifted instead of clamped:
+    by what float32 rounding of Z can reach, ||E||_2 <= eps ||Z||_F, growing tenfold while Cholesky fails."""
+    step = float(torch.finfo(torch.float32).eps) * float(z.norm())
+    for shift in (0.0, step, 10 * step, 100 * step, 1000 * step):
+        damped = _damped(z, damping + shift)
+        info = torch.empty((), dtype=torch.int32, device=damped.device)
+        torch.linalg.cholesky_ex(damped, out=(damped, info))
+        if int(info) == 0:
+            break
+    return damped, info, shift > 0.0, shift
+
+
+def _checked(factor: InputFactor, info: torch.Tensor, layer: str) -> InputFactor:
+    """`factor` if its Cholesky factorization succeeded, else a `LoraDAError` that says what to change."""
+    if int(info) != 0 or not torch.isfinite(factor.cholesky).all():
         raise LoraDAError(
-            f"Layer {layer!r}: the input factor Z + damping*I is not positive definite (damping={damping:g}); "
-            "increase `damping`."
+            f"Layer {layer!r}: the input factor Z + damping*I is not positive definite (damping="
+            f"{factor.damping:g}); increase `damping`."
         )
-    return InputFactor(cholesky=cholesky, damping=damping, clamped=clamped, shift=shift)
+    return factor
