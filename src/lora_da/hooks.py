@@ -172,7 +172,7 @@ class Collector:
     def fold_all(self) -> None:
         """Fold every pending `Z` chunk and free the chunks (the totals still hold only their upper blocks)."""
         for group in list(self._input_chunks):
-            if self._chunk_tokens.get(group, 0):
+            if self._chunk_tokens.get(group, 0) or group not in self.input_sums:  # a total even from no token
                 self._fold(group)
         self._input_chunks.clear()
 
