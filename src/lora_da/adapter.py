@@ -207,8 +207,8 @@ def _gather_and_solve(
             )
     if len(passes) > 1 and iter(batches) is batches:
         raise LoraDAError(
-            f"{len(passes)} passes over the data are planned (layers_per_pass / memory_budget), but `batches` is a "
-            "one-shot iterator: pass a list or a DataLoader."
+            f"{len(passes)} passes over the data are planned ({plan.rule}: {plan.describe()}), but `batches` is a "
+            "one-shot iterator: pass a list or a DataLoader, or a larger `memory_budget`."
         )
     solutions = {}
     for number, group in enumerate(passes, start=1):
