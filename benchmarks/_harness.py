@@ -3,6 +3,7 @@ floor pass, our init, the authors' released code (given by path, never committed
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import resource
@@ -151,3 +152,25 @@ def profile_statistics(peft_model: nn.Module, batches: list[dict], rows: int = 1
         collect_statistics(base, batches, names, LoraDAConfig(variance_weight=0, show_progress=False))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--rank, --released and the internal --part of the init benchmarks."""
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--released", default=None, help="path of the authors' lora_da.py, run side by side")
+    parser.add_argument("--part", help="internal: run one measurement")
+
+
+def step_rows(cells: str, label: str, row: dict, floor: dict) -> list[str]:
+    """Markdown rows of one measured step (after the leading `cells`): seconds, x floor, memory grown, and our
+    init's statistics / solve split; a failure is a row too."""
+    if "error" in row:
+        return [f"| {cells}{label} | failed: {row['error']} | | |"]
+    ratio = row["seconds"] / floor["seconds"] if "seconds" in floor else float("nan")
+    rows = [f"| {cells}{label} | {row['seconds']:.1f} | {ratio:.2f} | {row['grown_mib']:.0f} |"]
+    if "statistics_seconds" in row:
+        rows.append(f"| {cells}- statistics ({row['passes']} pass) | {row['statistics_seconds']:.1f} | "
+                    f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
+        rows.append(f"| {cells}- solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}) | "
+                    f"{row['solve_seconds']:.1f} | {row['solve_seconds'] / floor['seconds']:.2f} | |")
+    return rows

@@ -16,7 +16,17 @@ import platform
 import sys
 
 import torch
-from _harness import RESULTS, floor_pass, measured, ours_init, profile_statistics, released_init, run_parts
+from _harness import (
+    RESULTS,
+    add_common_arguments,
+    floor_pass,
+    measured,
+    ours_init,
+    profile_statistics,
+    released_init,
+    run_parts,
+    step_rows,
+)
 
 POPULATION = 100_000
 
@@ -82,17 +92,7 @@ def report(args, results: dict) -> str:
         if args.released:
             rows.append(("released implementation", results["parts"][f"released@{size}"]))
         for label, row in rows:
-            if "error" in row:
-                lines.append(f"| {size} | {label} | failed: {row['error']} | | |")
-                continue
-            ratio = row["seconds"] / floor["seconds"] if "seconds" in floor else float("nan")
-            lines.append(f"| {size} | {label} | {row['seconds']:.1f} | {ratio:.2f} | {row['grown_mib']:.0f} |")
-            if "statistics_seconds" in row:
-                lines.append(f"| {size} | - statistics ({row['passes']} pass) | {row['statistics_seconds']:.1f} | "
-                             f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
-                lines.append(f"| {size} | - solve ({', '.join(row['solvers_used'])}; max residual "
-                             f"{row['max_residual']:.1e}) | {row['solve_seconds']:.1f} | "
-                             f"{row['solve_seconds'] / floor['seconds']:.2f} | |")
+            lines += step_rows(f"{size} | ", label, row, floor)
         ours, released = results["parts"][f"lora-da@{size}"], results["parts"].get(f"released@{size}", {})
         if "seconds" in ours and "seconds" in released:
             lines.append(f"| {size} | released / ours | {released['seconds'] / ours['seconds']:.2f}x | | |")
@@ -109,9 +109,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--released", default=None, help="path of the authors' lora_da.py, run side by side")
-    parser.add_argument("--part", help="internal: run one measurement")
+    add_common_arguments(parser)
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))

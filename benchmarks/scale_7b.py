@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from _harness import RESULTS, floor_pass, measured, ours_init, released_init, run_parts
+from _harness import RESULTS, add_common_arguments, floor_pass, measured, ours_init, released_init, run_parts, step_rows
 
 from lora_da.schedule import STATISTICS_SHARE
 from lora_da.solver import solve_working_bytes
@@ -131,16 +131,7 @@ def report(args, results: dict) -> str:
     if "released" in parts:
         rows.append(("released implementation, total", parts["released"]))
     for label, row in rows:
-        if "error" in row:
-            lines.append(f"| {label} | failed: {row['error']} | | |")
-            continue
-        lines.append(f"| {label} | {row['seconds']:.1f} | {row['seconds'] / floor['seconds']:.2f} | "
-                     f"{row['grown_mib']:.0f} |")
-        if "statistics_seconds" in row:
-            lines.append(f"| - statistics ({row['passes']} pass) | {row['statistics_seconds']:.1f} | "
-                         f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
-            lines.append(f"| - solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}) | "
-                         f"{row['solve_seconds']:.1f} | {row['solve_seconds'] / floor['seconds']:.2f} | |")
+        lines += step_rows("", label, row, floor)
     if "error" not in ours and "error" not in floor:
         lines += [
             "",
@@ -165,9 +156,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--released", default=None, help="path of the authors' lora_da.py, run side by side")
-    parser.add_argument("--part", help="internal: run one measurement")
+    add_common_arguments(parser)
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
