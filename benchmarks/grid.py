@@ -33,7 +33,10 @@ PROTOCOL = dict(
     model="smollm2-135m", steps=100, batch_size=8, max_length=128, num_train=800, num_val=64, num_test=128,
     num_accuracy=64, max_new_tokens=64, eval_every=10, eval_batch_size=64, calibration_examples=256,
     calibration_batch_size=16, learning_rates=[1e-4, 3e-4, 1e-3, 3e-3], seeds=[0, 1, 2], sweep_seeds=1,
+    extend_edges=True,
 )
+#: `run --budget short`: the demo's budget of 25 steps (the full budget is PROTOCOL's 100).
+SHORT_BUDGET = dict(steps=25, eval_every=5)
 #: `run --smoke`: the same grid at a size that checks the plumbing in minutes on a CPU.
 SMOKE = dict(steps=2, num_train=16, num_val=4, num_test=4, num_accuracy=2, max_new_tokens=8, eval_every=1,
              calibration_examples=8, calibration_batch_size=4, learning_rates=[1e-3, 3e-3])
@@ -54,6 +57,12 @@ ABLATIONS = [
     "lora_da@variance_weight=0.3",
 ]
 MORE_METHODS = ["olora", "gaussian", "corda"]
+#: Where a data-aware start may pay off (issue 23): the variants compared in another regime, or at the short budget.
+REGIME_METHODS = {
+    "lora_fa": ["lora", "lora_da", "lora_da@factor_balance=kaiming", "pissa", "lora_one", "lora_ga"],
+    "lora_plus": ["lora", "lora_da"],
+}
+SHORT_METHODS = ["lora", "lora_da", "pissa", "lora_one"]
 
 #: Output folders of `merge`: study -> the variants it reports (lora and lora_da runs appear in both).
 STUDIES = {
@@ -70,12 +79,15 @@ class Shard:
     variant: str
     ranks: tuple[int, ...]
     regime: str = "standard"
+    budget: str = "full"
 
     @property
     def folder(self) -> str:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.variant)
-        regime = "" if self.regime == "standard" else f"-{self.regime}"  # standard shards keep their folders
-        return f"{task_folder(self.task)}/{safe}-r{'-'.join(map(str, self.ranks))}{regime}"
+        # standard shards at the full budget keep the folders they had before regimes and budgets
+        regime = "" if self.regime == "standard" else f"-{self.regime}"
+        budget = "" if self.budget == "full" else f"-{self.budget}"
+        return f"{task_folder(self.task)}/{safe}-r{'-'.join(map(str, self.ranks))}{regime}{budget}"
 
 
 def task_folder(task: str) -> str:
@@ -90,9 +102,10 @@ def selects(only: list[str] | None, folder: str) -> bool:
     return not only or any(part in folder for part in only)
 
 
-def invocations_of(env: list[dict], task_dir: str, shard_names: list[str], regime: str = "standard") -> list[dict]:
+def invocations_of(env: list[dict], task_dir: str, shard_names: list[str], regime: str = "standard",
+                   budget: str = "full") -> list[dict]:
     """The entries of environment.json that may have run these shards of `task_dir` (stdlib-code: same Python)
-    in `regime`."""
+    in `regime` at `budget`."""
     task, _, version = task_dir.partition("-py")
     # older entries name stdlib-code's folder without the version
     folders = [f"{prefix}/{name}" for prefix in dict.fromkeys([task_dir, task]) for name in shard_names]
@@ -103,25 +116,32 @@ def invocations_of(env: list[dict], task_dir: str, shard_names: list[str], regim
             continue
         # the recorded argv (after the script), parsed as `run` parsed it; extra notes such as "resumed with" are left
         args, _ = parser.parse_known_args(entry["command"].replace(",", " ").split()[1:])
-        if args.regime == regime and any(selects(args.only, folder) for folder in folders):
+        if (args.regime, args.budget) == (regime, budget) and any(selects(args.only, folder) for folder in folders):
             chosen.append(entry)
     return chosen
 
 
-def jobs(regime: str = "standard") -> list[Shard]:
-    """Every shard of the grid, most important first, alternating tasks."""
-    groups = [[(v, (8,)) for v in METHODS], [(v, (8,)) for v in LORA_DA_OPTIONS],
-              [(v, tuple(RANK_SWEEP[1])) for v in RANK_SWEEP[0]], [(v, (8,)) for v in ABLATIONS],
-              [(v, (8,)) for v in MORE_METHODS]]
-    return [Shard(task, variant, ranks, regime) for group in groups for variant, ranks in group for task in TASKS]
+def jobs(regime: str = "standard", budget: str = "full") -> list[Shard]:
+    """Every shard of the grid in `regime` at `budget`, most important first, alternating tasks: the whole grid for
+    standard training at the full budget, else the comparison of REGIME_METHODS or SHORT_METHODS."""
+    if budget == "short":
+        groups = [[(v, (8,)) for v in SHORT_METHODS]]
+    elif regime in REGIME_METHODS:
+        groups = [[(v, (8,)) for v in REGIME_METHODS[regime]]]
+    else:
+        groups = [[(v, (8,)) for v in METHODS], [(v, (8,)) for v in LORA_DA_OPTIONS],
+                  [(v, tuple(RANK_SWEEP[1])) for v in RANK_SWEEP[0]], [(v, (8,)) for v in ABLATIONS],
+                  [(v, (8,)) for v in MORE_METHODS]]
+    return [Shard(task, variant, ranks, regime, budget)
+            for group in groups for variant, ranks in group for task in TASKS]
 
 
 def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool = False, regime: str = "standard",
-                 **subset):
+                 budget: str = "full", **subset):
     """The BenchConfig of a shard; `subset` may narrow `learning_rates` or `seeds` (runs outside it wait)."""
     from lora_da.bench import BenchConfig
 
-    settings = {**PROTOCOL, **(SMOKE if smoke else {})}
+    settings = {**PROTOCOL, **(SHORT_BUDGET if budget == "short" else {}), **(SMOKE if smoke else {})}
     for key, values in subset.items():
         unknown = set(values or ()) - set(settings[key])
         if unknown:
@@ -173,7 +193,8 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
         except queue.Empty:
             return
         start = time.time()
-        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, shard.regime, **subset)
+        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, shard.regime, shard.budget,
+                              **subset)
         records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
                             show_progress=False, plots=False)
         bad = sum(r["status"] != "ok" for r in records)
@@ -189,12 +210,12 @@ def run(args: argparse.Namespace) -> None:
     runs = json.loads(history.read_text()) if history.exists() else []
     history.write_text(json.dumps(runs + [environment(args.device)], indent=1))
     subset = {"learning_rates": args.lrs, "seeds": args.seeds}
-    bench_config(TASKS[0], METHODS[:1], [8], args.smoke, args.regime, **subset)  # a bad subset fails here
+    bench_config(TASKS[0], METHODS[:1], [8], args.smoke, args.regime, args.budget, **subset)  # bad subset fails here
     start = time.time()
     deadline = start + args.deadline_s
     context = mp.get_context("spawn")
     todo = context.Queue()
-    for shard in jobs(args.regime):
+    for shard in jobs(args.regime, args.budget):
         if selects(args.only, shard.folder):
             todo.put(shard)
     # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
@@ -215,7 +236,7 @@ def run(args: argparse.Namespace) -> None:
 
 def merge(args: argparse.Namespace) -> None:
     """One folder per task and study with results.json, report.md and plots from every shard's records."""
-    from lora_da.bench import REPORT_FILE, RESULTS_FILE, BenchConfig, write_outputs
+    from lora_da.bench import RESULTS_FILE, BenchConfig
 
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else []
@@ -223,43 +244,50 @@ def merge(args: argparse.Namespace) -> None:
         shards = {path.parent.name: json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))}
         if not shards:
             continue
-        protocol = dict(next(iter(shards.values()))["config"])
-        for key in ("learning_rates", "seeds"):  # a shard may have run a subset first
-            protocol[key] = sorted({value for shard in shards.values() for value in shard["config"][key]})
-        by_regime = {}  # each regime is its own study: its runs never share a table with another's
-        for shard in shards.values():
-            for record in shard["records"]:
-                by_regime.setdefault(record.get("regime", "standard"), []).append(record)
-        studies = [(regime, suffix + ("" if regime == "standard" else f"-{regime}"), variants)
-                   for regime in sorted(by_regime) for suffix, variants in STUDIES.items()]
-        for regime, suffix, variants in studies:
-            protocol["regime"] = regime
-            chosen = [r for r in by_regime[regime] if r["method"] in variants]
-            present = [v for v in variants if v in {r["method"] for r in chosen}]
-            if not present:
-                continue
-            ranks = sorted({r["rank"] for r in chosen})
-            names = [name for name, shard in shards.items() if any(
-                r["method"] in variants and r.get("regime", "standard") == regime for r in shard["records"])]
-            commands = "".join(
-                f"\n- Python {e['python']}, torch {e['torch']}, transformers {e['transformers']}, peft {e['peft']}, "
-                f"{e.get('gpu', e['device'])}: `python {e['command']}`"
-                for e in invocations_of(env, task_dir.name, names, regime))
-            dest = Path(args.dest) / f"smollm2-135m-{task_dir.name}{suffix}"
-            write_outputs(dest, chosen, BenchConfig(**{**protocol, "methods": present, "ranks": ranks}))
-            finished = sum(r["status"] == "ok" for r in chosen)
-            with open(dest / REPORT_FILE, "a") as report:
-                report.write(
-                    "\n## How this was run\n\n"
-                    f"{finished} finished runs of {len(chosen)} recorded. Command: "
-                    "`python benchmarks/grid.py run --out benchmarks/results/grid ...` then "
-                    "`python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results`"
-                    " (see benchmarks/grid.py for the grid). Each record's `device` says where it ran. Init and wall"
-                    " seconds of runs that shared a device with other workers are inflated by that sharing; quiet-"
-                    "machine init overhead is in benchmarks/results/init_overhead.md.\n\n"
-                    f"Invocations of `run` that wrote these shards (from environment.json):\n{commands}\n"
-                )
-            print(f"{dest}: {len(chosen)} runs, {len(present)} variants, ranks {ranks}")
+        groups: dict[tuple[str, str], list[str]] = {}  # (regime, budget) -> shards; each is a study of its own
+        for name, shard in shards.items():
+            budget = "short" if shard["config"]["steps"] == SHORT_BUDGET["steps"] else "full"
+            groups.setdefault((shard["config"].get("regime", "standard"), budget), []).append(name)
+        for (regime, budget), group in sorted(groups.items()):
+            protocol = dict(shards[group[0]]["config"])
+            for key in ("learning_rates", "seeds"):  # a shard may have run a subset first
+                protocol[key] = sorted({value for name in group for value in shards[name]["config"][key]})
+            records = [record for name in group for record in shards[name]["records"]]
+            suffix = ("" if regime == "standard" else f"-{regime}") + ("" if budget == "full" else f"-{budget}")
+            studies = STUDIES if not suffix else {"": list(dict.fromkeys(s.variant for s in jobs(regime, budget)))}
+            for study, variants in studies.items():
+                chosen = [r for r in records if r["method"] in variants]
+                present = [v for v in variants if v in {r["method"] for r in chosen}]
+                if not present:
+                    continue
+                names = [name for name in group if any(r["method"] in variants for r in shards[name]["records"])]
+                write_study(Path(args.dest) / f"smollm2-135m-{task_dir.name}{study}{suffix}", chosen,
+                            BenchConfig(**{**protocol, "methods": present,
+                                           "ranks": sorted({r["rank"] for r in chosen})}),
+                            invocations_of(env, task_dir.name, names, regime, budget))
+
+
+def write_study(dest: Path, records: list[dict], config, invocations: list[dict]) -> None:
+    """results.json, report.md and plots of one study, with how it was run."""
+    from lora_da.bench import REPORT_FILE, write_outputs
+
+    write_outputs(dest, records, config)
+    commands = "".join(
+        f"\n- Python {e['python']}, torch {e['torch']}, transformers {e['transformers']}, peft {e['peft']}, "
+        f"{e.get('gpu', e['device'])}: `python {e['command']}`" for e in invocations)
+    finished = sum(r["status"] == "ok" for r in records)
+    with open(dest / REPORT_FILE, "a") as report:
+        report.write(
+            "\n## How this was run\n\n"
+            f"{finished} finished runs of {len(records)} recorded. Command: "
+            "`python benchmarks/grid.py run --out benchmarks/results/grid ...` then "
+            "`python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results`"
+            " (see benchmarks/grid.py for the grid). Each record's `device` says where it ran. Init and wall"
+            " seconds of runs that shared a device with other workers are inflated by that sharing; quiet-"
+            "machine init overhead is in benchmarks/results/init_overhead.md.\n\n"
+            f"Invocations of `run` that wrote these shards (from environment.json):\n{commands}\n"
+        )
+    print(f"{dest}: {len(records)} runs, {len(config.methods)} variants, ranks {config.ranks}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -283,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--regime", default="standard",
                     help="how adapters are trained, one of lora_da.train.REGIMES (standard, lora_fa, lora_plus); "
                     "other regimes than standard get shard folders of their own")
+    go.add_argument("--budget", default="full", choices=["full", "short"],
+                    help="full: PROTOCOL's 100 steps; short: the demo's 25 steps (SHORT_BUDGET, SHORT_METHODS), "
+                    "in folders of their own")
     go.add_argument("--smoke", action="store_true", help="tiny budget: checks the plumbing")
     together = sub.add_parser("merge", help="merge shard results into one folder per task and study")
     together.add_argument("raw", help="the --out folder of run")

@@ -275,3 +275,39 @@ def test_grid_reports_list_only_the_invocations_that_could_have_run_their_shards
     assert commands("stdlib-code-py3.11", ["pissa-r8", "lora-r8"]) == [env[2]["command"]]  # 3.12 ran other data
     assert commands("stdlib-code-py3.12", ["lora-r2-32"]) == [env[0]["command"]]
     assert commands("stdlib-code-py3.11", ["lora-r2-32"]) == [env[3]["command"]]
+
+
+def test_the_sweep_continues_one_step_past_an_end_only_when_the_best_rate_is_there():
+    grid_like = BenchConfig(learning_rates=[1e-4, 3e-4, 1e-3, 3e-3], extend_edges=True)
+    assert grid_like.rate_beyond(3e-3) == pytest.approx(1e-2) and grid_like.rate_beyond(1e-4) == pytest.approx(3e-5)
+    assert grid_like.rate_beyond(3e-4) is None and grid_like.rate_beyond(1e-3) is None
+    assert BenchConfig(learning_rates=[1e-3, 2e-3], extend_edges=True).rate_beyond(2e-3) == pytest.approx(4e-3)
+    assert BenchConfig(learning_rates=[1e-4, 3e-3]).rate_beyond(3e-3) is None  # off by default
+
+
+def test_best_rate_at_an_end_gets_a_run_beyond_it_that_competes(tmp_path, tiny_model_dir, sums_jsonl):
+    rates = [1e-2, 3e-2]
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], learning_rates=rates, extend_edges=True,
+                         num_accuracy=0, steps=3)
+    records = run_bench(tmp_path, config, show_progress=False, plots=False)
+    by_lr = {r["lr"]: r["val_loss"] for r in records}
+    best_of_grid = min(rates, key=by_lr.get)  # with two rates the best is always at an end
+    beyond = config.rate_beyond(best_of_grid)
+    assert sorted(by_lr) == sorted(rates + [beyond])
+    choice = select_learning_rate(records, "lora", 4, config)
+    assert choice["lr"] == min(by_lr, key=by_lr.get) and f"{beyond:g}" in choice["by_lr"]
+    assert f"lr {beyond:g}" in (tmp_path / "report.md").read_text()
+
+
+def test_runs_of_one_init_at_other_rates_reuse_it_and_match_a_fresh_init(tmp_path, tiny_model_dir, sums_jsonl):
+    """The lr sweep initializes once per (variant, rank, seed); reusing it changes no number."""
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora_da"], learning_rates=[LOW_LR, HIGH_LR],
+                         num_accuracy=0, steps=3)
+    swept = run_bench(tmp_path / "sweep", config, show_progress=False, plots=False)
+    assert [r.get("init_reused", False) for r in swept] == [False, True]
+    alone = run_bench(tmp_path / "alone", tiny_config(tiny_model_dir, sums_jsonl, methods=["lora_da"],
+                                                      learning_rates=[HIGH_LR], num_accuracy=0, steps=3),
+                      show_progress=False, plots=False)
+    assert "init_reused" not in alone[0]
+    for metric in ("val_loss", "test_loss", "train_curve"):
+        assert swept[1][metric] == alone[0][metric]

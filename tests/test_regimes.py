@@ -115,3 +115,37 @@ def test_grid_reports_list_only_the_invocations_of_their_regime():
            for extra in ("", " --regime lora_fa")]
     assert grid.invocations_of(env, "arith", ["lora-r8"]) == env[:1]
     assert grid.invocations_of(env, "arith", ["lora-r8-lora_fa"], "lora_fa") == env[1:]
+
+
+def test_grid_regimes_and_the_short_budget_run_their_own_comparison():
+    grid = _grid_module()
+    assert [s.variant for s in grid.jobs("lora_fa") if s.task == "arith"] == grid.REGIME_METHODS["lora_fa"]
+    assert {s.variant for s in grid.jobs("lora_plus")} == {"lora", "lora_da"}
+    short = grid.jobs(budget="short")
+    assert {s.variant for s in short} == set(grid.SHORT_METHODS) and short[0].folder == "arith/lora-r8-short"
+    assert grid.bench_config("arith", ["lora"], [8], budget="short").steps == 25
+    assert grid.bench_config("arith", ["lora"], [8]).steps == 100
+    env = [dict(python="3.11.7", command=f"grid.py run --out g --only arith/{extra}")
+           for extra in ("lora-r8", "lora-r8 --budget short")]
+    assert grid.invocations_of(env, "arith", ["lora-r8-short"], budget="short") == env[1:]
+
+
+def test_grid_merge_reports_each_regime_and_budget_apart(tmp_path, tiny_model_dir):
+    """Shards of the standard grid, of LoRA-FA and of the short budget merge into a folder each."""
+    grid = _grid_module()
+    data = tmp_path / "sums.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"{a}+1?", "answer": f"#### {a + 1}"}) for a in range(30)))
+    common = dict(model=str(tiny_model_dir), data=str(data), methods=["lora"], ranks=[4], seeds=[0],
+                  learning_rates=[1e-2], batch_size=4, max_length=64, num_train=16, num_val=4, num_test=4,
+                  num_accuracy=0, eval_every=0, calibration_examples=4)
+    raw = tmp_path / "raw" / "arith"
+    for folder, regime, steps in [("lora-r4", "standard", 2), ("lora-r4-lora_fa", "lora_fa", 2),
+                                  ("lora-r4-short", "standard", grid.SHORT_BUDGET["steps"])]:
+        run_bench(raw / folder, BenchConfig(**common, regime=regime, steps=steps), show_progress=False, plots=False)
+    grid.merge(grid.build_parser().parse_args(["merge", str(tmp_path / "raw"), str(tmp_path / "out")]))
+    merged = {p.name: json.loads((p / "results.json").read_text()) for p in (tmp_path / "out").iterdir()}
+    assert set(merged) == {"smollm2-135m-arith", "smollm2-135m-arith-lora-da-ablations", "smollm2-135m-arith-lora_fa",
+                           "smollm2-135m-arith-short"}
+    assert merged["smollm2-135m-arith-lora_fa"]["config"]["regime"] == "lora_fa"
+    assert merged["smollm2-135m-arith-short"]["config"]["steps"] == grid.SHORT_BUDGET["steps"]
+    assert [r["regime"] for r in merged["smollm2-135m-arith"]["records"]] == ["standard"]

@@ -99,6 +99,7 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     learning_rates: list[float] = field(default_factory=lambda: [2e-4, 1e-3, 3e-3])
     sweep_seeds: int | None = None  # seeds used to pick the lr (first k); None = every seed at every lr
+    extend_edges: bool = False  # best sweep rate at an end of learning_rates: also sweep one step beyond it
     steps: int = TrainConfig.steps
     batch_size: int = 4
     max_length: int = 128
@@ -146,6 +147,29 @@ class BenchConfig:
         self.eval_config()
         for spec in self.methods:
             self.init_config(parse_variant(spec), self.ranks[0], self.seeds[0])
+
+    def rate_beyond(self, lr: float) -> float | None:
+        """With `extend_edges`, the rate one step past `lr` when it is the smallest or largest of the sweep, else None.
+
+        The step repeats the ratio of the two rates at that end, rounded to the decade pattern of a half-decade
+        sweep (1e-4, 3e-4, 1e-3, 3e-3 -> 3e-5 and 1e-2, not 3.3e-5 and 9e-3).
+        """
+        rates = sorted(self.learning_rates)
+        if not self.extend_edges or len(rates) < 2:
+            return None
+
+        def past(end: float, inner: float) -> float:
+            geometric = end * end / inner
+            decade = inner * 10 if end > inner else inner / 10
+            return decade if 2 / 3 < decade / geometric < 1.5 else geometric
+
+        below, above = past(rates[0], rates[1]), past(rates[-1], rates[-2])
+        return {rates[0]: below, rates[-1]: above}.get(lr)
+
+    def swept_rates(self) -> list[float]:
+        """Every rate a sweep may run: learning_rates, and with `extend_edges` the rates beyond each end."""
+        beyond = [self.rate_beyond(lr) for lr in (min(self.learning_rates), max(self.learning_rates))]
+        return sorted(set(self.learning_rates) | {lr for lr in beyond if lr is not None})
 
     def train_config(self, lr: float, seed: int) -> TrainConfig:
         """The fine-tuning settings of one run."""

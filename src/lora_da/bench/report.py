@@ -57,7 +57,10 @@ def write_report(output_dir: Path, records: Sequence[dict], config: BenchConfig,
         f"{len(config.learning_rates)} learning rates; calibration {config.calibration_examples} train examples.",
         "",
         f"Protocol: each method's learning rate is chosen by the mean validation loss over seeds {sweep} "
-        f"({config.num_val} held-out train examples); the other seeds run only at that rate. Test metrics "
+        f"({config.num_val} held-out train examples)"
+        + ("; where the best was the smallest or largest rate, one rate beyond it was run too" if config.extend_edges
+           else "")
+        + "; the other seeds run only at the chosen rate. Test metrics "
         f"({config.num_test} test examples; accuracy = exact match on the first {config.num_accuracy}) are "
         "mean ± std over all seeds at the chosen rate. Failed runs are listed, never dropped.",
         "",
@@ -84,12 +87,14 @@ def write_report(output_dir: Path, records: Sequence[dict], config: BenchConfig,
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Learning-rate sweep (mean validation loss over the sweep seeds; best in bold)", ""]
-    header = "| method | rank | " + " | ".join(f"lr {lr:g}" for lr in config.learning_rates) + " |"
+    # the grid's rates, and those beyond its ends that some method ran (see BenchConfig.extend_edges)
+    rates = [lr for lr in config.swept_rates() if lr in config.learning_rates or any(r["lr"] == lr for r in records)]
+    header = "| method | rank | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |"
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in rows:
         sweep_values = r.get("lr_sweep") or {}
         cells = []
-        for lr in config.learning_rates:
+        for lr in rates:
             value = sweep_values.get(f"{lr:g}")
             text = fmt(value)
             cells.append(f"**{text}**" if r["best_lr"] == lr else text)

@@ -62,12 +62,16 @@ def run_cell(
     seed: int,
     progress: Callable[[str], None] = _quiet,
     model_hash: str | None = None,
+    reusable_inits: dict | None = None,
 ) -> dict:
     """Initialize, fine-tune and evaluate one run; never raises: a failure is a record with status 'failed'.
 
     `progress` receives a line at the start of each phase. With `config.detailed_records` the record also
     holds the step history, the init report and the metrics before and after training. `model_hash` (see
     `lora_da.cache.model_fingerprint`) is recorded so that a resumed grid never mixes two models' runs.
+    `reusable_inits`, a dict the caller keeps across runs, holds the last initialized model: a run of the same
+    variant, rank and seed at another lr starts from a copy of it instead of initializing again (the init is
+    the same; its `init_seconds` are those of the init, and the record says `init_reused`).
     """
     device = model_device(base_model)
     record: dict[str, Any] = {
@@ -101,7 +105,16 @@ def run_cell(
             init = config.init_config(variant, rank, seed)
             progress(f"initializing ({init.calibration_size(len(task.train)) if init.needs_calibration else 0} "
                      "calibration examples)")
-            model, info = adapt_model(copy.deepcopy(base_model), task.train, init, pad_id)
+            reuse_key = (variant.name, rank, seed)
+            if reusable_inits is not None and reuse_key in reusable_inits:
+                initialized, info = reusable_inits[reuse_key]
+                model = copy.deepcopy(initialized)
+                record["init_reused"] = True
+            else:
+                model, info = adapt_model(copy.deepcopy(base_model), task.train, init, pad_id)
+                if reusable_inits is not None:  # one kept at a time: runs of one init follow each other
+                    reusable_inits.clear()
+                    reusable_inits[reuse_key] = (copy.deepcopy(model), info)
             record["init_seconds"] = info.init_seconds
             record["modifies_base"] = info.modifies_base
             record["calibration_examples"] = init.num_calibration if init.needs_calibration else 0
@@ -223,6 +236,7 @@ def run_bench(
             f"{model_hash} vs {', '.join(sorted(other_models))}): its weights changed; use another output folder"
         )
     variants = {spec: parse_variant(spec) for spec in config.methods}
+    reusable_inits: dict = {}  # see run_cell: the lr sweep of one (variant, rank, seed) initializes once
 
     def run(spec: str, rank: int, lr: float, seed: int, bar) -> None:
         key = cell_key(spec, rank, lr, seed, config.regime)
@@ -231,7 +245,8 @@ def run_bench(
             bar.update(1)
             return
         bar.set_postfix_str(key)
-        record = run_cell(base_model, tokenizer, task, config, variants[spec], rank, lr, seed, model_hash=model_hash)
+        record = run_cell(base_model, tokenizer, task, config, variants[spec], rank, lr, seed, model_hash=model_hash,
+                          reusable_inits=reusable_inits)
         if previous is not None:
             records.remove(previous)
         records.append(record)
@@ -247,6 +262,12 @@ def run_bench(
                     for seed in sweep:
                         run(spec, rank, lr, seed, bar)
                 choice = select_learning_rate(records, spec, rank, config)
+                beyond = None if choice is None else config.rate_beyond(choice["lr"])
+                if beyond is not None:  # the best rate is at an end of the sweep: try one step past it
+                    bar.total += len(sweep)
+                    for seed in sweep:
+                        run(spec, rank, beyond, seed, bar)
+                    choice = select_learning_rate(records, spec, rank, config)
                 for seed in config.seeds[len(sweep):]:
                     if choice is None:
                         bar.update(1)  # no learning rate worked: nothing to confirm on more seeds

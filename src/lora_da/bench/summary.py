@@ -24,12 +24,15 @@ def sweep_seeds_of(config: BenchConfig) -> list[int]:
 
 def select_learning_rate(records: Sequence[dict], variant: str, rank: int, config: BenchConfig) -> dict | None:
     """Best lr of (variant, rank): lowest mean validation loss over the sweep seeds; ties go to the smaller lr.
+    Rates beyond the grid's (`BenchConfig.extend_edges`) compete where they ran.
 
     Returns {"lr", "val_loss", "by_lr": {lr: mean val loss or None}} or None when no run succeeded.
     """
     sweep = set(sweep_seeds_of(config))
     by_lr: dict[float, float | None] = {}
-    for lr in config.learning_rates:
+    extra = set(config.swept_rates()) - set(config.learning_rates)  # counted only where they ran
+    ran = {r["lr"] for r in records if r["method"] == variant and r["rank"] == rank}
+    for lr in [lr for lr in config.swept_rates() if lr not in extra or lr in ran]:
         vals = [r["val_loss"] for r in records
                 if r["method"] == variant and r["rank"] == rank and r["lr"] == lr and r["seed"] in sweep
                 and r["status"] == "ok" and r["val_loss"] is not None]
