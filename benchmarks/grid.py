@@ -11,7 +11,8 @@ workers train 1.38x faster in total; on stdlib-code each run then takes 20-28 mi
 so two of them fit in 24 GB.
 `--lrs` / `--seeds` run part of each shard now (e.g. a one-lr screen); a later run without them adds the rest.
 `--regime lora_fa|lora_plus` trains every shard that way, in folders of their own (`<variant>-r8-lora_fa`);
-`merge` reports each regime apart (`smollm2-135m-arith-lora_fa`, ...).
+`merge` reports each regime apart (`smollm2-135m-arith-lora_fa`, ...); other regimes run the variants of
+REGIME_METHODS. `--budget short` runs SHORT_METHODS at the demo's 25 steps (`<variant>-r8-short`).
 Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
 """
 
