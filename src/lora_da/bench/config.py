@@ -166,11 +166,6 @@ class BenchConfig:
         below, above = past(rates[0], rates[1]), past(rates[-1], rates[-2])
         return {rates[0]: below, rates[-1]: above}.get(lr)
 
-    def swept_rates(self) -> list[float]:
-        """Every rate a sweep may run: learning_rates, and with `extend_edges` the rates beyond each end."""
-        beyond = [self.rate_beyond(lr) for lr in (min(self.learning_rates), max(self.learning_rates))]
-        return sorted(set(self.learning_rates) | {lr for lr in beyond if lr is not None})
-
     def train_config(self, lr: float, seed: int) -> TrainConfig:
         """The fine-tuning settings of one run."""
         return TrainConfig(

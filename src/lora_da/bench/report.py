@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lora_da.bench.config import BenchConfig
 from lora_da.bench.plots import write_plots
-from lora_da.bench.summary import summarize, sweep_seeds_of
+from lora_da.bench.summary import rates_run, summarize, sweep_seeds_of
 from lora_da.files import write_atomic, write_json
 
 RESULTS_FILE = "results.json"
@@ -87,8 +87,7 @@ def write_report(output_dir: Path, records: Sequence[dict], config: BenchConfig,
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["## Learning-rate sweep (mean validation loss over the sweep seeds; best in bold)", ""]
-    # the grid's rates, and those beyond its ends that some method ran (see BenchConfig.extend_edges)
-    rates = [lr for lr in config.swept_rates() if lr in config.learning_rates or any(r["lr"] == lr for r in records)]
+    rates = rates_run(records, config)
     header = "| method | rank | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |"
     lines += [header, "|" + " --- |" * (header.count("|") - 1)]
     for r in rows:

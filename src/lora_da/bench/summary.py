@@ -22,6 +22,14 @@ def sweep_seeds_of(config: BenchConfig) -> list[int]:
     return list(config.seeds[: config.sweep_seeds or len(config.seeds)])
 
 
+def rates_run(records: Sequence[dict], config: BenchConfig) -> list[float]:
+    """The sweep's rates: `config.learning_rates` and those beyond its ends (`BenchConfig.extend_edges`) that
+    some record ran."""
+    ends = (min(config.learning_rates), max(config.learning_rates))
+    beyond = {config.rate_beyond(lr) for lr in ends} & {r["lr"] for r in records}
+    return sorted(set(config.learning_rates) | beyond)
+
+
 def select_learning_rate(records: Sequence[dict], variant: str, rank: int, config: BenchConfig) -> dict | None:
     """Best lr of (variant, rank): lowest mean validation loss over the sweep seeds; ties go to the smaller lr.
     Rates beyond the grid's (`BenchConfig.extend_edges`) compete where they ran.
@@ -30,9 +38,7 @@ def select_learning_rate(records: Sequence[dict], variant: str, rank: int, confi
     """
     sweep = set(sweep_seeds_of(config))
     by_lr: dict[float, float | None] = {}
-    extra = set(config.swept_rates()) - set(config.learning_rates)  # counted only where they ran
-    ran = {r["lr"] for r in records if r["method"] == variant and r["rank"] == rank}
-    for lr in [lr for lr in config.swept_rates() if lr not in extra or lr in ran]:
+    for lr in rates_run([r for r in records if r["method"] == variant and r["rank"] == rank], config):
         vals = [r["val_loss"] for r in records
                 if r["method"] == variant and r["rank"] == rank and r["lr"] == lr and r["seed"] in sweep
                 and r["status"] == "ok" and r["val_loss"] is not None]
