@@ -311,3 +311,15 @@ def test_runs_of_one_init_at_other_rates_reuse_it_and_match_a_fresh_init(tmp_pat
     assert "init_reused" not in alone[0]
     for metric in ("val_loss", "test_loss", "train_curve"):
         assert swept[1][metric] == alone[0][metric]
+
+
+def test_bench_command_passes_extend_edges(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run_bench(output, config, retry_failed=False):
+        seen["config"] = config
+        return [{"key": "lora|r8|lr0.001|s0", "status": "ok", "error": None}]
+
+    monkeypatch.setattr(commands, "run_bench", fake_run_bench)
+    assert main(["bench", "--output", str(tmp_path), "--lrs", "1e-3,3e-3", "--extend-edges"]) == 0
+    assert seen["config"].extend_edges and seen["config"].rate_beyond(3e-3) == pytest.approx(1e-2)

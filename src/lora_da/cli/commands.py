@@ -138,7 +138,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = BenchConfig(model=args.model, data=args.data, methods=args.methods.split(),
                          ranks=numbers(args.ranks, int), seeds=numbers(args.seeds, int),
                          learning_rates=numbers(args.lrs, float), sweep_seeds=args.sweep_seeds, steps=args.steps,
-                         batch_size=args.batch_size, max_length=args.max_length, regime=args.regime)
+                         batch_size=args.batch_size, max_length=args.max_length, regime=args.regime,
+                         extend_edges=args.extend_edges)
     records = run_bench(args.output, config, retry_failed=args.retry_failed)
     bad = [r for r in records if r["status"] != "ok"]
     if records and len(bad) == len(records):

@@ -184,6 +184,8 @@ def _add_bench_parser(sub) -> None:
                    help="rerun the runs that failed in an earlier invocation (default: keep them as failed)")
     p.add_argument("--sweep-seeds", type=int, default=1,
                    help="seeds used to pick the learning rate; the others run at the chosen one (default: 1)")
+    p.add_argument("--extend-edges", action="store_true",
+                   help="where a method's best rate is the smallest or largest of --lrs, also run one step past it")
     for flag, name, text in (("--steps", "steps", "training steps per run"), ("--batch-size", "batch_size",
                              "batch size"), ("--max-length", "max_length", "max tokens per example")):
         p.add_argument(flag, type=int, default=default(BenchConfig, name), help=text + " (default: %(default)s)")
