@@ -38,10 +38,10 @@ def select_learning_rate(records: Sequence[dict], variant: str, rank: int, confi
     """
     sweep = set(sweep_seeds_of(config))
     by_lr: dict[float, float | None] = {}
-    for lr in rates_run([r for r in records if r["method"] == variant and r["rank"] == rank], config):
-        vals = [r["val_loss"] for r in records
-                if r["method"] == variant and r["rank"] == rank and r["lr"] == lr and r["seed"] in sweep
-                and r["status"] == "ok" and r["val_loss"] is not None]
+    cell = [r for r in records if r["method"] == variant and r["rank"] == rank]
+    for lr in rates_run(cell, config):
+        vals = [r["val_loss"] for r in cell
+                if r["lr"] == lr and r["seed"] in sweep and r["status"] == "ok" and r["val_loss"] is not None]
         by_lr[lr] = statistics.fmean(vals) if vals else None
     scored = [(v, lr) for lr, v in by_lr.items() if v is not None]
     if not scored:
