@@ -16,10 +16,22 @@ from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statist
 from lora_da.cache import compute_and_save_statistics
 from lora_da.distributed import shard_batches
 from lora_da.integrations import LoraDACallback
-from lora_da.schedule import assign_groups
+from lora_da.schedule import assign_groups, plan_memory
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
 WORLD = 2
+LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
+          "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+# The tiny model's statistics (268 kB, the largest solve 172 kB) then need 2 passes in one process, but 1 pass
+# sharded over 2 ranks (half of the free memory goes to the statistics).
+FAKE_FREE_BYTES = 800_000
+
+
+def sharded_data() -> list[dict]:
+    """5 batches; the fourth has no supervised token."""
+    data = batches(examples(7), 2)
+    unlabeled = dict(data[0], labels=torch.full_like(data[0]["labels"], -100))
+    return [*data[:3], unlabeled, data[3]]
 
 
 def _free_port() -> int:
@@ -79,6 +91,43 @@ def _worker(rank: int, port: int, out: str) -> None:
         callback = LoraDACallback(num_samples=8, config={"show_progress": False})
         callback.on_train_begin(args, TrainerState(), None, model=model, train_dataloader=loader)
         results["callback_fsdp2"] = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
+        # Sharded statistics: rank 0 gets batches 0, 2, 4, rank 1 gets 1 and 3, which has no supervised token: rank 1
+        # joins the reductions of steps 2 and 3 with nothing of its own.
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, sharded_data(), CFG, shard=True, shard_statistics=True)
+        results["sharded"], results["sharded_report"] = lora_state(model), report.to_dict()
+        stats = collect_statistics(tiny_llama(), shard_batches(sharded_data()), LAYERS, CFG, shard_statistics=True)
+        results["sharded_stats"] = {
+            "owners": stats.owners, "examples": stats.num_examples, "hash": stats.metadata["data_hash"],
+            "layers": {name: [stats.gradient(name), stats.input_factor(name), stats.output_factor(name)]
+                       for name in stats.layer_names},
+        }
+        try:
+            stats.save(os.path.join(out, f"sharded{rank}.safetensors"))
+        except LoraDAError as exc:
+            results["sharded_save"] = str(exc)
+        # FSDP2 with sharded statistics.
+        model = wrap(tiny_llama())
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, shard_statistics=True)
+        results["fsdp2_sharded_stats"] = {k: v.full_tensor().clone() for k, v in model.state_dict().items()
+                                          if "lora_" in k}
+        # Automatic: the free memory (faked) holds less than all statistics in one pass, so they are sharded.
+        import lora_da.schedule
+
+        lora_da.schedule.free_memory_bytes = lambda device: FAKE_FREE_BYTES
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True)
+        results["auto_sharded"], results["auto_report"] = lora_state(model), report.to_dict()
+        # Asked for, with no batch on rank 1: one clear error on both ranks.
+        try:
+            initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2) if rank == 0 else [], CFG,
+                               shard_statistics=True)
+            results["sharded_empty_rank"] = None
+        except LoraDAError as exc:
+            results["sharded_empty_rank"] = str(exc)
         # Cache written by rank 0 only, from both ranks' shards.
         compute_and_save_statistics(tiny_llama(), batches(examples(8), 2), os.path.join(out, "stats.safetensors"),
                                     CFG, shard=True)
@@ -182,6 +231,65 @@ class TestTwoRanks:
     def test_progress_only_on_rank_zero(self, ranks):
         results, _ = ranks
         assert [r["progress"] for r in results] == [True, False]
+
+
+class TestShardedStatistics:
+    def test_factors_equal_single_process_with_uneven_and_unsupervised_batches(self, ranks):
+        results, _ = ranks
+        model = wrap(tiny_llama())
+        single = initialize_lora_da(model, sharded_data(), CFG)
+        assert_factors_match([r["sharded"] for r in results], lora_state(model))
+        reports = [r["sharded_report"] for r in results]
+        assert all(r["statistics_sharded"] and r["num_examples"] == 7 for r in reports)
+        assert reports[0]["num_tokens"] == reports[1]["num_tokens"] == single.num_tokens
+        assert reports[0]["data_hash"] == single.data_hash
+        # each rank held only its own layers: together about what one process holds, none of them all of it
+        held = [r["statistics_bytes"] for r in reports]
+        assert max(held) < single.statistics_bytes and sum(held) <= single.statistics_bytes * 1.01
+
+    def test_each_layer_on_its_owner_only_equal_to_one_process(self, ranks):
+        results, _ = ranks
+        sharded = [r["sharded_stats"] for r in results]
+        owners = sharded[0]["owners"]
+        assert owners == sharded[1]["owners"] and set(owners) == set(LAYERS) and set(owners.values()) == {0, 1}
+        for rank, stats in enumerate(sharded):
+            assert set(stats["layers"]) == {name for name in LAYERS if owners[name] == rank}
+        single = collect_statistics(tiny_llama(), sharded_data(), LAYERS, CFG)
+        assert all(s["examples"] == single.num_examples == 7 for s in sharded)
+        assert all(s["hash"] == single.metadata["data_hash"] for s in sharded)
+        for stats in sharded:
+            for name, (gradient, input_factor, output_factor) in stats["layers"].items():
+                assert relative_error(gradient, single.gradient(name)) <= 1e-5, name
+                assert relative_error(input_factor, single.input_factor(name)) <= 1e-6, name
+                assert relative_error(output_factor, single.output_factor(name)) <= 1e-5, name
+        assert all("sharded over ranks" in r["sharded_save"] for r in results)
+
+    def test_fsdp2_model_with_sharded_statistics(self, ranks):
+        results, _ = ranks
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(8), 2), CFG)
+        assert_factors_match([r["fsdp2_sharded_stats"] for r in results], lora_state(model))
+
+    def test_sharded_automatically_when_one_pass_does_not_fit(self, ranks):
+        results, _ = ranks
+        reports = [r["auto_report"] for r in results]
+        assert all(r["statistics_sharded"] and r["passes"] == 1 for r in reports)
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(8), 2), CFG)
+        assert_factors_match([r["auto_sharded"] for r in results], lora_state(model))
+
+    def test_a_rank_without_batch_is_refused_on_every_rank(self, ranks):
+        results, _ = ranks
+        assert "Rank 1 failed" in results[0]["sharded_empty_rank"]
+        assert "every rank needs at least one" in results[1]["sharded_empty_rank"]
+
+
+def test_sharded_plan_counts_bytes_per_rank():
+    sizes = {f"layer{i}": 100 for i in range(8)}
+    whole = plan_memory(sizes, {"layer0": 10}, torch.device("cpu"), memory_budget=400)
+    sharded = plan_memory(sizes, {"layer0": 10}, torch.device("cpu"), memory_budget=400, shards=4)
+    assert len(whole.passes) == 2 and len(sharded.passes) == 1
+    assert sharded.pass_bytes == [200] and sharded.solve_bytes == 210 and "over 4 ranks" in sharded.describe()
 
 
 def test_shard_batches_round_robin_and_reiterable():

@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .cache import check_statistics
 from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError, check_ranks
-from .distributed import get_world_size, is_main_process, local_config
+from .distributed import all_gather_objects, get_world_size, is_main_process, local_config, shard_batches
 from .layers import (
     canonical_layer_name,
     check_supported_sharding,
@@ -50,6 +50,7 @@ class LoraDAReport:
     statistics_bytes_estimate: int = 0  # upper bound of the largest pass's accumulators, before gathering
     statistics_bytes: int = 0  # the largest pass's accumulators, as gathered
     world_size: int = 1
+    statistics_sharded: bool = False  # each rank held only the statistics of the layers it solved
     data_hash: str | None = None
 
     @property
@@ -69,6 +70,7 @@ class LoraDAReport:
             "statistics_bytes_estimate": self.statistics_bytes_estimate,
             "statistics_bytes": self.statistics_bytes,
             "world_size": self.world_size,
+            "statistics_sharded": self.statistics_sharded,
             "data_hash": self.data_hash,
             "config": self.config,
             "layers": self.layers,
@@ -102,6 +104,7 @@ def initialize_lora_da(
     layers_per_pass: int | None = None,
     memory_budget: int | None = None,
     shard: bool = False,
+    shard_statistics: bool | None = None,
 ) -> LoraDAReport:
     """Set `lora_A`/`lora_B` of `adapter_name` in place from one pass over calibration `batches`.
 
@@ -119,6 +122,11 @@ def initialize_lora_da(
     default the groups follow the memory free on the model's device (see `schedule.plan_memory`; the plan is
     logged, and printed when `config.show_progress`); `layers_per_pass` (a number of layers) and/or
     `memory_budget` (bytes of statistics) set them instead.
+
+    `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
+    reduced to it batch by batch (see `collect_statistics`), which divides the memory per pass by about the
+    number of ranks; every rank needs a batch. None (default): sharded when the statistics of all layers do not
+    fit the automatic plan's one pass and every rank has a batch.
     """
     model = unwrap_model(model)
     check_supported_sharding(model)
@@ -146,13 +154,15 @@ def initialize_lora_da(
         report.num_examples, report.num_tokens = statistics.num_examples, statistics.num_tokens
         report.data_hash = statistics.metadata.get("data_hash")
         start = time.perf_counter()
-        solutions = solve_layers(statistics, ranks, local, list(layers))
+        shapes = {name: layer_shape(module) for name, module in layers.items()}
+        solutions = solve_layers(statistics, ranks, local, list(layers), shapes)
         report.solve_seconds = time.perf_counter() - start
     else:
         if batches is None:
             raise LoraDAError("Pass calibration `batches`, or precomputed `statistics`.")
         solutions = _gather_and_solve(model, batches, layers, ranks, local, report, loss_fn=loss_fn,
-                                      layers_per_pass=layers_per_pass, memory_budget=memory_budget, shard=shard)
+                                      layers_per_pass=layers_per_pass, memory_budget=memory_budget, shard=shard,
+                                      shard_statistics=shard_statistics)
 
     # Every factor is solved before any is written: an error above leaves the model untouched.
     with torch.no_grad():
@@ -185,12 +195,26 @@ def _gather_and_solve(
     layers_per_pass: int | None,
     memory_budget: int | None,
     shard: bool,
+    shard_statistics: bool | None,
 ) -> dict:
     """Gather statistics of the base model for each planned group of layers, solve and free them."""
     shapes = {name: layer_shape(module) for name, module in layers.items()}
     sizes = {name: statistics_bytes(*shape) for name, shape in shapes.items()}
-    plan = plan_memory(sizes, {name: solve_working_bytes(*shape) for name, shape in shapes.items()},
-                       model_device(model), layers_per_pass=layers_per_pass, memory_budget=memory_budget)
+    solve_sizes = {name: solve_working_bytes(*shape) for name, shape in shapes.items()}
+    device = model_device(model)
+    plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
+    world_size = get_world_size()
+    if world_size > 1 and shard_statistics is not False:
+        if shard:  # sharded here, so that each rank can see whether it has a batch
+            batches, shard = shard_batches(batches), False
+        if shard_statistics is None:
+            has_batch, batches = _peek(batches)
+            shard_statistics = plan.rule == "automatic" and all(all_gather_objects(has_batch))
+        if shard_statistics:
+            plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass,
+                               memory_budget=memory_budget, shards=world_size)
+    shard_statistics = bool(shard_statistics) and world_size > 1
+    report.statistics_sharded = shard_statistics
     passes = plan.passes
     report.passes = len(passes)
     report.statistics_bytes_estimate = max(plan.pass_bytes)
@@ -218,7 +242,8 @@ def _gather_and_solve(
         again = number > 1 and get_world_size() == 1
         pass_batches = _iterate_again(batches, number, len(passes)) if again else batches
         with model.disable_adapter():  # statistics of the base model, whatever the adapters hold now
-            stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard)
+            stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard,
+                                       shard_statistics=shard_statistics)
         report.statistics_seconds += time.perf_counter() - start
         report.statistics_bytes = max(report.statistics_bytes, stats.nbytes())
         report.num_examples, report.num_tokens = stats.num_examples, stats.num_tokens
@@ -231,10 +256,20 @@ def _gather_and_solve(
             )
         report.data_hash = data_hash
         start = time.perf_counter()
-        solutions.update(solve_layers(stats, ranks, config, group))
+        solutions.update(solve_layers(stats, ranks, config, group, shapes))
         report.solve_seconds += time.perf_counter() - start
         del stats  # freed before the next group is gathered
     return solutions
+
+
+def _peek(batches: Iterable) -> tuple[bool, Iterable]:
+    """Whether `batches` yields anything, and batches that still yield everything (a one-shot iterator is
+    chained back together)."""
+    iterator = iter(batches)
+    first = next(iterator, None)
+    if iterator is not batches:
+        return first is not None, batches
+    return first is not None, itertools.chain([first], iterator) if first is not None else iter(())
 
 
 def _iterate_again(batches: Iterable, number: int, total: int) -> Iterable:

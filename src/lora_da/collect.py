@@ -5,7 +5,8 @@ For every target layer `y = W x` it sums (precisions: see `statistics.py` and `h
   output gradient `g_t` (so base weights need no `requires_grad` and may be quantized);
 - `Z`: `x_t x_t^T`, once per distinct input tensor (q/k/v projections share one);
 - `y`: `g_t * g_t`.
-Under `torch.distributed` every rank passes over its own batches and the sums are all-reduced.
+Under `torch.distributed` every rank passes over its own batches and the sums are all-reduced, or, sharded, each
+layer's sums are reduced to the one rank that solves it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .distributed import (
     all_reduce_counts,
     all_reduce_sum,
     communication_device,
+    get_world_size,
     is_distributed,
     is_main_process,
     local_config,
@@ -46,6 +48,7 @@ def collect_statistics(
     *,
     loss_fn: PerExampleLoss | None = None,
     shard: bool = False,
+    shard_statistics: bool = False,
 ) -> LoraDAStatistics:
     """Gather LoRA-DA statistics of the named linear layers in one forward+backward pass over `batches`.
 
@@ -62,6 +65,9 @@ def collect_statistics(
             is the model's usual loss per example (shifted cross-entropy for causal LMs).
         shard: under `torch.distributed`, keep only batch i with i % world_size == rank (leave False when
             the batches come from a `DistributedSampler`, which shards already).
+        shard_statistics: under `torch.distributed`, keep each layer's sums on the one rank that will solve it
+            (`stats.owners`; reduced there batch by batch) instead of all sums on every rank: about 1/world_size
+            of the memory, for one reduction per layer and batch. Every rank needs at least one batch.
     """
     model = unwrap_model(model)
     distributed = is_distributed()
@@ -69,6 +75,13 @@ def collect_statistics(
         batches = shard_batches(batches)
     config = local_config(config)
     modules = resolve_layers(model, target_modules)
+    if shard_statistics and distributed:
+        collector = Collector(modules, config, sharded=True)
+        _run_sharded_pass(model, batches, collector, config, loss_fn)
+        stats = _sharded_result(collector, model_device(model))
+        stats.metadata.update({"token_mask": config.token_mask, "output_scaling": config.output_scaling,
+                               "data_hash": collector.data_hash()})
+        return stats
     collector = Collector(modules, config)
     error = None
     try:
@@ -130,9 +143,118 @@ def _run_pass(
             bar.set_postfix(examples=collector.num_examples)
 
 
-def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
-    """Sum every rank's accumulators; ranks with no (valid) batch contribute zeros."""
-    layouts = all_gather_objects(collector.layout())
+def _run_sharded_pass(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    collector: Collector,
+    config: LoraDAConfig,
+    loss_fn: PerExampleLoss | None,
+) -> None:
+    """The pass with sharded sums: the ranks take their steps together, because every backward reduces each
+    layer's contribution to its owner. A rank out of batches, or without a supervised token in its batch,
+    repeats a batch at zero weight with no rows counted, so that it joins each of the step's reductions."""
+    task = ModelTask.of(model)
+    device = model_device(model)
+    comm = communication_device(device)
+    iterator, last = iter(batches), None
+    with _statistics_mode(model), collector.attached(model):
+        bar = tqdm(desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
+        while True:
+            batch = next(iterator, None)
+            if all_reduce_counts([int(batch is not None)], comm)[0] == 0:
+                break
+            real, valid_here, error = batch is not None, False, None
+            try:
+                if batch is None and last is None:
+                    raise LoraDAError("This rank has no calibration batch; with shard_statistics=True every rank "
+                                      "needs at least one (or pass shard_statistics=False).")
+                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (batch or last).items()}
+                labels = task.labels(batch)
+                if real:
+                    collector.hash_batch(batch, labels)
+                counts = task.supervised_counts(batch, labels)
+                collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
+                outputs = model(**task.model_inputs(batch, labels))
+                losses, counts = loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
+                valid = counts > 0
+                valid_here = real and bool(valid.any())
+                total = losses[valid].sum() if valid_here else losses.sum() * 0.0
+                if valid_here and not torch.isfinite(total.detach()):
+                    raise LoraDAError(f"The loss of a calibration batch is not finite ({total.detach().item()}).")
+                first = collector.input_groups is None
+                collector.finalize_groups()
+            except Exception as exc:  # every rank must learn of it, or the others wait in a reduction
+                error = exc
+            failed, anyone_valid = all_reduce_counts([int(error is not None), int(valid_here)], comm)
+            if failed:
+                raise_if_any_rank_failed(error)
+            if first:
+                _check_same_layout(all_gather_objects(collector.layout()))
+            last = batch
+            if not anyone_valid:
+                collector.discard_batch()
+                continue
+            collector.joining_only = not valid_here
+            try:
+                total.backward()
+            finally:
+                collector.joining_only = False
+            if valid_here:
+                collector.num_examples += int(valid.sum())
+            bar.update(1)
+            bar.set_postfix(examples=collector.num_examples)
+        bar.close()
+
+
+def _sharded_result(collector: Collector, device: torch.device) -> LoraDAStatistics:
+    """This rank's layers of sharded statistics, with every count summed over the ranks."""
+    names = list(collector.modules)
+    groups = collector.input_groups or {}
+    leaders = list(dict.fromkeys(groups[name] for name in names)) if groups else []
+    counts = all_reduce_counts(
+        [collector.num_examples, *collector.data_hash_sums, len(collector.reached)]
+        + [collector.output_token_counts.get(name, 0) for name in names]
+        + [collector.input_token_counts.get(g, 0) for g in leaders],
+        communication_device(device),
+    )
+    num_examples, collector.data_hash_sums, reached = counts[0], counts[1:4], counts[4]
+    error = None
+    if not groups or num_examples == 0:
+        error = LoraDAError(_NO_EXAMPLE)
+    elif reached < len(names) * get_world_size():  # the same layers are missed on every rank: one model
+        unreached = next((name for name in names if name not in collector.reached), names[0])
+        error = LoraDAError(
+            f"Layer {unreached!r} received no gradient: it does not influence the loss of any calibration token."
+        )
+    if error is not None:
+        raise_if_any_rank_failed(error)
+    collector.fold_all()
+    mine = [name for name in names if collector.owners.get(name) == collector.rank]
+    my_leaders = [g for g in leaders if collector.owners[g] == collector.rank]
+    for group in my_leaders:
+        mirror_blocks(collector.input_sums[group])
+    output_counts = dict(zip(names, counts[5 : 5 + len(names)], strict=True))
+    input_counts = dict(zip(leaders, counts[5 + len(names) :], strict=True))
+    stats = LoraDAStatistics(
+        gradient_sums={name: collector.gradient_sums[name] for name in mine},
+        output_sq_sums={name: collector.output_sq_sums[name] for name in mine},
+        output_token_counts=output_counts,  # counts of every layer: the same report on every rank
+        input_groups={name: groups[name] for name in mine},
+        input_sums={g: collector.input_sums[g] for g in my_leaders},
+        input_token_counts=input_counts,
+        num_examples=num_examples,
+        owners=dict(collector.owners),
+    )
+    try:
+        stats.check_valid()
+    except LoraDAError as exc:
+        error = exc
+    raise_if_any_rank_failed(error)
+    return stats
+
+
+def _check_same_layout(layouts: list[dict]) -> None:
+    """Every rank found the same shared-input groups and layer shapes."""
     groups = next((layout["groups"] for layout in layouts if layout["groups"] is not None), None)
     for rank, layout in enumerate(layouts):
         if layout["groups"] is not None and layout["groups"] != groups:
@@ -140,6 +262,13 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
                 f"Rank {rank} found other shared-input groups than the other ranks: every rank must run the same "
                 "model with the same target layers."
             )
+
+
+def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
+    """Sum every rank's accumulators; ranks with no (valid) batch contribute zeros."""
+    layouts = all_gather_objects(collector.layout())
+    _check_same_layout(layouts)
+    groups = next((layout["groups"] for layout in layouts if layout["groups"] is not None), None)
     shapes: dict[str, list[int]] = {}
     for rank, layout in enumerate(layouts):
         for name, shape in layout["shapes"].items():

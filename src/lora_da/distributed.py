@@ -133,6 +133,18 @@ def all_reduce_sum(tensors: Sequence[torch.Tensor], device: torch.device) -> Non
         bucket, size = ([tensor], tensor.numel()) if tensor is not None else ([], 0)
 
 
+def reduce_sum_to(tensor: torch.Tensor, dst: int) -> None:
+    """Sum `tensor` over ranks into rank `dst`'s `tensor`, in place (the others' copies are scratch after it)."""
+    comm = communication_device(tensor.device)
+    if tensor.device == comm:
+        dist.reduce(tensor, dst=dst, op=dist.ReduceOp.SUM)
+        return
+    buffer = tensor.to(comm)
+    dist.reduce(buffer, dst=dst, op=dist.ReduceOp.SUM)
+    if get_rank() == dst:
+        tensor.copy_(buffer)
+
+
 def all_reduce_counts(counts: Sequence[int], device: torch.device) -> list[int]:
     """Integer sums over ranks."""
     if not counts:

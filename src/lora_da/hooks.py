@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
+from .distributed import get_rank, get_world_size, reduce_sum_to
+from .layers import layer_shape
+from .schedule import group_owners
 from .statistics import INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics
 
 # Z is summed in float32 over chunks of at least this many tokens (about what one large batch's product sums
@@ -22,11 +25,22 @@ GRAM_BLOCK = 512
 
 
 class Collector:
-    """Hooks on the target layers and the float32 accumulators they fill."""
+    """Hooks on the target layers and the float32 accumulators they fill.
 
-    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig):
+    `sharded` (under `torch.distributed`): every layer's sums live on one owner rank (`owners`, decided at the
+    first forward); each backward reduces the batch's contribution of a layer to its owner as soon as the layer's
+    gradient arrives, so a rank holds its own layers' sums and one layer's contribution at a time. The ranks
+    must then run their backward passes in step (see `collect._run_sharded_pass`).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig, sharded: bool = False):
         self.modules = modules
         self.config = config
+        self.sharded = sharded
+        self.owners: dict[str, int] = {}
+        self.reached: set[str] = set()  # layers whose gradient arrived (sharded: the sums may be elsewhere)
+        self.joining_only = False  # sharded: this rank has no example in this step, it only joins the reductions
+        self.rank = get_rank()
         self.gradient_sums: dict[str, torch.Tensor] = {}
         self.output_sq_sums: dict[str, torch.Tensor] = {}
         self.output_token_counts = dict.fromkeys(modules, 0)
@@ -102,6 +116,9 @@ class Collector:
             raise LoraDAError(f"Target layer {missing[0]!r} was not called in the forward pass.")
         leaders: dict[tuple, str] = {}
         self.input_groups = {name: leaders.setdefault(self._input_keys[name], name) for name in self.modules}
+        if self.sharded:
+            shapes = {name: layer_shape(module) for name, module in self.modules.items()}
+            self.owners = group_owners(shapes, self.input_groups, get_world_size())
 
     def _forward_hook(self, name: str):
         parent = name.rsplit(".", 1)[0] if "." in name else ""
@@ -126,33 +143,50 @@ class Collector:
         n, m = x.shape[-1], grad.shape[-1]
         xs, gs = x.reshape(-1, n).float(), grad.reshape(-1, m).float()
         masks = self._masks.get(tuple(x.shape[:-1]))
+        if self.joining_only:  # no row counts: zero contributions of the right shapes
+            xs, gs, masks = xs[:0], gs[:0], None
         if masks is not None:
             example_rows, token_rows, per_token_count = masks
             # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
             xs_examples, gs_examples = xs.index_select(0, example_rows), gs.index_select(0, example_rows)
-            _add_product(self.gradient_sums, name, gs_examples.T, xs_examples)
             if token_rows is example_rows:  # the default token mask: the same rows, selected once
                 xs, gs = xs_examples, gs_examples
             else:
                 xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
         else:
-            _add_product(self.gradient_sums, name, gs.T, xs)
-            per_token_count = None
+            xs_examples, gs_examples, per_token_count = xs, gs, None
+        owner = self.owners.get(name, self.rank)
+        here = owner == self.rank
+        gradient_sums = self.gradient_sums if here else {}  # elsewhere: a temporary, reduced to the owner
+        _add_product(gradient_sums, name, gs_examples.T, xs_examples)
         if self.config.output_scaling == "token" and per_token_count is not None:
             gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
         square_sum = (gs * gs).sum(0).to(OUTPUT_DTYPE)  # float32 over one batch; no float64 copy of gs
-        if name in self.output_sq_sums:
+        if here and name in self.output_sq_sums:
             self.output_sq_sums[name] += square_sum
-        else:
+        elif here:
             self.output_sq_sums[name] = square_sum
         self.output_token_counts[name] += xs.shape[0]
+        if self.sharded:
+            self.reached.add(name)
+            reduce_sum_to(gradient_sums[name], owner)
+            reduce_sum_to(self.output_sq_sums[name] if here else square_sum, owner)
         group = self.input_groups[name]
-        if group == name:
+        if group != name:
+            return
+        self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
+        if not self.sharded:
             _add_gram(self._input_chunks, group, xs, overwrite=not self._chunk_tokens.get(group, 0))
-            self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
             if self._chunk_tokens[group] >= FOLD_TOKENS:
                 self._fold(group)
+            return
+        # sharded: the step's chunk (all ranks' tokens) is folded at once; only its upper blocks are read
+        chunks = self._input_chunks if here else {}
+        _add_gram(chunks, group, xs, overwrite=True)
+        reduce_sum_to(chunks[group], owner)
+        if here:
+            self._fold(group)
 
     def _fold(self, group: str) -> None:
         """Add the float32 chunk of `Z` into its float64 sum and clear the chunk."""

@@ -61,6 +61,7 @@ class PassPlan:
     solve_bytes: int  # working set of the largest layer's solve
     free_bytes: int | None  # memory free on the device when planned (automatic plan only)
     rule: str  # "one pass", "memory_budget", "layers_per_pass" or "automatic"
+    shards: int = 1  # ranks that the statistics are sharded over (each holds about 1/shards of a pass)
 
     def describe(self) -> str:
         """One line for the log: passes, bytes per pass, and what the plan was based on."""
@@ -68,6 +69,8 @@ class PassPlan:
         text = (f"LoRA-DA plan: {len(self.passes)} pass(es) over the data ({len(self.passes) - 1} extra) for "
                 f"{sum(map(len, self.passes))} layers, statistics <= {max(self.pass_bytes) / mib:.0f} MiB per pass "
                 f"+ {self.solve_bytes / mib:.0f} MiB to solve a layer ({self.rule}")
+        if self.shards > 1:
+            text += f"; per rank, statistics sharded over {self.shards} ranks"
         if self.free_bytes is not None:
             text += f"; {self.free_bytes / mib:.0f} MiB free"
         return text + ")"
@@ -96,10 +99,18 @@ def plan_memory(
     *,
     layers_per_pass: int | None = None,
     memory_budget: int | None = None,
+    shards: int = 1,
 ) -> PassPlan:
     """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else so that each pass's statistics
-    and the largest solve fit in `STATISTICS_SHARE` of the memory free on `device` (the smallest of all ranks)."""
+    and the largest solve fit in `STATISTICS_SHARE` of the memory free on `device` (the smallest of all ranks).
+
+    With statistics sharded over `shards` ranks, bytes are per rank: a rank holds about 1/shards of each layer's
+    bytes on average, plus up to one layer more (owners balance solve time, not bytes) and one layer's
+    contribution in flight."""
     solve_bytes = max(solve_sizes.values(), default=0)
+    if shards > 1:
+        solve_bytes += 2 * max(sizes.values(), default=0)
+        sizes = {name: -(-size // shards) for name, size in sizes.items()}
     free = None
     if layers_per_pass is not None or memory_budget is not None:
         rule = "layers_per_pass" if memory_budget is None else "memory_budget"
@@ -114,7 +125,7 @@ def plan_memory(
             memory_budget = max(int(STATISTICS_SHARE * free) - solve_bytes, 1)
     passes = plan_passes(sizes, layers_per_pass, memory_budget)
     pass_bytes = [sum(sizes[name] for name in group) for group in passes]
-    return PassPlan(passes, pass_bytes, solve_bytes, free, rule)
+    return PassPlan(passes, pass_bytes, solve_bytes, free, rule, shards)
 
 
 def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
@@ -128,28 +139,38 @@ def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]
     return owner
 
 
+def group_owners(shapes: Mapping[str, tuple[int, int]], groups: Mapping[str, str], world_size: int) -> dict[str, int]:
+    """The rank that solves (and, with sharded statistics, gathers) each layer: its input group goes to the
+    least-loaded rank, costliest group first; the same on every rank."""
+    by_group: dict[str, list[str]] = {}
+    for name, group in groups.items():
+        by_group.setdefault(group, []).append(name)
+    costs = {}
+    for group, names in by_group.items():  # eigh and Cholesky are O(n^3); the step is O(m n^2)
+        n = shapes[names[0]][1]
+        costs[group] = float(n) ** 3 * (1 + len(names)) + sum(float(shapes[name][0]) * n * n for name in names)
+    owner = assign_groups(costs, world_size)
+    return {name: owner[group] for name, group in groups.items()}
+
+
 def solve_layers(
-    stats: LoraDAStatistics, ranks: Mapping[str, int], config: LoraDAConfig, layers: Sequence[str]
+    stats: LoraDAStatistics,
+    ranks: Mapping[str, int],
+    config: LoraDAConfig,
+    layers: Sequence[str],
+    shapes: Mapping[str, tuple[int, int]],
 ) -> dict[str, LayerSolution]:
-    """`solve_all` over `layers`, split across ranks under `torch.distributed`; every rank returns every
-    layer's `LayerSolution` (factors broadcast from the rank that solved them)."""
+    """`solve_all` over `layers` (`shapes`: their (out, in)), split across ranks under `torch.distributed`
+    (by `stats.owners` when the statistics are sharded); every rank returns every layer's `LayerSolution`
+    (factors broadcast from the rank that solved them)."""
     layers = list(layers)
     if not is_distributed():
         return solve_all(stats, dict(ranks), config, layers=layers)
     # checked on every rank first: a failure on one rank alone would hang the others
-    check_ranks({name: stats.shape(name) for name in layers}, ranks)
-    by_group: dict[str, list[str]] = {}
-    for name in layers:
-        by_group.setdefault(stats.input_group(name), []).append(name)
-    costs = {}
-    for group, names in by_group.items():  # eigh and Cholesky are O(n^3); the step is O(m n^2)
-        n = stats.gradient_sums[names[0]].shape[1]
-        costs[group] = float(n) ** 3 * (1 + len(names)) + sum(
-            float(stats.gradient_sums[name].shape[0]) * n * n for name in names
-        )
-    owner = assign_groups(costs, get_world_size())
-    per_rank = [[name for group, names in by_group.items() if owner[group] == r for name in names]
-                for r in range(get_world_size())]
+    check_ranks({name: shapes[name] for name in layers}, ranks)
+    owners = stats.owners or group_owners(shapes, {name: stats.input_group(name) for name in layers},
+                                          get_world_size())
+    per_rank = [[name for name in layers if owners[name] == r] for r in range(get_world_size())]
     mine = per_rank[get_rank()]
     error, solutions = None, {}
     try:
@@ -157,12 +178,13 @@ def solve_layers(
     except Exception as exc:
         error = exc
     raise_if_any_rank_failed(error)
-    device = next(iter(stats.gradient_sums.values())).device
-    comm = communication_device(device)
+    # a rank that holds no sharded layer still receives the others' factors (on the collectives' device)
+    comm = communication_device(next((t.device for t in stats.gradient_sums.values()), torch.device("cpu")))
+    device = next((t.device for t in stats.gradient_sums.values()), comm)
     for src, names in enumerate(per_rank):
         if src != get_rank():
             for name in names:
-                m, n = stats.gradient_sums[name].shape
+                m, n = shapes[name]
                 solutions[name] = LayerSolution(
                     A=torch.empty(ranks[name], n, device=device), B=torch.empty(m, ranks[name], device=device)
                 )

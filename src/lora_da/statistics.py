@@ -46,6 +46,9 @@ class LoraDAStatistics:
     input_token_counts: dict[str, int]  # input key -> tokens summed into input_sums
     num_examples: int  # examples with at least one supervised token
     metadata: dict[str, str] = field(default_factory=dict)
+    # Sharded over ranks (see `collect_statistics(shard_statistics=True)`): every layer of the pass -> the rank
+    # that holds its sums; this rank holds only its own. Empty: every layer is here.
+    owners: dict[str, int] = field(default_factory=dict)
 
     @property
     def layer_names(self) -> list[str]:
@@ -127,6 +130,9 @@ class LoraDAStatistics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file atomically (a killed write never leaves a valid-looking file)."""
+        if self.owners:
+            raise LoraDAError("These statistics are sharded over ranks (each holds its own layers); gather them "
+                              "with shard_statistics=False to save them.")
         tensors = {f"G/{k}": v for k, v in self.gradient_sums.items()}
         tensors.update({f"y/{k}": v for k, v in self.output_sq_sums.items()})
         tensors.update({f"Z/{k}": v for k, v in self.input_sums.items()})
