@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from _harness import RESULTS, add_common_arguments, floor_pass, measured, ours_init, released_init, run_parts, step_rows
 
-from lora_da.schedule import STATISTICS_SHARE
+from lora_da.schedule import STATISTICS_SHARE, sharded_extra_bytes
 from lora_da.solver import solve_working_bytes
 from lora_da.statistics import statistics_bytes
 
@@ -92,24 +92,29 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
     rows = []
     for shape in PROJECTED:
         per_block = shape.block_statistics_bytes()
+        largest = max(statistics_bytes(m, n) for m, n in shape.layers())
         solve = max(solve_working_bytes(m, n) for m, n in shape.layers())
         weights = 2 * shape.block_parameters() * shape.blocks  # bf16
         # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
         scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
         scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
-        for gpus in (1, 8):
+        for gpus, sharded in ((1, False), (8, False), (8, True)):
+            held = per_block / gpus if sharded else per_block  # as planned by schedule.plan_memory
+            extra = sharded_extra_bytes(largest, solve) if sharded else solve
             free = GPU_BYTES - weights / gpus - ACTIVATION_BYTES
-            budget = STATISTICS_SHARE * (free + ACTIVATION_BYTES) - solve
-            blocks_per_pass = int(budget // per_block) if budget > 0 else 0
-            if free <= 0 or blocks_per_pass < 1:
-                rows.append(f"| {shape.name} | {gpus} | {weights / gpus / 2**30:.0f} GiB weights alone | "
-                            "does not fit | | |")
+            budget = STATISTICS_SHARE * (free + ACTIVATION_BYTES) - extra
+            blocks_per_pass = int(budget // held) if budget > 0 else 0
+            label = f"| {shape.name} | {gpus} | {'sharded' if sharded else 'all-reduced' if gpus > 1 else '-'} |"
+            if free <= 0:
+                rows.append(f"{label} {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
+                continue
+            if blocks_per_pass < 1:
+                rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
                 continue
             passes = -(-shape.blocks // blocks_per_pass)
-            peak = weights / gpus + min(blocks_per_pass, shape.blocks) * per_block + solve + ACTIVATION_BYTES
+            peak = weights / gpus + min(blocks_per_pass, shape.blocks) * held + extra + ACTIVATION_BYTES
             relative = passes * statistics_ratio + solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
-            rows.append(f"| {shape.name} | {gpus} | {peak / 2**30:.0f} GiB | {passes} | "
-                        f"{per_block / 2**30:.1f} GiB/block | {relative:.1f}x |")
+            rows.append(f"{label} {peak / 2**30:.0f} GiB | {passes} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
     return rows
 
 
@@ -119,7 +124,7 @@ def report(args, results: dict) -> str:
     lines = [
         "# LoRA-DA on 7B-shaped blocks",
         "",
-        f"`python benchmarks/scale_7b.py {' '.join(sys.argv[1:])}` on {results['machine']}: {args.blocks} Llama "
+        f"`python benchmarks/scale_7b.py {results['command']}` on {results['machine']}: {args.blocks} Llama "
         f"block(s) of hidden 4096, intermediate 11008, 32 heads (random weights, vocabulary 512), all 7 "
         f"projections at rank {args.rank}; {args.examples} examples x {args.tokens} tokens in batches of "
         f"{args.batch_size}. Each row is a fresh process; memory grown is the peak RSS over that after building.",
@@ -141,10 +146,12 @@ def report(args, results: dict) -> str:
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
             "from this CPU. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
             f"activations, {STATISTICS_SHARE:.0%} of the rest for one pass's statistics (the default automatic "
-            "plan); statistics are all-reduced, so every GPU holds a whole pass; solves are split across GPUs.",
+            "plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a whole pass; sharded "
+            "(`shard_statistics`, the default when one pass does not fit): each GPU holds the layers it solves, "
+            "reduced to it batch by batch (the reductions' time is not in the projection).",
             "",
-            "| model | GPUs (80 GiB) | peak per GPU | passes | statistics | init / one fwd+bwd |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            "| model | GPUs (80 GiB) | statistics | peak per GPU | passes | statistics per GPU | init / one fwd+bwd |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
             *projection(floor["seconds"], ours["statistics_seconds"], ours["solve_seconds"], args.blocks),
         ]
     return "\n".join(lines) + "\n"
@@ -157,16 +164,24 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     add_common_arguments(parser)
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite scale_7b.md (and its projection) from the measurements in scale_7b.json")
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
         return
-    parts = ["floor", "lora-da"] + (["released"] if args.released else [])
-    results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "batch_size": args.batch_size,
-               "rank": args.rank, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-               f"torch {torch.__version__}", "parts": run_parts(__file__, parts, sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale_7b.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.report_only:
+        results = json.loads((RESULTS / "scale_7b.json").read_text())
+        for key in ("blocks", "examples", "tokens", "batch_size", "rank"):
+            setattr(args, key, results[key])
+    else:
+        parts = ["floor", "lora-da"] + (["released"] if args.released else [])
+        results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens,
+                   "batch_size": args.batch_size, "rank": args.rank, "command": " ".join(sys.argv[1:]),
+                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                   "parts": run_parts(__file__, parts, sys.argv[1:])}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "scale_7b.json").write_text(json.dumps(results, indent=2) + "\n")
     text = report(args, results)
     (RESULTS / "scale_7b.md").write_text(text)
     print(text)

@@ -104,12 +104,11 @@ def plan_memory(
     """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else so that each pass's statistics
     and the largest solve fit in `STATISTICS_SHARE` of the memory free on `device` (the smallest of all ranks).
 
-    With statistics sharded over `shards` ranks, bytes are per rank: a rank holds about 1/shards of each layer's
-    bytes on average, plus up to one layer more (owners balance solve time, not bytes) and one layer's
-    contribution in flight."""
+    With statistics sharded over `shards` ranks, bytes are per rank: 1/shards of each layer's bytes, plus
+    `sharded_extra_bytes`."""
     solve_bytes = max(solve_sizes.values(), default=0)
     if shards > 1:
-        solve_bytes += 2 * max(sizes.values(), default=0)
+        solve_bytes = sharded_extra_bytes(max(sizes.values(), default=0), solve_bytes)
         sizes = {name: -(-size // shards) for name, size in sizes.items()}
     free = None
     if layers_per_pass is not None or memory_budget is not None:
@@ -126,6 +125,13 @@ def plan_memory(
     passes = plan_passes(sizes, layers_per_pass, memory_budget)
     pass_bytes = [sum(sizes[name] for name in group) for group in passes]
     return PassPlan(passes, pass_bytes, solve_bytes, free, rule, shards)
+
+
+def sharded_extra_bytes(largest_statistics: int, largest_solve: int) -> int:
+    """What a rank may hold beyond its 1/shards of sharded statistics: one layer more (owners balance solve time,
+    not bytes), and during the pass one layer's contribution in flight (at most its statistics' bytes), after it
+    one solve."""
+    return largest_statistics + max(largest_statistics, largest_solve)
 
 
 def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]:
