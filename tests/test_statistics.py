@@ -208,3 +208,35 @@ class TestPrecision:
         for name in TARGETS:
             z = blocks.input_factor(name)
             assert torch.equal(z, z.T)
+
+    def test_large_batches_add_straight_into_the_float64_total(self, monkeypatch):
+        model, items = tiny_llama(), examples(9)
+        chunked = collect_statistics(model, batches(items, 3), TARGETS, CFG)
+        original, added = hooks.Collector._add_to_total, []
+
+        def spy(self, group: str, xs: torch.Tensor) -> None:
+            added.append(group)
+            original(self, group, xs)
+
+        monkeypatch.setattr(hooks.Collector, "_add_to_total", spy)
+        monkeypatch.setattr(hooks, "FOLD_TOKENS", 20)  # batches of 3 examples hold 30-45 tokens
+        monkeypatch.setattr(hooks, "GRAM_BLOCK", 10)
+        direct = collect_statistics(model, batches(items, 3), TARGETS, CFG)
+        assert added, "the direct path was not taken"
+        assert_same_statistics(chunked, direct, rtol=1e-6)
+        for name in TARGETS:
+            z = direct.input_factor(name)
+            assert torch.equal(z, z.T)
+
+
+def test_release_gives_the_same_factors_and_empties_the_statistics():
+    model, items = tiny_llama(), examples(6)
+    config = LoraDAConfig(population_size=1000, show_progress=False)
+    kept = collect_statistics(model, batches(items, 2), TARGETS, CFG)
+    released = collect_statistics(model, batches(items, 2), TARGETS, CFG)
+    expected = solve_all(kept, 4, config)
+    found = solve_all(released, 4, config, release=True)
+    for name in TARGETS:
+        assert torch.equal(found[name].A, expected[name].A) and torch.equal(found[name].B, expected[name].B)
+    assert kept.layer_names == TARGETS and kept.input_sums
+    assert not released.gradient_sums and not released.output_sq_sums and not released.input_sums

@@ -256,7 +256,7 @@ def _gather_and_solve(
             )
         report.data_hash = data_hash
         start = time.perf_counter()
-        solutions.update(solve_layers(stats, ranks, config, group, shapes))
+        solutions.update(solve_layers(stats, ranks, config, group, shapes, release=True))
         report.solve_seconds += time.perf_counter() - start
         del stats  # freed before the next group is gathered
     return solutions

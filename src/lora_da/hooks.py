@@ -175,6 +175,9 @@ class Collector:
         if group != name:
             return
         self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
+        if not self.sharded and not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS:
+            self._add_to_total(group, xs)  # a chunk would be folded at once: no n x n float32 chunk needed
+            return
         if not self.sharded:
             _add_gram(self._input_chunks, group, xs, overwrite=not self._chunk_tokens.get(group, 0))
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
@@ -187,6 +190,20 @@ class Collector:
         reduce_sum_to(chunks[group], owner)
         if here:
             self._fold(group)
+
+    def _add_to_total(self, group: str, xs: torch.Tensor) -> None:
+        """Add `xs^T xs` into Z's float64 total a row block at a time (blocks on and above the diagonal)."""
+        n = xs.shape[1]
+        first = group not in self.input_sums
+        if first:
+            self.input_sums[group] = torch.empty(n, n, dtype=INPUT_DTYPE, device=xs.device)
+        total = self.input_sums[group]
+        for start, end in gram_blocks(n):
+            product = xs[:, start:end].T @ xs[:, start:]  # float32, one row block
+            if first:
+                total[start:end, start:] = product
+            else:
+                total[start:end, start:] += product
 
     def _fold(self, group: str) -> None:
         """Add the float32 chunk of `Z` into its float64 sum and clear the chunk."""

@@ -165,28 +165,38 @@ def solve_layers(
     config: LoraDAConfig,
     layers: Sequence[str],
     shapes: Mapping[str, tuple[int, int]],
+    *,
+    release: bool = False,
 ) -> dict[str, LayerSolution]:
     """`solve_all` over `layers` (`shapes`: their (out, in)), split across ranks under `torch.distributed`
     (by `stats.owners` when the statistics are sharded); every rank returns every layer's `LayerSolution`
-    (factors broadcast from the rank that solved them)."""
+    (factors broadcast from the rank that solved them). `release`: `stats` is emptied on the way (see
+    `solve_all`); a rank drops the layers others solve at once."""
     layers = list(layers)
+    # where factors solved elsewhere are received: by the statistics (on the model's device), before any is dropped
+    device = next((t.device for t in stats.gradient_sums.values()), torch.device("cpu"))
     if not is_distributed():
-        return solve_all(stats, dict(ranks), config, layers=layers)
+        return solve_all(stats, dict(ranks), config, layers=layers, release=release)
     # checked on every rank first: a failure on one rank alone would hang the others
     check_ranks({name: shapes[name] for name in layers}, ranks)
     owners = stats.owners or group_owners(shapes, {name: stats.input_group(name) for name in layers},
                                           get_world_size())
     per_rank = [[name for name in layers if owners[name] == r] for r in range(get_world_size())]
     mine = per_rank[get_rank()]
+    if release and not stats.owners:
+        others = [name for name in layers if owners[name] != get_rank()]
+        groups = {stats.input_group(name) for name in others} - {stats.input_group(name) for name in mine}
+        for name in others:
+            del stats.gradient_sums[name], stats.output_sq_sums[name]
+        for group in groups:
+            del stats.input_sums[group]
     error, solutions = None, {}
     try:
-        solutions = solve_all(stats, dict(ranks), config, layers=mine) if mine else {}
+        solutions = solve_all(stats, dict(ranks), config, layers=mine, release=release) if mine else {}
     except Exception as exc:
         error = exc
     raise_if_any_rank_failed(error)
-    # a rank that holds no sharded layer still receives the others' factors (on the collectives' device)
-    comm = communication_device(next((t.device for t in stats.gradient_sums.values()), torch.device("cpu")))
-    device = next((t.device for t in stats.gradient_sums.values()), comm)
+    comm = communication_device(device)
     for src, names in enumerate(per_rank):
         if src != get_rank():
             for name in names:

@@ -41,6 +41,10 @@ class LayerStatistics(Protocol):
 
     def input_group(self, name: str) -> str: ...
 
+    def pop_group(self, names: list[str]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Z and (G, y) per layer of layers sharing one input, removed from the statistics (`release=True`)."""
+        ...
+
 
 @dataclass
 class LayerSolution:
@@ -278,8 +282,12 @@ def solve_all(
     *,
     layers: Iterable[str] | None = None,
     progress: bool | None = None,
+    release: bool = False,
 ) -> dict[str, LayerSolution]:
-    """Solve every layer of `stats` (or just `layers`); `rank` is one int or a rank per layer."""
+    """Solve every layer of `stats` (or just `layers`); `rank` is one int or a rank per layer.
+
+    `release`: take each group's statistics out of `stats` as it is solved (see `pop_group`), so memory falls as
+    the solve goes on; the widest groups are then solved last, when the others' statistics are gone."""
     names = list(stats.layer_names if layers is None else layers)
     ranks = {name: rank if isinstance(rank, int) else rank[name] for name in names}
     # every rank is checked before any work is done (the shape, not the mean gradient)
@@ -290,25 +298,39 @@ def solve_all(
         groups.setdefault(stats.input_group(name), []).append(name)
 
     def solve_group(members: list[str]) -> dict[str, LayerSolution]:
-        factor = factor_input(stats.input_factor(members[0]), config, members[0])
+        if release:
+            input_factor, means = stats.pop_group(members)
+        else:
+            input_factor = stats.input_factor(members[0])
+            means = {name: (stats.gradient(name), stats.output_factor(name)) for name in members}
+        factor = factor_input(input_factor, config, members[0])
+        del input_factor  # only its Cholesky factor is needed from here on
         solved = {}
         for name in members:
-            solved[name] = solve_layer(stats.gradient(name), factor, stats.output_factor(name), ranks[name], config,
-                                       layer=name)
+            gradient, output_factor = means.pop(name)
+            solved[name] = solve_layer(gradient, factor, output_factor, ranks[name], config, layer=name)
             solved[name].info["seed"] = layer_seed(config.seed, name)
         return solved
 
     # Wide groups first, one at a time with every thread (their Cholesky factorizations and triangular solves
     # scale with threads); then the rest in a pool, one thread each (see `solver_threads`).
-    wide = [members for members in groups.values() if stats.gradient_sums[members[0]].shape[1] >= DENSE_MAX_SIZE]
-    narrow = [members for members in groups.values() if stats.gradient_sums[members[0]].shape[1] < DENSE_MAX_SIZE]
+    width = {group: stats.gradient_sums[members[0]].shape[1] for group, members in groups.items()}
+    wide = [members for group, members in groups.items() if width[group] >= DENSE_MAX_SIZE]
+    narrow = [members for group, members in groups.items() if width[group] < DENSE_MAX_SIZE]
+    if release:  # narrow groups first, then wide ones by width: each solve's temporaries meet the fewest sums
+        wide.sort(key=lambda members: width[stats.input_group(members[0])])
     solutions: dict[str, LayerSolution] = {}
     device = stats.gradient_sums[names[0]].device if names else torch.device("cpu")
     previous = torch.get_num_threads()
     with tqdm(total=len(names), desc="LoRA-DA solve", unit="layer", disable=not show) as bar:
-        for members in wide:
-            solutions.update(solve_group(members))
-            bar.update(len(members))
+
+        def solve_wide() -> None:
+            for members in wide:
+                solutions.update(solve_group(members))
+                bar.update(len(members))
+
+        if not release:
+            solve_wide()
         # each worker thread runs its LAPACK calls on one thread: see `solver_threads`
         pool = ThreadPoolExecutor(solver_threads(device, previous), initializer=torch.set_num_threads, initargs=(1,))
         try:
@@ -318,6 +340,8 @@ def solve_all(
         finally:
             pool.shutdown(cancel_futures=True)
             torch.set_num_threads(previous)
+        if release:
+            solve_wide()
     return {name: solutions[name] for name in names}
 
 

@@ -78,6 +78,17 @@ class LoraDAStatistics:
         """`y` [m]: mean over tokens of g_t * g_t (float64, like the sums)."""
         return self.output_sq_sums[name] / self.output_token_counts[name]
 
+    def pop_group(self, names: list[str]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Z and each layer's (G, y) of layers `names` that share one input, as means computed in the sums' own
+        storage, and dropped from these statistics (the solve of big layers then holds no second copy)."""
+        group = self.input_groups[names[0]]
+        z = self.input_sums.pop(group).div_(self.input_token_counts[group])
+        layers = {}
+        for name in names:
+            gradient = self.gradient_sums.pop(name).div_(self.num_examples)
+            layers[name] = (gradient, self.output_sq_sums.pop(name).div_(self.output_token_counts[name]))
+        return z, layers
+
     @property
     def num_tokens(self) -> int:
         """Tokens seen by the statistics (of the first input group)."""
