@@ -85,3 +85,11 @@ def factor_tolerance(key: str) -> float:
     rank-deficient input factor of the GQA o_proj amplifies that ~1e3-fold, as it amplifies the float32 rounding
     of the per-batch products (tests/test_statistics.py: TestPrecision)."""
     return 5e-3 if "o_proj" in key else 1e-5
+
+
+def assert_factors_match(per_rank: list[dict], reference: dict) -> None:
+    """The LoRA weights of two ranks are identical and equal one process's `reference` to `factor_tolerance`."""
+    assert per_rank[0].keys() == reference.keys()
+    for key, expected in reference.items():
+        assert torch.equal(per_rank[0][key], per_rank[1][key]), f"ranks differ at {key}"
+        assert relative_error(per_rank[0][key], expected) <= factor_tolerance(key), key

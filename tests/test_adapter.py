@@ -163,10 +163,6 @@ class TestBadInput:
         with pytest.raises(LoraDAError, match="FSDP1"):
             init(model)
         self.check_unchanged(model, before)
-        model = wrap(tiny_llama())
-        model.base_model.model.lm_head.weight.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
-        with pytest.raises(LoraDAError, match="ZeRO-3"):
-            init(model)
 
 
 class PlantedLinear(nn.Module):

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _tiny import batches, collate, examples, factor_tolerance, lora_state, relative_error, tiny_llama, wrap
+from _tiny import assert_factors_match, batches, collate, examples, lora_state, relative_error, tiny_llama, wrap
 from transformers import TrainerState
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, initialize_lora_da
@@ -166,13 +166,6 @@ def ranks(tmp_path_factory):
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
-
-
-def assert_factors_match(per_rank: list[dict], reference: dict) -> None:
-    assert per_rank[0].keys() == reference.keys()
-    for key, expected in reference.items():
-        assert torch.equal(per_rank[0][key], per_rank[1][key]), f"ranks differ at {key}"
-        assert relative_error(per_rank[0][key], expected) <= factor_tolerance(key), key
 
 
 class TestTwoRanks:

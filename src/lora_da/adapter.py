@@ -26,7 +26,9 @@ from .layers import (
     find_lora_layers,
     layer_shape,
     model_device,
+    set_master_copy,
     unwrap_model,
+    writable_parameters,
 )
 from .schedule import plan_memory, solve_layers
 from .solver import solve_working_bytes
@@ -165,7 +167,9 @@ def initialize_lora_da(
                                       shard_statistics=shard_statistics)
 
     # Every factor is solved before any is written: an error above leaves the model untouched.
-    with torch.no_grad():
+    written = [module.lora_A[adapter_name].weight for module in layers.values()]
+    written += [module.lora_B[adapter_name].weight for module in layers.values()]
+    with torch.no_grad(), writable_parameters(written):
         for name, module in layers.items():
             solution = solutions[name]
             write_parameter(module.lora_A[adapter_name].weight, solution.A)
@@ -176,7 +180,9 @@ def initialize_lora_da(
 
 def write_parameter(parameter: torch.Tensor, value: torch.Tensor) -> None:
     """Copy the full `value` into `parameter` in its dtype and device; a sharded (FSDP2 DTensor) parameter
-    keeps this rank's shard of it (every rank holds the same full `value`, so no communication is needed)."""
+    keeps this rank's shard of it (every rank holds the same full `value`, so no communication is needed); a
+    DeepSpeed one (inside `writable_parameters`) also gets its optimizer's master copy set."""
+    set_master_copy(parameter, value)
     value = value.to(device=parameter.device, dtype=parameter.dtype)
     if isinstance(parameter, DTensor):
         value = distribute_tensor(value, parameter.device_mesh, parameter.placements, src_data_rank=None)

@@ -143,18 +143,13 @@ def _active_adapter(model) -> str:
 
 
 def _check_supported_setup(args, model) -> None:
-    """Refuse setups whose parameters are flattened, partitioned or shadowed by master copies that an in-place
-    init misses: FSDP1, DeepSpeed. FSDP2 (the Trainer's default FSDP; DTensor parameters) is supported."""
+    """Refuse FSDP1, whose flat parameters an in-place init misses. FSDP2 (the Trainer's default FSDP; DTensor
+    parameters) and DeepSpeed (partitioned parameters, optimizer master copies) are supported."""
     fsdp_config = getattr(args, "fsdp_config", None) or {}
     if getattr(args, "fsdp", None) and int(fsdp_config.get("version", 2)) == 1:
         raise LoraDAError(
             "LoraDACallback does not support FSDP1 (flat parameters): use FSDP2 (fsdp_config={'version': 2}), or "
             "call lora_da.initialize_lora_da on the PeftModel before building the trainer."
-        )
-    if getattr(args, "deepspeed", None):
-        raise LoraDAError(
-            "LoraDACallback does not support DeepSpeed (its optimizer keeps master copies of the weights): call "
-            "lora_da.initialize_lora_da on the PeftModel before building the trainer, then train as usual."
         )
     if model is not None:
         check_supported_sharding(model)

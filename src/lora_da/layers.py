@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -20,25 +22,43 @@ ALL_LINEAR = "all-linear"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside a `DistributedDataParallel` (or `DataParallel`) wrapper, else `model` itself."""
-    while isinstance(model, (DistributedDataParallel, DataParallel)):
+    """The model inside a `DistributedDataParallel`, `DataParallel` or DeepSpeed engine, else `model` itself."""
+    while isinstance(model, (DistributedDataParallel, DataParallel)) or type(model).__name__ == "DeepSpeedEngine":
         model = model.module
     return model
 
 
 def check_supported_sharding(model: nn.Module) -> None:
-    """Refuse parameter sharding whose LoRA weights an in-place write would miss: FSDP1 (flat parameters) and
-    DeepSpeed ZeRO-3 (partitioned parameters). FSDP2 (`fully_shard`, DTensor parameters) is supported."""
+    """Refuse FSDP1, whose flat parameters an in-place write would miss. FSDP2 (`fully_shard`, DTensor
+    parameters) and DeepSpeed (ZeRO-3 partitioned parameters, optimizer master copies) are written through
+    `writable_parameters`."""
     if any(isinstance(module, FullyShardedDataParallel) for module in model.modules()):
         raise LoraDAError(
             "The model is wrapped in FSDP1 (FullyShardedDataParallel), whose flat parameters LoRA-DA cannot write: "
             "shard it with FSDP2 (torch.distributed.fsdp.fully_shard), or initialize before wrapping."
         )
-    if any(hasattr(parameter, "ds_id") for parameter in model.parameters()):
-        raise LoraDAError(
-            "The model's parameters are partitioned by DeepSpeed ZeRO-3, which LoRA-DA cannot write in place: "
-            "initialize the PeftModel before deepspeed.initialize (or the Trainer), save or keep it, then train."
-        )
+
+
+def _deepspeed():
+    """The deepspeed module, which a model with DeepSpeed parameters has already imported."""
+    return sys.modules["deepspeed"]
+
+
+@contextmanager
+def writable_parameters(parameters: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Within it, `parameters` hold their full tensors on every rank: ZeRO-3 partitioned ones are gathered, and
+    re-partitioned on exit from rank 0's values (a collective: every rank must enter it)."""
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    gathered = _deepspeed().zero.GatheredParameters(partitioned, modifier_rank=0) if partitioned else nullcontext()
+    with gathered:
+        yield
+
+
+def set_master_copy(parameter: torch.Tensor, value: torch.Tensor) -> None:
+    """Write the full `value` into the float32 master copy that a DeepSpeed optimizer keeps of `parameter`, if it
+    keeps one (else its next step would start from the old weights)."""
+    if hasattr(parameter, "_z3_optimizer") or hasattr(parameter, "_hp_mapping"):
+        _deepspeed().utils.safe_set_full_fp32_param(parameter, value.float())
 
 
 def base_model_of(model: nn.Module) -> nn.Module:
