@@ -114,6 +114,11 @@ def _worker(rank: int, port: int, out: str) -> None:
         initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, shard_statistics=True)
         results["fsdp2_sharded_stats"] = {k: v.full_tensor().clone() for k, v in model.state_dict().items()
                                           if "lora_" in k}
+        # Sharded statistics over several passes (4 layers each).
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, shard_statistics=True,
+                                    layers_per_pass=4)
+        results["sharded_passes"], results["sharded_passes_count"] = lora_state(model), report.passes
         # Automatic: the free memory (faked) holds less than all statistics in one pass, so they are sharded.
         import lora_da.schedule
 
@@ -262,6 +267,13 @@ class TestShardedStatistics:
         model = wrap(tiny_llama())
         initialize_lora_da(model, batches(examples(8), 2), CFG)
         assert_factors_match([r["fsdp2_sharded_stats"] for r in results], lora_state(model))
+
+    def test_several_passes(self, ranks):
+        results, _ = ranks
+        assert results[0]["sharded_passes_count"] == 4  # 14 layers, 4 per pass
+        model = wrap(tiny_llama())
+        initialize_lora_da(model, batches(examples(8), 2), CFG)
+        assert_factors_match([r["sharded_passes"] for r in results], lora_state(model))
 
     def test_sharded_automatically_when_one_pass_does_not_fit(self, ranks):
         results, _ = ranks
