@@ -157,13 +157,16 @@ def _run_sharded_pass(
     device = model_device(model)
     comm = communication_device(device)
     iterator, last = iter(batches), None
-    with _statistics_mode(model), collector.attached(model):
-        bar = tqdm(desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
+    with (
+        _statistics_mode(model),
+        collector.attached(model),
+        tqdm(desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress) as bar,
+    ):
         while True:
             batch = next(iterator, None)
             if all_reduce_counts([int(batch is not None)], comm)[0] == 0:
                 break
-            real, valid_here, error = batch is not None, False, None
+            real, valid_here, first, error = batch is not None, False, False, None
             try:
                 if batch is None and last is None:
                     raise LoraDAError("This rank has no calibration batch; with shard_statistics=True every rank "
@@ -203,7 +206,6 @@ def _run_sharded_pass(
                 collector.num_examples += int(valid.sum())
             bar.update(1)
             bar.set_postfix(examples=collector.num_examples)
-        bar.close()
 
 
 def _sharded_result(collector: Collector, device: torch.device) -> LoraDAStatistics:

@@ -175,21 +175,19 @@ class Collector:
         if group != name:
             return
         self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
-        if not self.sharded and not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS:
+        if self.sharded:  # the step's chunk (all ranks' tokens) is folded at once; only its upper blocks are read
+            chunks = self._input_chunks if here else {}
+            _add_gram(chunks, group, xs, overwrite=True)
+            reduce_sum_to(chunks[group], owner)
+            if here:
+                self._fold(group)
+        elif not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS:
             self._add_to_total(group, xs)  # a chunk would be folded at once: no n x n float32 chunk needed
-            return
-        if not self.sharded:
+        else:
             _add_gram(self._input_chunks, group, xs, overwrite=not self._chunk_tokens.get(group, 0))
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
             if self._chunk_tokens[group] >= FOLD_TOKENS:
                 self._fold(group)
-            return
-        # sharded: the step's chunk (all ranks' tokens) is folded at once; only its upper blocks are read
-        chunks = self._input_chunks if here else {}
-        _add_gram(chunks, group, xs, overwrite=True)
-        reduce_sum_to(chunks[group], owner)
-        if here:
-            self._fold(group)
 
     def _add_to_total(self, group: str, xs: torch.Tensor) -> None:
         """Add `xs^T xs` into Z's float64 total a row block at a time (blocks on and above the diagonal)."""
