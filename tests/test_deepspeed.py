@@ -2,14 +2,12 @@
 LoRA weights and into the optimizer's float32 master copies, which the next step starts from. Skipped where
 deepspeed is not installed."""
 
-import multiprocessing
 import os
-import socket
-import traceback
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _ranks import recording_failure, run_ranks, save_results
 from _tiny import assert_factors_match, batches, collate, examples, lora_state, tiny_llama, wrap
 from transformers import TrainerState
 
@@ -45,7 +43,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    try:
+    with recording_failure(out, rank):
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
         results = {}
         for stage in (2, 3):
@@ -63,33 +61,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         callback = LoraDACallback(num_samples=8, config={"show_progress": False})
         callback.on_train_begin(args, TrainerState(), None, model=engine.module, train_dataloader=loader)
         results["callback_zero3"] = _lora_weights(engine)
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        save_results(out, rank, results)
         torch.distributed.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out, f"rank{rank}.error"), "w") as handle:
-            handle.write(traceback.format_exc())
-        raise
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("deepspeed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = multiprocessing.get_context("fork")
-    processes = [context.Process(target=_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=300)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    errors = [(out / f"rank{r}.error").read_text() for r in range(WORLD) if (out / f"rank{r}.error").exists()]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return run_ranks(_worker, tmp_path_factory.mktemp("deepspeed"), WORLD, timeout=300)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,12 @@
 """Two gloo processes on the tiny model give the single-process factors and statistics on every rank."""
 
-import multiprocessing
 import os
-import socket
-import traceback
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import torch
+from _ranks import recording_failure, run_ranks, save_results
 from _tiny import assert_factors_match, batches, collate, examples, lora_state, relative_error, tiny_llama, wrap
 from transformers import TrainerState
 
@@ -34,12 +32,6 @@ def sharded_data() -> list[dict]:
     return [*data[:3], unlabeled, data[3]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, port: int, out: str) -> None:
     """One rank: every scenario in a row (one process group start-up for all of them)."""
     import torch.distributed as dist
@@ -51,7 +43,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     torch.set_num_threads(1)  # forked from a process that used OpenMP; also 2 ranks on 2 cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    try:
+    with recording_failure(out, rank):
         dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
         results = {"progress": local_config(LoraDAConfig(population_size=10)).show_progress}
         # A DDP-wrapped PEFT model; the library shards the batches (rank 0: 0, 2; rank 1: 1, 3).
@@ -145,32 +137,15 @@ def _worker(rank: int, port: int, out: str) -> None:
             results["error"] = None
         except Exception as exc:
             results["error"] = f"{type(exc).__name__}: {exc}"
-        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+        save_results(out, rank, results)
         dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out, f"rank{rank}.error"), "w") as handle:
-            handle.write(traceback.format_exc())
-        raise
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the scenarios on 2 forked gloo ranks; their results, rank 0 first, and the output folder."""
     out = tmp_path_factory.mktemp("dist")
-    context = multiprocessing.get_context("fork")  # no re-import of torch/transformers: a fast start
-    port = _free_port()
-    processes = [context.Process(target=_worker, args=(rank, port, str(out))) for rank in range(WORLD)]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=240)
-    for process in processes:
-        if process.is_alive():
-            process.kill()
-    errors = [(out / f"rank{r}.error").read_text() for r in range(WORLD) if (out / f"rank{r}.error").exists()]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)], out
+    return run_ranks(_worker, out, WORLD, timeout=240), out
 
 
 class TestTwoRanks:
