@@ -110,6 +110,29 @@ _NO_EXAMPLE = (
 )
 
 
+def _forward(
+    model: nn.Module,
+    task: ModelTask,
+    batch: Mapping[str, torch.Tensor],
+    device: torch.device,
+    collector: Collector,
+    config: LoraDAConfig,
+    loss_fn: PerExampleLoss | None,
+    *,
+    hash_it: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch's forward with the collector's masks set: per-example losses and supervised counts, [B] each
+    (`hash_it`: the batch counts towards the data hash)."""
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    labels = task.labels(batch)
+    if hash_it:
+        collector.hash_batch(batch, labels)
+    counts = task.supervised_counts(batch, labels)
+    collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
+    outputs = model(**task.model_inputs(batch, labels))
+    return loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
+
+
 def _run_pass(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -123,13 +146,7 @@ def _run_pass(
     with _statistics_mode(model), collector.attached(model):
         bar = tqdm(batches, desc="LoRA-DA statistics", unit="batch", disable=not config.show_progress)
         for index, batch in enumerate(bar):
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            labels = task.labels(batch)
-            collector.hash_batch(batch, labels)
-            counts = task.supervised_counts(batch, labels)
-            collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
-            outputs = model(**task.model_inputs(batch, labels))
-            losses, counts = loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
+            losses, counts = _forward(model, task, batch, device, collector, config, loss_fn, hash_it=True)
             valid = counts > 0
             if not valid.any():
                 collector.discard_batch()
@@ -171,14 +188,8 @@ def _run_sharded_pass(
                 if batch is None and last is None:
                     raise LoraDAError("This rank has no calibration batch; with shard_statistics=True every rank "
                                       "needs at least one (or pass shard_statistics=False).")
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in (batch or last).items()}
-                labels = task.labels(batch)
-                if real:
-                    collector.hash_batch(batch, labels)
-                counts = task.supervised_counts(batch, labels)
-                collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
-                outputs = model(**task.model_inputs(batch, labels))
-                losses, counts = loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
+                batch = batch or last
+                losses, counts = _forward(model, task, batch, device, collector, config, loss_fn, hash_it=real)
                 valid = counts > 0
                 valid_here = real and bool(valid.any())
                 total = losses[valid].sum() if valid_here else losses.sum() * 0.0
