@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from lora_da.bench.memory import PeakRSS
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -33,11 +34,9 @@ def run_parts(script: str, parts: Sequence[str], argv: Sequence[str]) -> dict[st
     return results
 
 
-def memory_now_mib(device: torch.device) -> float:
-    """Peak memory so far: the GPU's allocator on CUDA, the process's peak RSS on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+#: How `measured` counts memory, for the reports.
+MEMORY_NOTE = ("memory grown is the peak resident memory while the step runs over what was resident when it "
+               "started (sampled every 50 ms; on CUDA the allocator's peak over its memory in use)")
 
 
 def synchronize(device: torch.device) -> None:
@@ -46,18 +45,25 @@ def synchronize(device: torch.device) -> None:
 
 
 def measured(device: torch.device, work: Callable[[], dict | None]) -> dict:
-    """Seconds, peak memory and memory grown over the load of `work()`; an exception is a result too."""
-    before = memory_now_mib(device)
+    """Seconds, peak memory and memory grown over what was in use when `work()` started (CPU: resident memory
+    sampled while it runs; CUDA: the allocator's peak); an exception is a result too."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
+    gpu_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
     start = time.perf_counter()
-    try:
-        extra = work() or {}
-    except Exception as exc:  # a failure of the released code is a result, not a crash of the benchmark
-        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
-                "traceback_tail": traceback.format_exc().splitlines()[-3:]}
-    synchronize(device)
+    with PeakRSS() as rss:
+        try:
+            extra = work() or {}
+        except Exception as exc:  # a failure of the released code is a result, not a crash of the benchmark
+            return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
+                    "traceback_tail": traceback.format_exc().splitlines()[-3:]}
+        synchronize(device)
     seconds = time.perf_counter() - start
-    peak = memory_now_mib(device)
+    if device.type == "cuda":
+        peak, before = torch.cuda.max_memory_allocated(device) / 2**20, gpu_before
+    else:
+        peak, before = rss.peak_mb, rss.start_mb
     return {"seconds": seconds, "peak_mib": peak, "grown_mib": peak - before, **extra}
 
 

@@ -17,6 +17,7 @@ import sys
 
 import torch
 from _harness import (
+    MEMORY_NOTE,
     RESULTS,
     add_common_arguments,
     floor_pass,
@@ -81,7 +82,7 @@ def report(args, results: dict) -> str:
         f"`python benchmarks/init_overhead.py {' '.join(sys.argv[1:])}` on {machine}: {args.model}, "
         f"{args.examples} `arith` examples, rank {args.rank}, all linear layers of the blocks. Floor: one "
         "forward+backward pass forming every target layer's weight gradient (what LoRA-DA's G needs). Each "
-        "row is a fresh process; memory grown is the peak over the memory after loading.",
+        f"row is a fresh process; {MEMORY_NOTE}.",
         "",
         "| batch | step | seconds | x floor | memory grown (MiB) |",
         "| ---: | --- | ---: | ---: | ---: |",

@@ -17,7 +17,17 @@ import sys
 from dataclasses import dataclass
 
 import torch
-from _harness import RESULTS, add_common_arguments, floor_pass, measured, ours_init, released_init, run_parts, step_rows
+from _harness import (
+    MEMORY_NOTE,
+    RESULTS,
+    add_common_arguments,
+    floor_pass,
+    measured,
+    ours_init,
+    released_init,
+    run_parts,
+    step_rows,
+)
 
 from lora_da.schedule import STATISTICS_SHARE, sharded_extra_bytes
 from lora_da.solver import solve_working_bytes
@@ -127,7 +137,7 @@ def report(args, results: dict) -> str:
         f"`python benchmarks/scale_7b.py {results['command']}` on {results['machine']}: {args.blocks} Llama "
         f"block(s) of hidden 4096, intermediate 11008, 32 heads (random weights, vocabulary 512), all 7 "
         f"projections at rank {args.rank}; {args.examples} examples x {args.tokens} tokens in batches of "
-        f"{args.batch_size}. Each row is a fresh process; memory grown is the peak RSS over that after building.",
+        f"{args.batch_size}. Each row is a fresh process; {MEMORY_NOTE}.",
         "",
         "| step | seconds | x floor | memory grown (MiB) |",
         "| --- | ---: | ---: | ---: |",

@@ -5,7 +5,7 @@ import torch
 from _tiny import batches, examples, tiny_llama
 from torch import nn
 
-from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, hooks, solve_all
+from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, gram, hooks, solve_all
 
 TARGETS = [
     "model.layers.0.self_attn.q_proj",
@@ -66,10 +66,17 @@ def reference_statistics(model, items, names, token_mask="attention"):
     )
 
 
-def assert_same_statistics(first: LoraDAStatistics, second: LoraDAStatistics, rtol=1e-4):
-    for name in first.layer_names:
-        for what in ("gradient", "input_factor", "output_factor"):
-            a, b = getattr(first, what)(name), getattr(second, what)(name)
+def statistic_means(stats: LoraDAStatistics) -> dict[str, list[torch.Tensor]]:
+    """Each layer's G, full Z and y (read before a test changes the packed layout of Z)."""
+    return {name: [stats.gradient(name), stats.input_factor(name), stats.output_factor(name)]
+            for name in stats.layer_names}
+
+
+def assert_same_statistics(first, second, rtol=1e-4):
+    """Equal means of two LoraDAStatistics (or of their `statistic_means`)."""
+    first, second = (s if isinstance(s, dict) else statistic_means(s) for s in (first, second))
+    for name, means in first.items():
+        for a, b in zip(means, second[name], strict=True):
             torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6 * float(a.abs().max()))
 
 
@@ -201,8 +208,8 @@ class TestPrecision:
 
     def test_blockwise_input_factor_equals_full_product(self, monkeypatch):
         model, items = tiny_llama(), examples(7)
-        full = collect_statistics(model, batches(items, 3), TARGETS, CFG)
-        monkeypatch.setattr(hooks, "GRAM_BLOCK", 10)  # n = 32 and 48: blocks above the diagonal, then mirrored
+        full = statistic_means(collect_statistics(model, batches(items, 3), TARGETS, CFG))
+        monkeypatch.setattr(gram, "GRAM_BLOCK", 10)  # n = 32 and 48: packed in blocks of at most 10 rows
         blocks = collect_statistics(model, batches(items, 3), TARGETS, CFG)
         assert_same_statistics(full, blocks, rtol=1e-5)
         for name in TARGETS:
@@ -211,7 +218,7 @@ class TestPrecision:
 
     def test_large_batches_add_straight_into_the_float64_total(self, monkeypatch):
         model, items = tiny_llama(), examples(9)
-        chunked = collect_statistics(model, batches(items, 3), TARGETS, CFG)
+        chunked = statistic_means(collect_statistics(model, batches(items, 3), TARGETS, CFG))
         original, added = hooks.Collector._add_to_total, []
 
         def spy(self, group: str, xs: torch.Tensor) -> None:
@@ -220,7 +227,7 @@ class TestPrecision:
 
         monkeypatch.setattr(hooks.Collector, "_add_to_total", spy)
         monkeypatch.setattr(hooks, "FOLD_TOKENS", 20)  # batches of 3 examples hold 30-45 tokens
-        monkeypatch.setattr(hooks, "GRAM_BLOCK", 10)
+        monkeypatch.setattr(gram, "GRAM_BLOCK", 10)
         direct = collect_statistics(model, batches(items, 3), TARGETS, CFG)
         assert added, "the direct path was not taken"
         assert_same_statistics(chunked, direct, rtol=1e-6)

@@ -32,7 +32,8 @@ from .distributed import (
     raise_if_any_rank_failed,
     shard_batches,
 )
-from .hooks import Collector, mirror_blocks
+from .gram import packed_size
+from .hooks import Collector
 from .layers import layer_shape, model_device, resolve_layers, unwrap_model
 from .model_tasks import ModelTask
 from .statistics import GRADIENT_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics, statistics_bytes
@@ -244,8 +245,6 @@ def _sharded_result(collector: Collector, device: torch.device) -> LoraDAStatist
     collector.fold_all()
     mine = [name for name in names if collector.owners.get(name) == collector.rank]
     my_leaders = [g for g in leaders if collector.owners[g] == collector.rank]
-    for group in my_leaders:
-        mirror_blocks(collector.input_sums[group])
     output_counts = dict(zip(names, counts[5 : 5 + len(names)], strict=True))
     input_counts = dict(zip(leaders, counts[5 + len(names) :], strict=True))
     stats = LoraDAStatistics(
@@ -311,12 +310,10 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
     collector.fold_all()
     gradient_sums = {name: local(collector.gradient_sums, name, shapes[name], GRADIENT_DTYPE) for name in names}
     output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1], OUTPUT_DTYPE) for name in names}
-    input_sums = {g: local(collector.input_sums, g, [shapes[g][1]] * 2, INPUT_DTYPE) for g in leaders}
+    input_sums = {g: local(collector.input_sums, g, [packed_size(shapes[g][1])], INPUT_DTYPE) for g in leaders}
     comm = communication_device(device)
     all_reduce_sum(list(gradient_sums.values()), comm)
     all_reduce_sum([*output_sq_sums.values(), *input_sums.values()], comm)
-    for total in input_sums.values():
-        mirror_blocks(total)
     counts = all_reduce_counts(
         [collector.output_token_counts.get(name, 0) for name in names]
         + [collector.input_token_counts.get(g, 0) for g in leaders],

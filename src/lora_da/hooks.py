@@ -1,5 +1,6 @@
 """The hooks of the statistics pass and the accumulators they fill: per target layer, `G` (float32 sums of
-in-place GEMMs), `y` (float64), and one `Z` per distinct input (float32 chunks folded into float64)."""
+in-place GEMMs), `y` (float64), and one `Z` per distinct input (float32 chunks folded into float64, both packed:
+see `gram.py`)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,14 @@ from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_rank, get_world_size, reduce_sum_to
+from .gram import add_gram, new_packed
 from .layers import layer_shape
 from .schedule import group_owners
-from .statistics import INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics
+from .statistics import INPUT_CHUNK_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics
 
 # Z is summed in float32 over chunks of at least this many tokens (about what one large batch's product sums
 # over anyway), then folded into its float64 total, so its precision does not fall with the number of batches.
 FOLD_TOKENS = 1024
-# Z's rows are accumulated in about equal blocks of at most this many; blocks below the diagonal are mirrored,
-# not computed, which saves (k - 1) / 2k of the products with k blocks (SmolLM2's n = 1536: a third).
-GRAM_BLOCK = 512
 
 
 class Collector:
@@ -49,7 +48,7 @@ class Collector:
         self.input_groups: dict[str, str] | None = None
         self.num_examples = 0
         self.data_hash_sums = [0, 0, 0]  # examples seen, and two 31-bit sums of per-example hashes
-        self._input_chunks: dict[str, torch.Tensor] = {}  # float32 sums of Z since the last fold
+        self._input_chunks: dict[str, torch.Tensor] = {}  # float32 packed sums of Z since the last fold
         self._chunk_tokens: dict[str, int] = {}
         self._input_keys: dict[str, tuple] = {}
         self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
@@ -177,49 +176,33 @@ class Collector:
         self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
         if self.sharded:  # the step's chunk (all ranks' tokens) is folded at once; only its upper blocks are read
             chunks = self._input_chunks if here else {}
-            _add_gram(chunks, group, xs, overwrite=True)
+            _add_gram(chunks, group, xs, INPUT_CHUNK_DTYPE, overwrite=True)
             reduce_sum_to(chunks[group], owner)
             if here:
                 self._fold(group)
         elif not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS:
             self._add_to_total(group, xs)  # a chunk would be folded at once: no n x n float32 chunk needed
         else:
-            _add_gram(self._input_chunks, group, xs, overwrite=not self._chunk_tokens.get(group, 0))
+            _add_gram(self._input_chunks, group, xs, INPUT_CHUNK_DTYPE, overwrite=not self._chunk_tokens.get(group, 0))
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
             if self._chunk_tokens[group] >= FOLD_TOKENS:
                 self._fold(group)
 
     def _add_to_total(self, group: str, xs: torch.Tensor) -> None:
-        """Add `xs^T xs` into Z's float64 total a row block at a time (blocks on and above the diagonal)."""
-        n = xs.shape[1]
-        first = group not in self.input_sums
-        if first:
-            self.input_sums[group] = torch.empty(n, n, dtype=INPUT_DTYPE, device=xs.device)
-        total = self.input_sums[group]
-        for start, end in gram_blocks(n):
-            product = xs[:, start:end].T @ xs[:, start:]  # float32, one row block
-            if first:
-                total[start:end, start:] = product
-            else:
-                total[start:end, start:] += product
+        """Add `xs^T xs` into Z's float64 total (float32 products a row block at a time)."""
+        _add_gram(self.input_sums, group, xs, INPUT_DTYPE)
 
     def _fold(self, group: str) -> None:
-        """Add the float32 chunk of `Z` into its float64 sum and clear the chunk."""
+        """Add the float32 chunk of `Z` into its float64 sum; the next product overwrites the chunk."""
         chunk = self._input_chunks[group]
-        first = group not in self.input_sums
-        if first:  # blocks below the diagonal stay unset until `mirror_blocks`
-            self.input_sums[group] = torch.empty(chunk.shape, dtype=INPUT_DTYPE, device=chunk.device)
-        total = self.input_sums[group]
-        for start, end in gram_blocks(chunk.shape[0]):  # the filled part only, a row block at a time
-            rows = slice(start, end)
-            if first:
-                total[rows, start:] = chunk[rows, start:]
-            else:
-                total[rows, start:] += chunk[rows, start:]
-        self._chunk_tokens[group] = 0  # the next product overwrites the chunk
+        if group in self.input_sums:
+            self.input_sums[group].add_(chunk)
+        else:
+            self.input_sums[group] = chunk.to(INPUT_DTYPE)
+        self._chunk_tokens[group] = 0
 
     def fold_all(self) -> None:
-        """Fold every pending `Z` chunk and free the chunks (the totals still hold only their upper blocks)."""
+        """Fold every pending `Z` chunk and free the chunks."""
         for group in list(self._input_chunks):
             if self._chunk_tokens.get(group, 0) or group not in self.input_sums:  # a total even from no token
                 self._fold(group)
@@ -227,8 +210,6 @@ class Collector:
 
     def result(self) -> LoraDAStatistics:
         self.fold_all()
-        for total in self.input_sums.values():
-            mirror_blocks(total)
         unreached = [name for name in self.modules if name not in self.gradient_sums]
         if unreached:
             raise LoraDAError(
@@ -248,30 +229,13 @@ class Collector:
         )
 
 
-def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor, overwrite: bool = False) -> None:
-    """`sums[key] += xs^T xs` [n, n] in float32 (`=` when `overwrite`), in place, computing only the blocks on and
-    above the block diagonal (rows in blocks, see `gram_blocks`): Z is symmetric, so wide inputs save up to half the
-    products. The blocks below stay unset: `mirror_blocks` fills them once the sum is complete."""
-    n = xs.shape[1]
+def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor, dtype: torch.dtype,
+              overwrite: bool = False) -> None:
+    """`sums[key] += xs^T xs` (`=` when `overwrite`) in packed storage of `dtype`, created on first use."""
     if key not in sums:
-        sums[key] = torch.empty(n, n, dtype=xs.dtype, device=xs.device)
+        sums[key] = new_packed(xs.shape[1], dtype, xs.device)
         overwrite = True
-    total = sums[key]
-    for start, end in gram_blocks(n):
-        total[start:end, start:].addmm_(xs[:, start:end].T, xs[:, start:], beta=0.0 if overwrite else 1.0)
-
-
-def gram_blocks(n: int) -> list[tuple[int, int]]:
-    """(start, end) of the row blocks of an [n, n] Gram sum: about equal, at most GRAM_BLOCK rows each."""
-    count = -(-n // GRAM_BLOCK)
-    size = -(-n // count)
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def mirror_blocks(total: torch.Tensor) -> None:
-    """Copy the blocks above the block diagonal of a sum filled by `_add_gram` into those below it."""
-    for start, end in gram_blocks(total.shape[0])[:-1]:
-        total[end:, start:end] = total[start:end, end:].T
+    add_gram(sums[key], xs, overwrite)
 
 
 def _add_product(sums: dict[str, torch.Tensor], key: str, left: torch.Tensor, right: torch.Tensor) -> None:

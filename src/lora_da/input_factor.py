@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import LoraDAConfig, LoraDAError
+from .gram import PackedGram
 
 # From this input size on, "auto" never forms M nor runs a dense eigendecomposition (any device), input
 # factors that fail Cholesky are shifted instead of clamped by `eigh`, and `solve_all` gives each such layer
@@ -41,15 +42,19 @@ class InputFactor:
         return self.cholesky @ (self.cholesky.T @ x)
 
 
-def factor_input(input_factor: torch.Tensor, config: LoraDAConfig, layer: str = "layer") -> InputFactor:
-    """Cholesky-factor `Z + lam I` in float64 (Z: [n, n], any float dtype)."""
-    z = input_factor.to(torch.float64)
-    n = z.shape[0]
+def factor_input(input_factor: torch.Tensor | PackedGram, config: LoraDAConfig, layer: str = "layer") -> InputFactor:
+    """Cholesky-factor `Z + lam I` in float64 (Z: [n, n] of any float dtype, or packed)."""
+    if isinstance(input_factor, PackedGram):
+        z = PackedGram(input_factor.values.to(torch.float64), input_factor.width)
+        n = z.width
+    else:
+        z = input_factor.to(torch.float64)
+        n = z.shape[0]
     if config.fisher == "identity":
         z = torch.eye(n, dtype=torch.float64, device=z.device)
     damping = config.damping
     if config.damping_mode == "relative":
-        damping = config.damping * float(torch.diagonal(z).mean())
+        damping = config.damping * float(z.diagonal().mean())
     if n >= DENSE_MAX_SIZE:
         cholesky, info, clamped, shift = _factor_wide(z, damping)
         return _checked(InputFactor(cholesky=cholesky, damping=damping, clamped=clamped, shift=shift), info, layer)
@@ -67,31 +72,37 @@ def factor_input(input_factor: torch.Tensor, config: LoraDAConfig, layer: str = 
     return _checked(InputFactor(cholesky=cholesky, damping=damping, clamped=clamped), info, layer)
 
 
-def _damped(z: torch.Tensor, damping: float) -> torch.Tensor:
-    """(Z + Z^T) / 2 + damping I as a new tensor: the caller's Z is never written to."""
-    damped = z + z.T
-    damped.mul_(0.5)
+def _damped(z: torch.Tensor | PackedGram, damping: float) -> torch.Tensor:
+    """Z (symmetrized) + damping I as a new [n, n] tensor: the caller's Z is never written to."""
+    if isinstance(z, PackedGram):
+        damped = z.full()
+    else:
+        damped = z + z.T
+        damped.mul_(0.5)
     damped.diagonal().add_(damping)
     return damped
 
 
-def _factor_wide(z: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
-    """Cholesky factor of a wide layer's damped Z, computed in place (one n x n matrix beside Z, not two).
+def _factor_wide(z: torch.Tensor | PackedGram, damping: float) -> tuple[torch.Tensor, torch.Tensor, bool, float]:
+    """Cholesky factor of a wide layer's damped Z, computed in the damped matrix's own storage (one n x n matrix
+    beside packed Z).
     A dense eigh would take minutes here, so a Z that rounding left indefinite is shifted instead of clamped:
     by what float32 rounding of Z can reach, ||E||_2 <= eps ||Z||_F, growing tenfold while Cholesky fails."""
     step = float(torch.finfo(torch.float32).eps) * float(z.norm())
     for shift in (0.0, step, 10 * step, 100 * step, 1000 * step):
-        damped = _damped(z, damping + shift)
-        info = torch.empty((), dtype=torch.int32, device=damped.device)
-        torch.linalg.cholesky_ex(damped, out=(damped, info))
+        # The damped matrix is symmetric, so its transpose (a column-major view) is the same matrix in the layout
+        # LAPACK factors in place; a row-major `out` would be copied first (one more n x n: 0.9 GiB at n=11008).
+        lower = _damped(z, damping + shift).T
+        info = torch.empty((), dtype=torch.int32, device=lower.device)
+        torch.linalg.cholesky_ex(lower, out=(lower, info))
         if int(info) == 0:
             break
-    return damped, info, shift > 0.0, shift
+    return lower, info, shift > 0.0, shift
 
 
 def _checked(factor: InputFactor, info: torch.Tensor, layer: str) -> InputFactor:
     """`factor` if its Cholesky factorization succeeded, else a `LoraDAError` that says what to change."""
-    if int(info) != 0 or not torch.isfinite(factor.cholesky).all():
+    if int(info) != 0 or not bool(factor.cholesky.sum().isfinite()):  # one read: NaN or inf survives the sum
         raise LoraDAError(
             f"Layer {layer!r}: the input factor Z + damping*I is not positive definite (damping="
             f"{factor.damping:g}); increase `damping`."

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .config import LoraDAConfig, LoraDAError, check_ranks
 from .eigensolvers import block_davidson, fix_signs, smallest_eigenvectors, top_singular_value
+from .gram import packed_size
 from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input
 
 # "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: at n = 576
@@ -268,10 +269,11 @@ def _block_size(rank: int, n: int) -> int:
 
 
 def solve_working_bytes(m: int, n: int) -> int:
-    """Upper bound of the memory the solve of one [m, n] layer holds at once: the damped Z and its Cholesky
-    factor, and a float64 G; the dense path adds the inverse, the step D and four more n x n matrices."""
+    """Upper bound of the memory the solve of one [m, n] layer holds at once: Z's mean (packed), the damped Z
+    that becomes its Cholesky factor in place, and a float64 G; the dense path adds the inverse, the step D and
+    more n x n matrices."""
     if n >= DENSE_MAX_SIZE:
-        return 8 * (2 * n * n + m * n)
+        return 8 * (n * n + packed_size(n) + m * n)
     return 8 * (8 * n * n + 2 * m * n)
 
 
@@ -301,7 +303,7 @@ def solve_all(
         if release:
             input_factor, means = stats.pop_group(members)
         else:
-            input_factor = stats.input_factor(members[0])
+            input_factor = stats.packed_input_factor(members[0])
             means = {name: (stats.gradient(name), stats.output_factor(name)) for name in members}
         factor = factor_input(input_factor, config, members[0])
         del input_factor  # only its Cholesky factor is needed from here on

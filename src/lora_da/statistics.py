@@ -16,8 +16,11 @@ from safetensors.torch import save_file
 
 from .config import LoraDAError
 from .files import write_atomic
+from .gram import PackedGram, pack, packed_size
 
-FORMAT_VERSION = "1"
+# Format 2 keeps each Z packed (see `gram.py`); files of format 1 (full Z) are still read.
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", FORMAT_VERSION)
 # Precision of each sum (see `collect.py`): G enters the solve linearly and each batch's float32 product already
 # carries float32 rounding, so a float32 sum adds little; y is tiny; Z is inverted with a damping of ~1e-6 of its
 # scale, so its total is kept in float64 (float32 order effects moved the factors of a nearly singular GQA o_proj).
@@ -29,9 +32,9 @@ INPUT_CHUNK_DTYPE = torch.float32
 
 def statistics_bytes(m: int, n: int) -> int:
     """Peak bytes of the accumulators of one [m, n] layer with its own input factor while they are gathered:
-    G [m, n], y [m], Z [n, n] with its float32 chunk."""
+    G [m, n], y [m], Z packed with its float32 chunk."""
     return (GRADIENT_DTYPE.itemsize * m * n + OUTPUT_DTYPE.itemsize * m
-            + (INPUT_DTYPE.itemsize + INPUT_CHUNK_DTYPE.itemsize) * n * n)
+            + (INPUT_DTYPE.itemsize + INPUT_CHUNK_DTYPE.itemsize) * packed_size(n))
 
 
 @dataclass
@@ -42,13 +45,17 @@ class LoraDAStatistics:
     output_sq_sums: dict[str, torch.Tensor]  # layer -> [m], sum over tokens of g_t^2
     output_token_counts: dict[str, int]  # layer -> tokens summed into output_sq_sums
     input_groups: dict[str, str]  # layer -> key of the input it reads
-    input_sums: dict[str, torch.Tensor]  # input key -> [n, n], sum over tokens of x_t x_t^T
+    # input key -> sum over tokens of x_t x_t^T [n, n], packed (1-D, see `gram.py`; a full [n, n] given is packed)
+    input_sums: dict[str, torch.Tensor]
     input_token_counts: dict[str, int]  # input key -> tokens summed into input_sums
     num_examples: int  # examples with at least one supervised token
     metadata: dict[str, str] = field(default_factory=dict)
     # Sharded over ranks (see `collect_statistics(shard_statistics=True)`): every layer of the pass -> the rank
     # that holds its sums; this rank holds only its own. Empty: every layer is here.
     owners: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.input_sums = {group: pack(z) if z.dim() == 2 else z for group, z in self.input_sums.items()}
 
     @property
     def layer_names(self) -> list[str]:
@@ -71,18 +78,23 @@ class LoraDAStatistics:
     def input_factor(self, name: str) -> torch.Tensor:
         """`Z` [n, n]: mean over tokens of x_t x_t^T, in the sums' float64 (float32 rounding can make a
         rank-deficient Z indefinite by more than a small damping)."""
+        return self.packed_input_factor(name).full()
+
+    def packed_input_factor(self, name: str) -> PackedGram:
+        """`Z` as `input_factor`, packed (half the memory)."""
         group = self.input_groups[name]
-        return self.input_sums[group] / self.input_token_counts[group]
+        return PackedGram(self.input_sums[group] / self.input_token_counts[group], self.gradient_sums[name].shape[1])
 
     def output_factor(self, name: str) -> torch.Tensor:
         """`y` [m]: mean over tokens of g_t * g_t (float64, like the sums)."""
         return self.output_sq_sums[name] / self.output_token_counts[name]
 
-    def pop_group(self, names: list[str]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def pop_group(self, names: list[str]) -> tuple[PackedGram, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Z and each layer's (G, y) of layers `names` that share one input, as means computed in the sums' own
         storage, and dropped from these statistics (the solve of big layers then holds no second copy)."""
         group = self.input_groups[names[0]]
-        z = self.input_sums.pop(group).div_(self.input_token_counts[group])
+        width = self.gradient_sums[names[0]].shape[1]
+        z = PackedGram(self.input_sums.pop(group).div_(self.input_token_counts[group]), width)
         layers = {}
         for name in names:
             gradient = self.gradient_sums.pop(name).div_(self.num_examples)
@@ -167,7 +179,7 @@ class LoraDAStatistics:
         try:
             with safe_open(path, framework="pt", device=str(device)) as handle:
                 metadata = dict(handle.metadata() or {})
-                if metadata.get("lora_da_format") != FORMAT_VERSION:
+                if metadata.get("lora_da_format") not in READABLE_FORMATS:
                     raise LoraDAError(f"{path!r} is not a LoRA-DA statistics file (or of another version).")
                 header = json.loads(metadata.pop("lora_da"))
                 metadata.pop("lora_da_format")
