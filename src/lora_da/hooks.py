@@ -65,15 +65,15 @@ class Collector:
     def set_masks(self, masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
         """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts.
 
-        The masks become row indices once per batch: boolean indexing in every layer's hook would wait for
-        the GPU (to learn the result's size) hundreds of times per batch.
+        The masks become row indices once per batch (None: every row): boolean indexing in every layer's hook
+        would wait for the GPU (to learn the result's size) hundreds of times per batch.
         """
         self._masks = {}
         for shape, (example_mask, token_mask) in masks.items():
             per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1).float()
-            example_rows = example_mask.reshape(-1).nonzero().squeeze(1)
-            token_rows = example_rows if token_mask is example_mask else token_mask.reshape(-1).nonzero().squeeze(1)
-            self._masks[shape] = (example_rows, token_rows, per_token[token_rows])
+            example_rows = _selected_rows(example_mask)
+            token_rows = example_rows if token_mask is example_mask else _selected_rows(token_mask)
+            self._masks[shape] = (example_rows, token_rows, _rows(per_token, token_rows))
 
     def discard_batch(self) -> None:
         self._input_keys.clear()
@@ -147,11 +147,11 @@ class Collector:
         if masks is not None:
             example_rows, token_rows, per_token_count = masks
             # G is the exact gradient (every position of a supervised example); Z and y use the token mask.
-            xs_examples, gs_examples = xs.index_select(0, example_rows), gs.index_select(0, example_rows)
+            xs_examples, gs_examples = _rows(xs, example_rows), _rows(gs, example_rows)
             if token_rows is example_rows:  # the default token mask: the same rows, selected once
                 xs, gs = xs_examples, gs_examples
             else:
-                xs, gs = xs.index_select(0, token_rows), gs.index_select(0, token_rows)
+                xs, gs = _rows(xs, token_rows), _rows(gs, token_rows)
         else:
             xs_examples, gs_examples, per_token_count = xs, gs, None
         owner = self.owners.get(name, self.rank)
@@ -227,6 +227,17 @@ class Collector:
             input_token_counts={group: self.input_token_counts[group] for group in leaders},
             num_examples=self.num_examples,
         )
+
+
+def _selected_rows(mask: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the true entries of `mask` (flattened); None when all are true (no copy is then needed)."""
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    return None if rows.numel() == mask.numel() else rows
+
+
+def _rows(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The rows `rows` of `tensor` (all of them, uncopied, for None)."""
+    return tensor if rows is None else tensor.index_select(0, rows)
 
 
 def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor, dtype: torch.dtype,
