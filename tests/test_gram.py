@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lora_da import LoraDAStatistics, gram
+from lora_da import LoraDAError, LoraDAStatistics, gram
 from lora_da.gram import PackedGram, add_gram, new_packed, pack, packed_size
 
 
@@ -64,3 +64,13 @@ def test_statistics_pack_a_full_input_sum_and_read_format_1_files(tmp_path):
     save_file({"G/a": torch.ones(3, 6), "y/a": torch.ones(3, dtype=torch.float64), "Z/a": z}, path,
               metadata={"lora_da_format": "1", "lora_da": json.dumps(header)})
     torch.testing.assert_close(LoraDAStatistics.load(path).input_factor("a"), z / 4)
+
+
+def test_statistics_of_the_wrong_size_are_refused():
+    stats = LoraDAStatistics(
+        gradient_sums={"a": torch.ones(3, 6)}, output_sq_sums={"a": torch.ones(3, dtype=torch.float64)},
+        output_token_counts={"a": 4}, input_groups={"a": "a"}, input_sums={"a": torch.ones(20, dtype=torch.float64)},
+        input_token_counts={"a": 4}, num_examples=2,
+    )
+    with pytest.raises(LoraDAError, match="packed 6 x 6"):
+        stats.check_valid()

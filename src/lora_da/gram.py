@@ -88,10 +88,10 @@ class PackedGram:
     def blocks(self) -> list[tuple[int, int, torch.Tensor]]:
         return block_views(self.values, self.width)
 
-    def full(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def full(self) -> torch.Tensor:
         """The symmetric [width, width] matrix as a new tensor; diagonal blocks are symmetrized (their two halves
         come from one GEMM and may differ in the last bit)."""
-        out = torch.empty(self.width, self.width, dtype=dtype or self.values.dtype, device=self.values.device)
+        out = torch.empty(self.width, self.width, dtype=self.values.dtype, device=self.device)
         for start, end, view in self.blocks():
             out[start:end, start:] = view
             out[end:, start:end] = view[:, end - start :].T

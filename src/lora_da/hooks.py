@@ -174,14 +174,14 @@ class Collector:
         if group != name:
             return
         self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
-        if self.sharded:  # the step's chunk (all ranks' tokens) is folded at once; only its upper blocks are read
+        if self.sharded:  # the step's chunk (all ranks' tokens) is folded at once
             chunks = self._input_chunks if here else {}
             _add_gram(chunks, group, xs, INPUT_CHUNK_DTYPE, overwrite=True)
             reduce_sum_to(chunks[group], owner)
             if here:
                 self._fold(group)
         elif not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS:
-            self._add_to_total(group, xs)  # a chunk would be folded at once: no n x n float32 chunk needed
+            self._add_to_total(group, xs)  # a chunk would be folded at once: no float32 chunk needed
         else:
             _add_gram(self._input_chunks, group, xs, INPUT_CHUNK_DTYPE, overwrite=not self._chunk_tokens.get(group, 0))
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]

@@ -141,6 +141,10 @@ class LoraDAStatistics:
                 raise LoraDAError(f"{source} count {bad[1]} tokens for {bad[0]!r}; a positive count is needed.")
         for name in self.layer_names:
             group = self.input_groups[name]
+            width = self.gradient_sums[name].shape[1]
+            if self.input_sums[group].numel() != packed_size(width):
+                raise LoraDAError(f"Layer {name!r}: its input factor Z in {source.lower()} does not have the size of "
+                                  f"a packed {width} x {width} matrix.")
             for what, tensor in (
                 ("gradient G", self.gradient_sums[name]),
                 ("output factor y", self.output_sq_sums[name]),
