@@ -1,5 +1,5 @@
 """Packed storage of a symmetric Gram sum `Z = sum_t x_t x_t^T` [n, n]: its row blocks on and above the block
-diagonal, one after another in a 1-D tensor, about half of n x n (SmolLM2's n = 1536: 0.58 of it, a 7B's
+diagonal, one after another in a 1-D tensor, about half of n x n (SmolLM2's n = 1536: 0.67 of it, a 7B's
 n = 11008: 0.52). The products below the diagonal are never computed nor stored; a full matrix is built only
 where the solve needs one, for one layer at a time.
 """
