@@ -47,10 +47,11 @@ def synchronize(device: torch.device) -> None:
 def measured(device: torch.device, work: Callable[[], dict | None]) -> dict:
     """Seconds, peak memory and memory grown over what was in use when `work()` started (CPU: resident memory
     sampled while it runs; CUDA: the allocator's peak); an exception is a result too."""
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    gpu_before = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+        synchronize(device)
+        gpu_before = torch.cuda.memory_allocated(device) / 2**20
     start = time.perf_counter()
     with PeakRSS() as rss:
         try:
@@ -60,10 +61,9 @@ def measured(device: torch.device, work: Callable[[], dict | None]) -> dict:
                     "traceback_tail": traceback.format_exc().splitlines()[-3:]}
         synchronize(device)
     seconds = time.perf_counter() - start
-    if device.type == "cuda":
+    peak, before = rss.peak_mb, rss.start_mb
+    if cuda:
         peak, before = torch.cuda.max_memory_allocated(device) / 2**20, gpu_before
-    else:
-        peak, before = rss.peak_mb, rss.start_mb
     return {"seconds": seconds, "peak_mib": peak, "grown_mib": peak - before, **extra}
 
 
