@@ -74,16 +74,23 @@ def target_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: model.get_submodule(name).weight for name in match_target_modules(model)}
 
 
-def floor_pass(model: nn.Module, batches: list[dict]) -> None:
+def floor_pass(model: nn.Module, batches: list[dict], head_rows: bool = False) -> None:
     """One forward+backward over `batches` forming every target layer's weight gradient (LoRA-DA's G needs
-    the same products), nothing else trainable."""
+    the same products), nothing else trainable. The model's own loss projects every position onto the
+    vocabulary; `head_rows`: only the positions that predict a supervised token, as our statistics pass does."""
+    from lora_da.evaluate import supervised_logits, supervised_loss_sum
+
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for parameter, _ in flags:
         parameter.requires_grad_(False)
     for weight in target_weights(model).values():
         weight.requires_grad_(True)
     for batch in batches:
-        model(**batch).loss.backward()
+        if head_rows:
+            total, count = supervised_loss_sum(*supervised_logits(model, batch))
+            (total / count).backward()
+        else:
+            model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     for parameter, flag in flags:
         parameter.requires_grad_(flag)

@@ -95,6 +95,25 @@ class TestCollectStatistics:
             torch.testing.assert_close(stats.input_factor(name).double(), z_ref[name], rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(stats.output_factor(name).double(), y_ref[name], rtol=1e-4, atol=1e-12)
 
+    def test_output_head_projects_only_supervised_positions(self):
+        model, items = tiny_llama(), examples(4)
+        seen = []
+        handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+        try:
+            collect_statistics(model, batches(items, 4), TARGETS, CFG)
+        finally:
+            handle.remove()
+        supervised = sum(int((item["labels"][1:] != -100).sum()) for item in items)
+        assert seen == [(1, supervised, model.config.hidden_size)]
+
+    def test_output_head_as_target_sees_every_position(self):
+        model, items = tiny_llama(), examples(4)
+        names = [*TARGETS, "lm_head"]
+        stats = collect_statistics(model, batches(items, 2), names, CFG)
+        g_ref, z_ref, y_ref, _ = reference_statistics(model, items, names)
+        torch.testing.assert_close(stats.input_factor("lm_head").double(), z_ref["lm_head"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(stats.gradient("lm_head").double(), g_ref["lm_head"], rtol=1e-4, atol=1e-7)
+
     def test_batch_size_invariance(self):
         model, items = tiny_llama(), examples(7)
         per_size = [collect_statistics(model, batches(items, size), TARGETS, CFG) for size in (1, 3, 7)]

@@ -103,11 +103,12 @@ def test_bf16_autocast_runs(tiny_model_and_tokenizer, features):
 
 
 # -------------------------------------------------------------------------------------------- evaluation
-@pytest.mark.parametrize("slice_logits", [True, False])
-def test_eval_loss_is_token_weighted(slice_logits, tiny_model_and_tokenizer, features, monkeypatch):
-    import lora_da.evaluate as evaluate
+@pytest.mark.parametrize("select_rows", [True, False])
+def test_eval_loss_is_token_weighted(select_rows, tiny_model_and_tokenizer, features, monkeypatch):
+    import lora_da.model_tasks as model_tasks
 
-    monkeypatch.setattr(evaluate, "_accepts_logits_to_keep", lambda model: slice_logits)
+    if not select_rows:  # the path of a model without an output head: logits of every position
+        monkeypatch.setattr(model_tasks, "output_head", lambda model: None)
     model, tokenizer = tiny_model_and_tokenizer
     subset = features[:5]
     result = evaluate_loss(model, subset, tokenizer.pad_token_id, batch_size=2, show_progress=False)
@@ -123,6 +124,35 @@ def test_eval_loss_is_token_weighted(slice_logits, tiny_model_and_tokenizer, fea
     assert result["tokens"] == count
     assert result["loss"] == pytest.approx(total / count, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_supervised_logits_project_only_supervised_rows(tiny_model_and_tokenizer, features, monkeypatch):
+    import lora_da.evaluate as evaluate
+    import lora_da.model_tasks as model_tasks
+
+    model = _lora(tiny_model_and_tokenizer[0])
+    lora_b = next(p for name, p in model.named_parameters() if "lora_B" in name)
+    with torch.no_grad():
+        lora_b.normal_()  # a nonzero B, so that the gradient reaches lora_A too
+    batch = collate(features[:4], tiny_model_and_tokenizer[1].pad_token_id)
+    supervised = int((batch["labels"][:, 1:] != -100).sum())
+    assert supervised < batch["labels"][:, 1:].numel()  # prompts and padding are masked out
+
+    def loss_and_grads():
+        logits, targets = evaluate.supervised_logits(model, batch)
+        total, count = evaluate.supervised_loss_sum(logits, targets)
+        model.zero_grad()
+        (total / count).backward()
+        return logits.shape, float(total), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    shape, total, grads = loss_and_grads()
+    assert shape[:2] == (1, supervised)
+    monkeypatch.setattr(model_tasks, "output_head", lambda model: None)
+    full_shape, full_total, full_grads = loss_and_grads()
+    assert full_shape[:2] == batch["labels"][:, 1:].shape
+    assert total == pytest.approx(full_total, rel=1e-5)
+    for grad, full in zip(grads, full_grads, strict=True):
+        torch.testing.assert_close(grad, full, rtol=1e-4, atol=1e-6)
 
 
 def test_batched_generation_matches_one_by_one(tiny_model_and_tokenizer):

@@ -35,7 +35,7 @@ from .distributed import (
 from .gram import packed_size
 from .hooks import Collector
 from .layers import layer_shape, model_device, resolve_layers, unwrap_model
-from .model_tasks import ModelTask
+from .model_tasks import ModelTask, output_head, output_head_rows
 from .statistics import GRADIENT_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
 PerExampleLoss = Callable[[object, Mapping[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
@@ -130,8 +130,18 @@ def _forward(
         collector.hash_batch(batch, labels)
     counts = task.supervised_counts(batch, labels)
     collector.set_masks(task.token_masks(batch, labels, counts, config.token_mask), counts)
-    outputs = model(**task.model_inputs(batch, labels))
-    return loss_fn(outputs, batch) if loss_fn is not None else task.losses(outputs, labels)
+    # the vocabulary projection only where the loss reads it, unless a loss of the caller's or a hook on the head
+    # needs every position
+    head = output_head(model)
+    hooked = head is not None and any(m is module for m in head.modules() for module in collector.modules.values())
+    rows = task.head_rows(labels) if loss_fn is None and not hooked else None
+    with output_head_rows(model, rows) as selected:
+        outputs = model(**task.model_inputs(batch, labels))
+    if loss_fn is not None:
+        return loss_fn(outputs, batch)
+    if selected:
+        return task.selected_losses(outputs.logits, labels, rows)
+    return task.losses(outputs, labels)
 
 
 def _run_pass(

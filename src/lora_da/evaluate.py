@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
 from .layers import model_device
+from .model_tasks import output_head_rows
 from .models import resolve_dtype
 
 
@@ -52,27 +52,17 @@ def autocast_context(device: torch.device, dtype: str | torch.dtype = "float32")
     return torch.autocast(device_type=device.type, dtype=torch_dtype)
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """True when the (base) model's forward takes `logits_to_keep` (most transformers causal LMs)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def supervised_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits [b, k, V], next-token targets [b, k]) at the positions that predict a supervised token.
-
-    The vocabulary projection is computed only at positions where some row of the batch is supervised
-    (`logits_to_keep`), which saves time and memory for completion-only labels.
-    """
+    """(logits [1, t, V], next-token targets [1, t]) at the t positions that predict a supervised token; the
+    vocabulary projection sees only those (see `output_head_rows`). A model whose output head cannot be given
+    them yields (logits [b, L-1, V], targets [b, L-1]) of every position instead."""
     targets = batch["labels"][:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if 0 < keep.numel() < targets.shape[1] and _accepts_logits_to_keep(model):
-        return model(**inputs, logits_to_keep=keep).logits, targets[:, keep]
-    return model(**inputs).logits[:, :-1], targets
+    rows = nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+    with output_head_rows(model, rows) as selected:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if selected:
+        return logits, targets[rows[:, :-1]].unsqueeze(0)
+    return logits[:, :-1], targets
 
 
 def supervised_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
