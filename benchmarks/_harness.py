@@ -34,6 +34,26 @@ def run_parts(script: str, parts: Sequence[str], argv: Sequence[str]) -> dict[st
     return results
 
 
+def best_runs(runs: dict[str, dict]) -> dict[str, dict]:
+    """Per part, the fastest of its repeats `PART#i` (other load on the machine only slows a run down), with the
+    seconds of every repeat in `repeat_seconds`; a part whose every repeat failed keeps its first failure."""
+    best: dict[str, dict] = {}
+    for key, row in runs.items():
+        name = key.split("#")[0]
+        kept = best.get(name)
+        times = (kept or {}).get("repeat_seconds", []) + ([row["seconds"]] if "seconds" in row else [])
+        if kept is None or ("seconds" in row and ("seconds" not in kept or row["seconds"] < kept["seconds"])):
+            kept = row
+        best[name] = {**kept, "repeat_seconds": times}
+    return best
+
+
+def repeated(parts: Sequence[str], repeats: int) -> list[str]:
+    """`PART#i` for each repeat i, every other round in reverse order, so that a slow spell of the machine does not
+    fall on one part only."""
+    return [f"{part}#{i}" for i in range(repeats) for part in (parts if i % 2 == 0 else parts[::-1])]
+
+
 #: How `measured` counts memory, for the reports.
 MEMORY_NOTE = ("memory grown is the peak resident memory while the step runs over what was resident when it "
                "started (sampled every 50 ms; on CUDA the allocator's peak over its memory in use)")

@@ -12,7 +12,7 @@ so two of them fit in 24 GB.
 `--lrs` / `--seeds` run part of each shard now (e.g. a one-lr screen); a later run without them adds the rest.
 `--regime lora_fa|lora_plus` trains every shard that way, in folders of their own (`<variant>-r8-lora_fa`);
 `merge` reports each regime apart (`smollm2-135m-arith-lora_fa`, ...); other regimes run the variants of
-REGIME_METHODS. `--budget short` runs SHORT_METHODS at the demo's 25 steps (`<variant>-r8-short`).
+REGIME_METHODS. `--budget short` runs SHORT_METHODS at 25 steps (`<variant>-r8-short`).
 Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
 """
 
@@ -36,7 +36,7 @@ PROTOCOL = dict(
     calibration_batch_size=16, learning_rates=[1e-4, 3e-4, 1e-3, 3e-3], seeds=[0, 1, 2], sweep_seeds=1,
     extend_edges=True,
 )
-#: `run --budget short`: the demo's budget of 25 steps (the full budget is PROTOCOL's 100).
+#: `run --budget short`: 25 steps, the short budget of issue 23 (the full budget is PROTOCOL's 100).
 SHORT_BUDGET = dict(steps=25, eval_every=5)
 #: `run --smoke`: the same grid at a size that checks the plumbing in minutes on a CPU.
 SMOKE = dict(steps=2, num_train=16, num_val=4, num_test=4, num_accuracy=2, max_new_tokens=8, eval_every=1,
@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how adapters are trained, one of lora_da.train.REGIMES (standard, lora_fa, lora_plus); "
                     "other regimes than standard get shard folders of their own")
     go.add_argument("--budget", default="full", choices=["full", "short"],
-                    help="full: PROTOCOL's 100 steps; short: the demo's 25 steps (SHORT_BUDGET, SHORT_METHODS), "
+                    help="full: PROTOCOL's 100 steps; short: 25 steps (SHORT_BUDGET, SHORT_METHODS), "
                     "in folders of their own")
     go.add_argument("--smoke", action="store_true", help="tiny budget: checks the plumbing")
     together = sub.add_parser("merge", help="merge shard results into one folder per task and study")

@@ -20,11 +20,13 @@ from _harness import (
     MEMORY_NOTE,
     RESULTS,
     add_common_arguments,
+    best_runs,
     floor_pass,
     measured,
     ours_init,
     profile_statistics,
     released_init,
+    repeated,
     run_parts,
     step_rows,
 )
@@ -47,7 +49,7 @@ def load(args, batch_size: int):
 
 
 def run_part(args) -> dict:
-    part, _, size = args.part.partition("@")
+    part, _, size = args.part.split("#")[0].partition("@")
     model, batches = load(args, int(size))
     device = next(model.parameters()).device
     tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
@@ -70,7 +72,7 @@ def run_part(args) -> dict:
 def parts_for(args) -> list[str]:
     parts = []
     for size in args.batch_sizes:
-        parts += [f"floor@{size}", f"floor-rows@{size}", f"lora-da@{size}"]
+        parts += repeated([f"floor@{size}", f"floor-rows@{size}", f"lora-da@{size}"], args.repeats)
         parts += [f"released@{size}"] if args.released else []
     return parts + [f"profile@{args.batch_sizes[-1]}"]
 
@@ -85,7 +87,8 @@ def report(args, results: dict) -> str:
         "forward+backward pass forming every target layer's weight gradient (what LoRA-DA's G needs), with "
         "the model's own loss, which projects every position onto the vocabulary; our statistics pass projects "
         "only the positions that predict a supervised token, so a second floor does the same. Each "
-        f"row is a fresh process; {MEMORY_NOTE}.",
+        f"row is a fresh process, the fastest of {args.repeats} for the floors and our init (the runs alternate; "
+        f"every run's seconds are in the JSON file); {MEMORY_NOTE}.",
         "",
         "| batch | step | seconds | x floor | memory grown (MiB) |",
         "| ---: | --- | ---: | ---: | ---: |",
@@ -119,6 +122,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the floors and of our init (fastest kept)")
     add_common_arguments(parser)
     args = parser.parse_args()
     if args.part:
@@ -128,7 +132,8 @@ def main() -> None:
     results = {"model": args.model, "examples": args.examples, "max_length": args.max_length, "rank": args.rank,
                "batch_sizes": args.batch_sizes, "released": bool(args.released),
                "machine": f"{device_name}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
-               "parts": run_parts(__file__, parts_for(args), sys.argv[1:])}
+               "runs": run_parts(__file__, parts_for(args), sys.argv[1:])}
+    results["parts"] = best_runs(results["runs"])
     stem = "init_overhead_gpu" if args.device.startswith("cuda") else "init_overhead"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

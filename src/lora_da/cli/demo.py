@@ -29,7 +29,7 @@ from lora_da.models import missing_model_packages
 DEMO_OUTPUT = "./lora-da-demo"
 DEMO_METHODS = "lora,lora_da"
 #: The demo's budget where it differs from a single `lora-da train` run.
-DEMO_DEFAULTS = dict(max_length=192, num_calibration=32, steps=24, lr=1e-3, eval_every=12, num_eval=32,
+DEMO_DEFAULTS = dict(max_length=192, num_calibration=32, steps=12, lr=1e-3, eval_every=6, num_eval=32,
                      num_generate=16, max_new_tokens=80)
 
 
