@@ -21,10 +21,12 @@ from _harness import (
     MEMORY_NOTE,
     RESULTS,
     add_common_arguments,
+    best_runs,
     floor_pass,
     measured,
     ours_init,
     released_init,
+    repeated,
     run_parts,
     step_rows,
 )
@@ -87,9 +89,10 @@ def run_part(args) -> dict:
     model, batches, lora, get_peft_model = build(args)
     device = torch.device("cpu")
     floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
-    if args.part == "floor":
+    part = args.part.split("#")[0]
+    if part == "floor":
         return measured(device, lambda: floor_pass(model, batches))
-    if args.part == "released":
+    if part == "released":
         return measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
     peft_model = get_peft_model(model, lora)
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
@@ -137,7 +140,10 @@ def report(args, results: dict) -> str:
         f"`python benchmarks/scale_7b.py {results['command']}` on {results['machine']}: {args.blocks} Llama "
         f"block(s) of hidden 4096, intermediate 11008, 32 heads (random weights, vocabulary 512), all 7 "
         f"projections at rank {args.rank}; {args.examples} examples x {args.tokens} tokens in batches of "
-        f"{args.batch_size}. Each row is a fresh process; {MEMORY_NOTE}.",
+        f"{args.batch_size}. Each row is a fresh process"
+        + (f", the fastest of {len(parts['floor']['repeat_seconds'])} alternating runs for the floor and our init "
+           "(every run in the JSON file)" if "repeat_seconds" in parts["floor"] else "")
+        + f"; {MEMORY_NOTE}.",
         "",
         "| step | seconds | x floor | memory grown (MiB) |",
         "| --- | ---: | ---: | ---: |",
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the floor and of our init (fastest kept)")
     add_common_arguments(parser)
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite scale_7b.md (and its projection) from the measurements in scale_7b.json")
@@ -185,11 +192,12 @@ def main() -> None:
         for key in ("blocks", "examples", "tokens", "batch_size", "rank"):
             setattr(args, key, results[key])
     else:
-        parts = ["floor", "lora-da"] + (["released"] if args.released else [])
+        parts = repeated(["floor", "lora-da"], args.repeats) + (["released"] if args.released else [])
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens,
                    "batch_size": args.batch_size, "rank": args.rank, "command": " ".join(sys.argv[1:]),
                    "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                   "parts": run_parts(__file__, parts, sys.argv[1:])}
+                   "runs": run_parts(__file__, parts, sys.argv[1:])}
+        results["parts"] = best_runs(results["runs"])
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "scale_7b.json").write_text(json.dumps(results, indent=2) + "\n")
     text = report(args, results)

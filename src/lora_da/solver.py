@@ -208,7 +208,7 @@ def _solve_implicit(
 ) -> _Solved:
     """The smallest eigenvectors of M by block Davidson on the implicit operator, then sigma from the same
     operator without the variance term, started from the converged block."""
-    if not (torch.isfinite(g).all() and torch.isfinite(inv_y).all()):
+    if not (bool(g.sum().isfinite()) and bool(inv_y.sum().isfinite())):  # NaN or inf survives a sum; no m x n mask
         _check_sigma(math.nan, layer)
     if not bool(g.any()):
         _check_sigma(0.0, layer)
@@ -310,6 +310,7 @@ def solve_all(
         solved = {}
         for name in members:
             gradient, output_factor = means.pop(name)
+            gradient = gradient.to(torch.float64)  # the solve's dtype; the float32 mean is freed before its work
             solved[name] = solve_layer(gradient, factor, output_factor, ranks[name], config, layer=name)
             solved[name].info["seed"] = layer_seed(config.seed, name)
         return solved
