@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
 from .layers import model_device
-from .model_tasks import output_head_rows
+from .model_tasks import output_head_rows, predicting_rows
 from .models import resolve_dtype
 
 
@@ -57,7 +57,7 @@ def supervised_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     vocabulary projection sees only those (see `output_head_rows`). A model whose output head cannot be given
     them yields (logits [b, L-1, V], targets [b, L-1]) of every position instead."""
     targets = batch["labels"][:, 1:]
-    rows = nn.functional.pad(targets != IGNORE_INDEX, (0, 1), value=False)
+    rows = predicting_rows(batch["labels"])
     with output_head_rows(model, rows) as selected:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if selected:

@@ -102,22 +102,25 @@ class ModelTask:
         return token_losses.sum(dim=1) / counts.clamp(min=1), counts
 
     def head_rows(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """[B, L] positions whose logits the loss reads (causal LMs: those predicting a supervised token), for
-        `output_head_rows`; None for the other model families, whose heads see other shapes."""
-        if self.kind != "causal":
-            return None
-        return nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+        """The positions whose logits the loss reads (`predicting_rows`) for causal LMs; None for the other model
+        families, whose heads see other shapes."""
+        return predicting_rows(labels) if self.kind == "causal" else None
 
     def selected_losses(
         self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`losses` from the logits [1, t, V] of the `rows` [B, L] only (see `output_head_rows`)."""
-        targets = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)[rows]
+        targets = labels[:, 1:][rows[:, :-1]]
         token_losses = nn.functional.cross_entropy(logits[0].float(), targets, reduction="none")
         example = rows.nonzero()[:, 0]
         sums = torch.zeros(rows.shape[0], dtype=token_losses.dtype, device=token_losses.device)
         counts = rows.sum(dim=1)
         return sums.index_add(0, example, token_losses) / counts.clamp(min=1), counts
+
+
+def predicting_rows(labels: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the positions of a causal LM that predict a supervised token (labels [B, L], -100 ignored)."""
+    return nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
