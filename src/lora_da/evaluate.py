@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import IGNORE_INDEX, Example, collate, encode_prompt, is_correct, iter_batches
 from .layers import model_device
-from .model_tasks import output_head_rows, predicting_rows
+from .model_tasks import PredictingRows, output_head_rows
 from .models import resolve_dtype
 
 
@@ -56,13 +56,12 @@ def supervised_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     """(logits [1, t, V], next-token targets [1, t]) at the t positions that predict a supervised token; the
     vocabulary projection sees only those (see `output_head_rows`). A model whose output head cannot be given
     them yields (logits [b, L-1, V], targets [b, L-1]) of every position instead."""
-    targets = batch["labels"][:, 1:]
-    rows = predicting_rows(batch["labels"])
+    rows = PredictingRows.of(batch["labels"])
     with output_head_rows(model, rows) as selected:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if selected:
-        return logits, targets[rows[:, :-1]].unsqueeze(0)
-    return logits[:, :-1], targets
+        return logits, rows.targets(batch["labels"]).unsqueeze(0)
+    return logits[:, :-1], batch["labels"][:, 1:]
 
 
 def supervised_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -101,26 +101,42 @@ class ModelTask:
         counts = (labels != -100).sum(dim=1)
         return token_losses.sum(dim=1) / counts.clamp(min=1), counts
 
-    def head_rows(self, labels: torch.Tensor) -> torch.Tensor | None:
-        """The positions whose logits the loss reads (`predicting_rows`) for causal LMs; None for the other model
-        families, whose heads see other shapes."""
-        return predicting_rows(labels) if self.kind == "causal" else None
+    def head_rows(self, labels: torch.Tensor) -> PredictingRows | None:
+        """The positions whose logits the loss reads, for causal LMs; None for the other model families, whose heads
+        see other shapes."""
+        return PredictingRows.of(labels) if self.kind == "causal" else None
 
     def selected_losses(
-        self, logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor
+        self, logits: torch.Tensor, labels: torch.Tensor, rows: PredictingRows
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`losses` from the logits [1, t, V] of the `rows` [B, L] only (see `output_head_rows`)."""
-        targets = labels[:, 1:][rows[:, :-1]]
-        token_losses = nn.functional.cross_entropy(logits[0].float(), targets, reduction="none")
-        example = rows.nonzero()[:, 0]
-        sums = torch.zeros(rows.shape[0], dtype=token_losses.dtype, device=token_losses.device)
-        counts = rows.sum(dim=1)
-        return sums.index_add(0, example, token_losses) / counts.clamp(min=1), counts
+        """`losses` from the logits [1, t, V] of the `rows` only (see `output_head_rows`)."""
+        token_losses = nn.functional.cross_entropy(logits[0].float(), rows.targets(labels), reduction="none")
+        sums = torch.zeros(labels.shape[0], dtype=token_losses.dtype, device=token_losses.device)
+        counts = (labels[:, 1:] != -100).sum(dim=1)
+        return sums.index_add(0, rows.examples(), token_losses) / counts.clamp(min=1), counts
 
 
-def predicting_rows(labels: torch.Tensor) -> torch.Tensor:
-    """[B, L] bool: the positions of a causal LM that predict a supervised token (labels [B, L], -100 ignored)."""
-    return nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+@dataclass(frozen=True)
+class PredictingRows:
+    """The positions of a causal LM batch [B, L] that predict a supervised token, as indices into its B * L
+    positions: found with one host sync per batch, where boolean indexing would wait for the device at each use."""
+
+    positions: torch.Tensor  # [t] int64
+    shape: tuple[int, int]  # (B, L)
+
+    @classmethod
+    def of(cls, labels: torch.Tensor) -> PredictingRows:
+        """From labels [B, L] (-100: ignored): position p predicts the token at p + 1."""
+        mask = nn.functional.pad(labels[:, 1:] != -100, (0, 1), value=False)
+        return cls(mask.reshape(-1).nonzero().squeeze(1), tuple(labels.shape))
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """The next-token targets [t] of these positions."""
+        return nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1).index_select(0, self.positions)
+
+    def examples(self) -> torch.Tensor:
+        """The example [t] of each position."""
+        return self.positions // self.shape[1]
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -133,12 +149,12 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def output_head_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[list[bool]]:
-    """Within: the output head sees only the positions `rows` [B, L] of its input [B, L, hidden], as one sequence
-    [1, rows.sum(), hidden], so the vocabulary projection and the softmax after it skip positions whose logits no
-    loss reads (with completion-only labels about half of a padded batch; 15% of a SmolLM2 training step). Yields
-    a list that holds True once that happened; it stays empty (every position projected) without an output head,
-    without `rows`, or when the head's input has another shape."""
+def output_head_rows(model: nn.Module, rows: PredictingRows | None) -> Iterator[list[bool]]:
+    """Within: the output head sees only the positions `rows` of its input [B, L, hidden], as one sequence
+    [1, t, hidden], so the vocabulary projection and the softmax after it skip positions whose logits no loss reads
+    (with completion-only labels about half of a padded batch; 15% of a SmolLM2 training step). Yields a list that
+    holds True once that happened; it stays empty (every position projected) without an output head, without
+    `rows`, or when the head's input has another shape."""
     selected: list[bool] = []
     head = output_head(model) if rows is not None else None
     if head is None:
@@ -147,10 +163,10 @@ def output_head_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[li
 
     def select_rows(module: nn.Module, args: tuple) -> tuple | None:
         hidden = args[0] if args else None
-        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[:2] != rows.shape:
+        if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or tuple(hidden.shape[:2]) != rows.shape:
             return None
         selected.append(True)
-        return (hidden[rows].unsqueeze(0), *args[1:])
+        return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.positions).unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(select_rows)
     try:
