@@ -143,7 +143,7 @@ def test_supervised_logits_project_only_supervised_rows(tiny_model_and_tokenizer
         total, count = evaluate.supervised_loss_sum(logits, targets)
         model.zero_grad()
         (total / count).backward()
-        return logits.shape, float(total), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return logits.shape, float(total.detach()), [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
     shape, total, grads = loss_and_grads()
     assert shape[:2] == (1, supervised)
