@@ -179,7 +179,7 @@ def prepare_model(model: str, folder: Path) -> str:
 
 
 def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: float, smoke: bool,
-           subset: dict) -> None:
+           subset: dict, statistics_cache: str) -> None:
     """Take shards from the queue until it is empty or the deadline has passed."""
     import torch
 
@@ -197,7 +197,7 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
         config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, shard.regime, shard.budget,
                               **subset)
         records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
-                            show_progress=False, plots=False)
+                            show_progress=False, plots=False, statistics_cache=statistics_cache)
         bad = sum(r["status"] != "ok" for r in records)
         print(f"done {shard.folder}: {len(records)} runs ({bad} not ok) in {time.time() - start:.0f} s", flush=True)
 
@@ -222,7 +222,8 @@ def run(args: argparse.Namespace) -> None:
     # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = [context.Process(target=worker, daemon=True,
-                             args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke, subset))
+                             args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke, subset,
+                                   str(Path(args.statistics_cache).expanduser())))
              for _ in range(args.workers)]
     for proc in procs:
         proc.start()
@@ -300,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--model", default="smollm2-135m", help="model alias, .gguf file or folder")
     go.add_argument("--model-cache", default="~/.cache/lora-da/grid-model",
                     help="where the de-quantized model is saved once for the workers")
+    go.add_argument("--statistics-cache", default="~/.cache/lora-da/grid-statistics",
+                    help="where lora_da and lora_one keep calibration statistics: every variant, regime and budget "
+                    "of one (task, seed) gathers them once (about 0.8 GB a file)")
     go.add_argument("--device", default="cpu")
     go.add_argument("--workers", type=int, default=1, help="processes sharing the device")
     go.add_argument("--threads", type=int, default=2, help="CPU threads per worker")

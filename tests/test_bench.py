@@ -161,7 +161,7 @@ def test_bench_command_exit_status_and_retry_flag(statuses, exit_status, tmp_pat
     """A grid in which no run finished exits 1; --retry-failed reaches run_bench."""
     seen = {}
 
-    def fake_run_bench(output, config, retry_failed=False):
+    def fake_run_bench(output, config, retry_failed=False, statistics_cache=None):
         seen["retry_failed"] = retry_failed
         return [{"key": f"lora|r8|lr0.001|s{i}", "status": s, "error": None if s == "ok" else "boom"}
                 for i, s in enumerate(statuses)]
@@ -316,10 +316,27 @@ def test_runs_of_one_init_at_other_rates_reuse_it_and_match_a_fresh_init(tmp_pat
 def test_bench_command_passes_extend_edges(tmp_path, monkeypatch):
     seen = {}
 
-    def fake_run_bench(output, config, retry_failed=False):
-        seen["config"] = config
+    def fake_run_bench(output, config, retry_failed=False, statistics_cache=None):
+        seen.update(config=config, statistics_cache=statistics_cache)
         return [{"key": "lora|r8|lr0.001|s0", "status": "ok", "error": None}]
 
     monkeypatch.setattr(commands, "run_bench", fake_run_bench)
     assert main(["bench", "--output", str(tmp_path), "--lrs", "1e-3,3e-3", "--extend-edges"]) == 0
     assert seen["config"].extend_edges and seen["config"].rate_beyond(3e-3) == pytest.approx(1e-2)
+    assert seen["statistics_cache"] is None
+    assert main(["bench", "--output", str(tmp_path), "--statistics-cache", str(tmp_path / "stats")]) == 0
+    assert seen["statistics_cache"] == str(tmp_path / "stats")
+
+
+def test_variants_and_seeds_share_cached_statistics(tmp_path, tiny_model_dir, sums_jsonl):
+    """With a statistics cache, data-aware variants of one seed gather the calibration statistics once."""
+    methods = ["lora_da", "lora_da@factor_balance=kaiming", "lora_one"]
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=methods, seeds=[0, 1], sweep_seeds=1,
+                         learning_rates=[HIGH_LR], num_accuracy=0, steps=2)
+    records = run_bench(tmp_path / "out", config, show_progress=False, plots=False,
+                        statistics_cache=tmp_path / "stats")
+    assert all(r["status"] == "ok" for r in records)
+    reused = {(r["method"], r["seed"]): r.get("statistics_reused", False) for r in records}
+    first = {("lora_da", 0): False, ("lora_da", 1): False}
+    assert reused == {**first, **{(method, seed): True for method in methods[1:] for seed in (0, 1)}}
+    assert len(list((tmp_path / "stats").glob("statistics-*.safetensors"))) == 2

@@ -197,3 +197,58 @@ def test_lora_da_config_seed_and_population_travel_only_in_the_options():
 def test_method_names_are_normalized():
     _, info = create_adapted_model(tiny_llama(), "LoRA", rank=RANK)
     assert info.method == "lora"
+
+
+class TestStatisticsCache:
+    """`statistics_cache`: lora_da and lora_one gather the statistics of one model and batch set once."""
+
+    @staticmethod
+    def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return {name: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+                for name, layer in lora_layers(model)}
+
+    @staticmethod
+    def _init(base, method, batches, cache, **options):
+        config = lora_da.LoraDAConfig(population_size=1000, show_progress=False, **options)
+        if method == "lora_one":
+            config = lora_da.LoraDAConfig(variance_weight=0.0, show_progress=False)
+        return create_adapted_model(copy.deepcopy(base), method, rank=RANK, calibration_batches=batches,
+                                    options=config, statistics_cache=cache)
+
+    def test_reused_statistics_give_the_factors_of_a_fresh_pass(self, tmp_path, monkeypatch):
+        base, batches = tiny_llama(), make_batches(2)
+        fresh = {method: self._factors(self._init(base, method, batches, None)[0])
+                 for method in ("lora_da", "lora_one")}
+        model, info = self._init(base, "lora_da", batches, tmp_path)
+        assert info.report["statistics_cache"]["reused"] is False
+        assert len(list(tmp_path.glob("statistics-*.safetensors"))) == 1
+        for name, (A, B) in self._factors(model).items():
+            torch.testing.assert_close(A, fresh["lora_da"][name][0], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(B, fresh["lora_da"][name][1], rtol=1e-5, atol=1e-7)
+
+        def no_pass(*args, **kwargs):
+            raise AssertionError("the cached statistics were gathered again")
+
+        monkeypatch.setattr(lora_da.cache, "collect_statistics", no_pass)
+        for method, options in [("lora_da", {}), ("lora_da", {"factor_balance": "kaiming"}), ("lora_one", {})]:
+            model, info = self._init(base, method, batches, tmp_path, **options)
+            cached = info.report["statistics_cache"]
+            assert cached["reused"] is True and cached["gathered_seconds"] > 0
+            assert info.init_seconds >= cached["gathered_seconds"]  # counts the pass it skipped
+            if not options:
+                for name, (A, B) in self._factors(model).items():
+                    torch.testing.assert_close(A, fresh[method][name][0], rtol=1e-5, atol=1e-7)
+                    torch.testing.assert_close(B, fresh[method][name][1], rtol=1e-5, atol=1e-7)
+
+    def test_other_batches_weights_or_statistics_settings_gather_again(self, tmp_path):
+        base, batches = tiny_llama(), make_batches(2)
+        self._init(base, "lora_da", batches, tmp_path)
+        changed = copy.deepcopy(base)
+        with torch.no_grad():
+            changed.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+        runs = [(base, make_batches(2, seed=2), {}), (changed, batches, {}),
+                (base, batches, {"token_mask": "labels"}), (base, batches, {"output_scaling": "token"})]
+        for model, other_batches, options in runs:
+            _, info = self._init(model, "lora_da", other_batches, tmp_path, **options)
+            assert info.report["statistics_cache"]["reused"] is False
+        assert len(list(tmp_path.glob("statistics-*.safetensors"))) == 1 + len(runs)

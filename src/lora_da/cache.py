@@ -10,8 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,10 +21,19 @@ from torch import nn
 from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
 from .distributed import barrier, is_main_process
-from .layers import base_model_of, canonical_layer_name, layer_shape, target_layer_names, unwrap_model
+from .layers import (
+    base_model_of,
+    canonical_layer_name,
+    layer_shape,
+    model_device,
+    target_layer_names,
+    unwrap_model,
+)
 from .statistics import LoraDAStatistics
 
 MANIFEST_KEY = "lora_da_manifest"
+# Wall seconds of the pass that gathered a cached file (see `cached_statistics`).
+GATHERED_SECONDS_KEY = "lora_da_gathered_seconds"
 # Config entries that do not change the function the model computes.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
 # Version of the weight identity below; manifests without it (older files) recorded only part of the weights.
@@ -252,3 +263,47 @@ def load_statistics(
         shapes = {name: layer_shape(base.get_submodule(name)) for name in names}
         check_statistics(stats, model, shapes, config, source=f"The statistics in {os.fspath(path)!r}")
     return stats
+
+
+def batches_fingerprint(batches: Iterable[Mapping[str, torch.Tensor]]) -> str:
+    """Hash of calibration batches exactly as given: each tensor's key, dtype, shape and values, in order."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            value = batch[key]
+            if isinstance(value, torch.Tensor):
+                digest.update(f"{key}|{value.dtype}|{list(value.shape)}|".encode())
+                digest.update(_bytes(value.detach().cpu()))
+        digest.update(b"/")
+    return digest.hexdigest()[:32]
+
+
+def cached_statistics(
+    model: nn.Module,
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    layer_names: Sequence[str],
+    config: LoraDAConfig,
+    cache_dir: str | os.PathLike,
+) -> tuple[LoraDAStatistics, float | None]:
+    """Statistics of `layer_names` of `model` over `batches`, read from `cache_dir` when a call with the same
+    model weights, batches, layers, token mask and output scaling saved them there, else gathered (all layers in
+    one pass) and saved. Returns them and, when read from the cache, the seconds of the pass that gathered them.
+    """
+    settings = {"model": model_fingerprint(model), "batches": batches_fingerprint(batches),
+                "layers": sorted(layer_names), "token_mask": config.token_mask,
+                "output_scaling": config.output_scaling}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"statistics-{key}.safetensors"
+    if path.is_file():
+        stats = LoraDAStatistics.load(path, device=model_device(model))
+        shapes = {canonical_layer_name(name): layer_shape(model.get_submodule(name)) for name in layer_names}
+        check_statistics(stats, model, shapes, config, source=f"The cached statistics in {str(path)!r}")
+        return stats, float(stats.metadata.get(GATHERED_SECONDS_KEY, "nan"))
+    start = time.perf_counter()
+    stats = collect_statistics(model, batches, list(layer_names), config)
+    stats.metadata[GATHERED_SECONDS_KEY] = repr(time.perf_counter() - start)
+    stats.metadata[MANIFEST_KEY] = json.dumps(build_manifest(model, stats))
+    if is_main_process():
+        stats.save(path)
+    barrier()
+    return stats, None

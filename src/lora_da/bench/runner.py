@@ -63,6 +63,7 @@ def run_cell(
     progress: Callable[[str], None] = _quiet,
     model_hash: str | None = None,
     reusable_inits: dict | None = None,
+    statistics_cache: str | os.PathLike | None = None,
 ) -> dict:
     """Initialize, fine-tune and evaluate one run; never raises: a failure is a record with status 'failed'.
 
@@ -72,6 +73,8 @@ def run_cell(
     `reusable_inits`, a dict the caller keeps across runs, holds the last initialized model: a run of the same
     variant, rank and seed at another lr starts from a copy of it instead of initializing again (the init is
     the same; its `init_seconds` are those of the init, and the record says `init_reused`).
+    `statistics_cache`: a folder where data-aware inits keep their calibration statistics (see
+    `lora_da.methods.create_adapted_model`); a run that reads them says `statistics_reused`.
     """
     device = model_device(base_model)
     record: dict[str, Any] = {
@@ -111,11 +114,14 @@ def run_cell(
                 model = copy.deepcopy(initialized)
                 record["init_reused"] = True
             else:
-                model, info = adapt_model(copy.deepcopy(base_model), task.train, init, pad_id)
+                model, info = adapt_model(copy.deepcopy(base_model), task.train, init, pad_id,
+                                          statistics_cache=statistics_cache)
                 if reusable_inits is not None:  # one kept at a time: runs of one init follow each other
                     reusable_inits.clear()
                     reusable_inits[reuse_key] = (copy.deepcopy(model), info)
             record["init_seconds"] = info.init_seconds
+            if (info.report or {}).get("statistics_cache", {}).get("reused"):
+                record["statistics_reused"] = True
             record["modifies_base"] = info.modifies_base
             record["calibration_examples"] = init.num_calibration if init.needs_calibration else 0
             record["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -198,6 +204,7 @@ def run_bench(
     retry_failed: bool = False,
     show_progress: bool = True,
     plots: bool = True,
+    statistics_cache: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> list[dict]:
     """Run (or resume) the grid and write results.json, report.md and PNG plots into `output_dir`.
@@ -205,6 +212,8 @@ def run_bench(
     `config` or keyword overrides of BenchConfig fields (methods, ranks, seeds, learning_rates, steps, ...).
     `base_model`/`tokenizer` skip loading `config.model` (the model is deep-copied for every run);
     `plots=False` writes no PNGs (e.g. for shards of a grid that are merged later).
+    `statistics_cache`: a folder where lora_da and lora_one keep their calibration statistics, so that variants
+    and runs that read the same calibration batches (same seed) gather them once (see `run_cell`).
     Returns the list of run records.
     """
     config = dataclasses.replace(config, **overrides) if config is not None else BenchConfig(**overrides)
@@ -246,7 +255,7 @@ def run_bench(
             return
         bar.set_postfix_str(key)
         record = run_cell(base_model, tokenizer, task, config, variants[spec], rank, lr, seed, model_hash=model_hash,
-                          reusable_inits=reusable_inits)
+                          reusable_inits=reusable_inits, statistics_cache=statistics_cache)
         if previous is not None:
             records.remove(previous)
         records.append(record)

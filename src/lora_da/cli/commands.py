@@ -140,7 +140,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          learning_rates=numbers(args.lrs, float), sweep_seeds=args.sweep_seeds, steps=args.steps,
                          batch_size=args.batch_size, max_length=args.max_length, regime=args.regime,
                          extend_edges=args.extend_edges)
-    records = run_bench(args.output, config, retry_failed=args.retry_failed)
+    records = run_bench(args.output, config, retry_failed=args.retry_failed,
+                        statistics_cache=args.statistics_cache)
     bad = [r for r in records if r["status"] != "ok"]
     if records and len(bad) == len(records):
         raise ValueError(f"no run of the grid finished ({len(bad)} failed or diverged; first: {bad[0]['key']}: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from torch import nn
@@ -18,11 +19,13 @@ def adapt_model(
     config: InitConfig,
     pad_token_id: int,
     population_size: int | None = None,
+    statistics_cache: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, InitInfo]:
     """Initialize an adapter on `base_model` (in place) per `config`, calibrating on `features` when needed.
 
     `population_size` (default: the number of features) is the fine-tuning set size of LoRA-DA's variance term.
     `features` may be a `lora_da.data.LazyFeatures`: then only the calibration examples drawn are encoded.
+    `statistics_cache`: see `create_adapted_model`.
     """
     batches = None
     if config.needs_calibration:
@@ -32,4 +35,5 @@ def adapt_model(
     return create_adapted_model(
         base_model, config.method, rank=config.rank, lora_alpha=config.lora_alpha, use_rslora=config.use_rslora,
         target_modules=config.target_modules, calibration_batches=batches, options=options, seed=config.seed,
+        statistics_cache=statistics_cache,
     )

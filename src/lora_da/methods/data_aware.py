@@ -11,8 +11,11 @@ from lora_da.methods.peft_inits import build_lora_config
 
 def init_lora_da(ctx):
     """LoRA-DA: core statistics + closed-form solve written into a default-initialized PEFT LoRA."""
+    # with a cache, the statistics of every layer in one pass (no memory plan): read before PEFT wraps the model
+    statistics = None if ctx.statistics_cache is None else ctx.statistics(ctx.options)
     model = get_peft_model(ctx.base_model, build_lora_config(ctx, True))
-    report = initialize_lora_da(model, ctx.batches, ctx.options, adapter_name="default")
+    batches = ctx.batches if statistics is None else None
+    report = initialize_lora_da(model, batches, ctx.options, adapter_name="default", statistics=statistics)
     return model, report.to_dict()
 
 

@@ -6,7 +6,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,7 +14,8 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from lora_da import LoraDAConfig
+from lora_da import LoraDAConfig, LoraDAStatistics, collect_statistics
+from lora_da.cache import cached_statistics
 from lora_da.config import check_ranks
 from lora_da.layers import layer_shape, match_target_modules, model_device
 from lora_da.methods import data_aware, peft_inits, svd_inits
@@ -103,6 +104,18 @@ class _InitContext:
     targets: list[str]
     batches: list[dict[str, torch.Tensor]]
     options: Any
+    statistics_cache: str | os.PathLike | None = None
+    cached_statistics: dict = field(default_factory=dict)  # what the cache did, for the report
+
+    def statistics(self, config: LoraDAConfig) -> LoraDAStatistics:
+        """LoRA-DA statistics of the target layers over the calibration batches (of the bare base model), read
+        from or saved to `statistics_cache` when one is given (`lora_da.cache.cached_statistics`)."""
+        if self.statistics_cache is None:
+            return collect_statistics(self.base_model, self.batches, self.targets, config)
+        stats, gathered_seconds = cached_statistics(self.base_model, self.batches, self.targets, config,
+                                                    self.statistics_cache)
+        self.cached_statistics = {"reused": gathered_seconds is not None, "gathered_seconds": gathered_seconds}
+        return stats
 
 
 def check_adapter_fits(base_model: nn.Module, method: str, rank: int,
@@ -126,6 +139,7 @@ def create_adapted_model(
     calibration_batches: Iterable[dict[str, Any]] | None = None,
     options: Any = None,
     seed: int = 0,
+    statistics_cache: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, InitInfo]:
     """Wrap `base_model` (in place) with an adapter initialized by `method`; returns (model, InitInfo).
 
@@ -133,6 +147,9 @@ def create_adapted_model(
     eva, corda, lora_ga, lora_one and lora_da. `options` is the method's own options object
     (`LoraDAConfig` for lora_da and lora_one; see `METHODS[name].options_type`). `seed` seeds torch's
     random generator before the method runs (the random parts of every method, e.g. LoRA's A).
+    `statistics_cache`: a folder where lora_da and lora_one keep the statistics of their calibration pass, so
+    that another call on the same model and batches (e.g. another option of lora_da) skips it; the init then
+    counts the seconds of the pass that gathered them, and its report says `statistics_cache.reused`.
     """
     key = normalize_method(method)
     spec = METHODS[key]
@@ -142,11 +159,14 @@ def create_adapted_model(
     if spec.needs_calibration and not batches:
         raise ValueError(f"init method '{key}' needs calibration data: pass calibration_batches (non-empty)")
     add_labels(batches)
-    ctx = _InitContext(base_model, rank, lora_alpha, use_rslora, targets, batches, options)
+    ctx = _InitContext(base_model, rank, lora_alpha, use_rslora, targets, batches, options, statistics_cache)
     torch.manual_seed(seed)
     start = time.perf_counter()
     model, report = spec.init(ctx)
     seconds = time.perf_counter() - start
+    if ctx.cached_statistics:
+        seconds += ctx.cached_statistics["gathered_seconds"] or 0.0
+        report = {**(report or {}), "statistics_cache": ctx.cached_statistics}
     initial = None
     if spec.modifies_base and isinstance(model, PeftModel):
         initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}

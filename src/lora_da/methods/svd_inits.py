@@ -10,7 +10,6 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
-from lora_da import collect_statistics
 from lora_da.layers import canonical_layer_name, find_lora_layers
 from lora_da.methods.peft_inits import build_lora_config
 
@@ -80,7 +79,7 @@ def init_lora_one(ctx):
     # Only G is used; variance_weight=0 keeps the config valid without a population size.
     stats_config = dataclasses.replace(ctx.options, variance_weight=0.0)
     gamma = float(stats_config.gamma)
-    stats = collect_statistics(ctx.base_model, ctx.batches, list(ctx.targets), stats_config)
+    stats = ctx.statistics(stats_config)
     model = get_peft_model(ctx.base_model, build_lora_config(ctx, True))
     layers, zero = {}, []
     with torch.no_grad():
