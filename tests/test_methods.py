@@ -252,3 +252,10 @@ class TestStatisticsCache:
             _, info = self._init(model, "lora_da", other_batches, tmp_path, **options)
             assert info.report["statistics_cache"]["reused"] is False
         assert len(list(tmp_path.glob("statistics-*.safetensors"))) == 1 + len(runs)
+
+    def test_refused_under_a_process_group_of_several_ranks(self, tmp_path, monkeypatch):
+        # each rank holds its own batches, so ranks would look up different files and wait on each other
+        monkeypatch.setattr(lora_da.cache, "get_world_size", lambda: 2)
+        with pytest.raises(lora_da.LoraDAError, match="statistics cache works in one process"):
+            self._init(tiny_llama(), "lora_da", make_batches(1), tmp_path)
+        assert not list(tmp_path.iterdir())

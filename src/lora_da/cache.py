@@ -20,7 +20,7 @@ from torch import nn
 
 from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
-from .distributed import barrier, is_main_process
+from .distributed import barrier, get_world_size, is_main_process
 from .layers import (
     base_model_of,
     canonical_layer_name,
@@ -288,7 +288,11 @@ def cached_statistics(
     """Statistics of `layer_names` of `model` over `batches`, read from `cache_dir` when a call with the same
     model weights, batches, layers, token mask and output scaling saved them there, else gathered (all layers in
     one pass) and saved. Returns them and, when read from the cache, the seconds of the pass that gathered them.
+    One process only: ranks of a process group hold different batches, so they would look up different files.
     """
+    if get_world_size() > 1:
+        raise LoraDAError("A statistics cache works in one process; under torch.distributed save the statistics "
+                          "with `compute_and_save_statistics` and pass that file as `statistics=`.")
     settings = {"model": model_fingerprint(model), "batches": batches_fingerprint(batches),
                 "layers": sorted(layer_names), "token_mask": config.token_mask,
                 "output_scaling": config.output_scaling}
@@ -303,7 +307,5 @@ def cached_statistics(
     stats = collect_statistics(model, batches, list(layer_names), config)
     stats.metadata[GATHERED_SECONDS_KEY] = repr(time.perf_counter() - start)
     stats.metadata[MANIFEST_KEY] = json.dumps(build_manifest(model, stats))
-    if is_main_process():
-        stats.save(path)
-    barrier()
+    stats.save(path)
     return stats, None
