@@ -252,9 +252,12 @@ def merge(args: argparse.Namespace) -> None:
             groups.setdefault((shard["config"].get("regime", "standard"), budget), []).append(name)
         for (regime, budget), group in sorted(groups.items()):
             protocol = dict(shards[group[0]]["config"])
-            for key in ("learning_rates", "seeds"):  # a shard may have run a subset first
-                protocol[key] = sorted({value for name in group for value in shards[name]["config"][key]})
             records = [record for name in group for record in shards[name]["records"]]
+            # a shard's config holds the subset of its last call (`--lrs`, `--seeds`): the sweep is every grid rate
+            # and seed that some call ran (rates beyond the grid's stay beyond, see BenchConfig.rate_beyond)
+            for key, field, values in (("learning_rates", "lr", PROTOCOL["learning_rates"]), ("seeds", "seed", None)):
+                protocol[key] = sorted({value for name in group for value in shards[name]["config"][key]}
+                                       | {r[field] for r in records if values is None or r[field] in values})
             suffix = ("" if regime == "standard" else f"-{regime}") + ("" if budget == "full" else f"-{budget}")
             studies = STUDIES if not suffix else {"": list(dict.fromkeys(s.variant for s in jobs(regime, budget)))}
             for study, variants in studies.items():

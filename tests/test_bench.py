@@ -340,3 +340,23 @@ def test_variants_and_seeds_share_cached_statistics(tmp_path, tiny_model_dir, su
     first = {("lora_da", 0): False, ("lora_da", 1): False}
     assert reused == {**first, **{(method, seed): True for method in methods[1:] for seed in (0, 1)}}
     assert len(list((tmp_path / "stats").glob("statistics-*.safetensors"))) == 2
+
+
+def test_grid_merge_sweeps_every_rate_that_some_call_ran(tmp_path, tiny_model_dir, sums_jsonl):
+    """A shard run with `--lrs 1e-3` and later `--lrs 3e-3` keeps only the last subset in its config; the merged
+    report still sweeps both rates and picks the better."""
+    import argparse
+
+    grid = _grid_module()
+    shard = tmp_path / "raw" / "arith" / "lora-r4"
+    records = []
+    for lr in (1e-3, 3e-3):
+        config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], learning_rates=[lr], num_accuracy=0,
+                             steps=2)
+        records = run_bench(shard, config, show_progress=False, plots=False)
+    assert json.loads((shard / "results.json").read_text())["config"]["learning_rates"] == [3e-3]
+    grid.merge(argparse.Namespace(raw=str(tmp_path / "raw"), dest=str(tmp_path / "merged")))
+    merged = json.loads((tmp_path / "merged" / "smollm2-135m-arith" / "results.json").read_text())
+    (row,) = merged["summary"]
+    best = min(records, key=lambda r: r["val_loss"])
+    assert sorted(float(lr) for lr in row["lr_sweep"]) == [1e-3, 3e-3] and row["best_lr"] == best["lr"]
