@@ -360,3 +360,24 @@ def test_grid_merge_sweeps_every_rate_that_some_call_ran(tmp_path, tiny_model_di
     (row,) = merged["summary"]
     best = min(records, key=lambda r: r["val_loss"])
     assert sorted(float(lr) for lr in row["lr_sweep"]) == [1e-3, 3e-3] and row["best_lr"] == best["lr"]
+
+
+def test_verdict_calls_a_gain_only_beyond_the_larger_std_over_every_seed():
+    import importlib.util
+    from pathlib import Path
+
+    _grid_module()  # verdict.py imports it by name
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "verdict.py"
+    spec = importlib.util.spec_from_file_location("verdict", path)
+    verdict = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verdict)
+
+    def row(loss, std, seeds=3):
+        return {"test_loss": loss, "test_loss_std": std, "seeds_ok": seeds}
+
+    lora = row(0.050, 0.001)
+    assert verdict.compare(row(0.0485, 0.0012), lora) == "better"
+    assert verdict.compare(row(0.0495, 0.0004), lora) == "tie"
+    assert verdict.compare(row(0.0515, 0.0002), lora) == "worse"
+    assert verdict.compare(row(0.040, 0.0, seeds=1), lora) == "pending"
+    assert verdict.compare(None, lora) == "pending"

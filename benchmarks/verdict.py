@@ -1,0 +1,96 @@
+"""Issue 23's verdict: per training regime, each method at its validation-chosen rate on both tasks, and whether it
+beats LoRA by more than one std on both (3 seeds each), read from the folders `grid.py merge` writes:
+
+    python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results
+    python benchmarks/verdict.py benchmarks/results > /tmp/verdict.md
+
+A cell in brackets is partial: `(2/4 lrs)` of the sweep run so far, `[1 seed]` of 3 at the chosen rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from grid import PROTOCOL, REGIME_METHODS, SHORT_METHODS, TASKS, task_folder
+
+#: regime or budget -> (suffix of the merged folders, variants compared, title)
+STUDIES = {
+    "lora_fa": ("-lora_fa", REGIME_METHODS["lora_fa"], "LoRA-FA (A frozen, PEFT's create_lorafa_optimizer)"),
+    "lora_plus": ("-lora_plus", REGIME_METHODS["lora_plus"], "LoRA+ (PEFT's create_loraplus_optimizer)"),
+    "short": ("-short", SHORT_METHODS, "Short budget (25 steps)"),
+}
+SEEDS = len(PROTOCOL["seeds"])
+
+
+def summaries(results: Path, suffix: str) -> dict[str, dict[str, dict]]:
+    """task -> method -> summary row (rank 8) of the merged folder."""
+    found = {}
+    for task in TASKS:
+        path = results / f"smollm2-135m-{task_folder(task)}{suffix}" / "results.json"
+        if path.exists():
+            payload = json.loads(path.read_text())
+            found[task] = {row["method"]: row for row in payload["summary"] if row["rank"] == 8}
+    return found
+
+
+def _mean_std(row: dict, metric: str, spec: str) -> str:
+    if row.get(metric) is None:
+        return "-"
+    partial = "" if row["seeds_ok"] >= SEEDS else f" [{row['seeds_ok']} seed{'s' * (row['seeds_ok'] > 1)}]"
+    return f"{row[metric]:{spec}} ± {row[metric + '_std']:{spec}}{partial}"
+
+
+def _rate(row: dict) -> str:
+    if row.get("best_lr") is None:
+        return "-"
+    grid = len(PROTOCOL["learning_rates"])
+    partial = "" if row["lrs_tried"] >= grid else f" ({row['lrs_tried']}/{grid} lrs)"
+    return f"{row['best_lr']:g}{partial}"
+
+
+def compare(row: dict | None, lora: dict | None) -> str:
+    """'better' / 'worse' when test losses differ by more than the larger std, 'tie' within it, 'pending' before
+    both have every seed."""
+    if not row or not lora or row.get("test_loss") is None or lora.get("test_loss") is None:
+        return "pending"
+    if min(row["seeds_ok"], lora["seeds_ok"]) < SEEDS:
+        return "pending"
+    margin = max(row["test_loss_std"], lora["test_loss_std"])
+    gain = lora["test_loss"] - row["test_loss"]
+    return "better" if gain > margin else "worse" if -gain > margin else "tie"
+
+
+def table(found: dict[str, dict[str, dict]], methods: list[str]) -> str:
+    """One markdown table: a row per method, both tasks, and the comparison with LoRA on test loss."""
+    lines = ["| method | arith lr | arith test loss | arith exact match | stdlib-code lr | stdlib-code test loss "
+             "| vs LoRA (arith / stdlib-code) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    arith, code = found.get("arith", {}), found.get("stdlib-code", {})
+    for method in methods:
+        a, c = arith.get(method), code.get(method)
+        cells = [_rate(a) if a else "not run", _mean_std(a, "test_loss", ".4f") if a else "-",
+                 _mean_std(a, "accuracy", ".3f") if a else "-", _rate(c) if c else "not run",
+                 _mean_std(c, "test_loss", ".4f") if c else "-"]
+        versus = "" if method == "lora" else " / ".join(
+            compare(task.get(method), task.get("lora")) for task in (arith, code))
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {versus} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="the dest folder of `grid.py merge`")
+    args = parser.parse_args()
+    for suffix, methods, title in STUDIES.values():
+        found = summaries(args.results, suffix)
+        if not found:
+            continue
+        winners = [m for m in methods if m != "lora" and all(
+            compare(found.get(task, {}).get(m), found.get(task, {}).get("lora")) == "better" for task in TASKS)]
+        print(f"#### {title}\n\n{table(found, methods)}\n\nBeats LoRA by more than one std on both tasks: "
+              f"{', '.join(f'`{m}`' for m in winners) or 'none so far'}.\n")
+
+
+if __name__ == "__main__":
+    main()
