@@ -302,7 +302,7 @@ def cached_statistics(
         stats = LoraDAStatistics.load(path, device=model_device(model))
         shapes = {canonical_layer_name(name): layer_shape(model.get_submodule(name)) for name in layer_names}
         check_statistics(stats, model, shapes, config, source=f"The cached statistics in {str(path)!r}")
-        return stats, float(stats.metadata.get(GATHERED_SECONDS_KEY, "nan"))
+        return stats, float(stats.metadata.get(GATHERED_SECONDS_KEY, 0.0))
     start = time.perf_counter()
     stats = collect_statistics(model, batches, list(layer_names), config)
     stats.metadata[GATHERED_SECONDS_KEY] = repr(time.perf_counter() - start)

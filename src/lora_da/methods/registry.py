@@ -105,7 +105,7 @@ class _InitContext:
     batches: list[dict[str, torch.Tensor]]
     options: Any
     statistics_cache: str | os.PathLike | None = None
-    cached_statistics: dict = field(default_factory=dict)  # what the cache did, for the report
+    cache_report: dict = field(default_factory=dict)  # what the statistics cache did
 
     def statistics(self, config: LoraDAConfig) -> LoraDAStatistics:
         """LoRA-DA statistics of the target layers over the calibration batches (of the bare base model), read
@@ -114,7 +114,7 @@ class _InitContext:
             return collect_statistics(self.base_model, self.batches, self.targets, config)
         stats, gathered_seconds = cached_statistics(self.base_model, self.batches, self.targets, config,
                                                     self.statistics_cache)
-        self.cached_statistics = {"reused": gathered_seconds is not None, "gathered_seconds": gathered_seconds}
+        self.cache_report = {"reused": gathered_seconds is not None, "gathered_seconds": gathered_seconds}
         return stats
 
 
@@ -164,9 +164,9 @@ def create_adapted_model(
     start = time.perf_counter()
     model, report = spec.init(ctx)
     seconds = time.perf_counter() - start
-    if ctx.cached_statistics:
-        seconds += ctx.cached_statistics["gathered_seconds"] or 0.0
-        report = {**(report or {}), "statistics_cache": ctx.cached_statistics}
+    if ctx.cache_report:
+        seconds += ctx.cache_report["gathered_seconds"] or 0.0
+        report = {**(report or {}), "statistics_cache": ctx.cache_report}
     initial = None
     if spec.modifies_base and isinstance(model, PeftModel):
         initial = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
