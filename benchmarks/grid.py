@@ -59,8 +59,12 @@ ABLATIONS = [
 ]
 MORE_METHODS = ["olora", "gaussian", "corda"]
 #: Where a data-aware start may pay off (issue 23): the variants compared in another regime, or at the short budget.
+#: With A frozen, LoRA-DA's Fisher-preconditioned row space sees little of the inputs (benchmarks/results/
+#: frozen_subspace.md); `fisher=identity` gives it LoRA-One's row space (top right singular vectors of G), here at
+#: Kaiming scale.
 REGIME_METHODS = {
-    "lora_fa": ["lora", "lora_da", "lora_da@factor_balance=kaiming", "pissa", "lora_one", "lora_ga"],
+    "lora_fa": ["lora", "lora_da", "lora_da@factor_balance=kaiming", "lora_da@factor_balance=kaiming,fisher=identity",
+                "pissa", "lora_one", "lora_ga"],
     "lora_plus": ["lora", "lora_da"],
 }
 SHORT_METHODS = ["lora", "lora_da", "pissa", "lora_one"]
