@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     """One folder per task and study with results.json, report.md and plots from every shard's records."""
     from lora_da.bench import RESULTS_FILE, BenchConfig
+    from lora_da.bench.config import clean_rate
 
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else []
@@ -256,7 +257,8 @@ def merge(args: argparse.Namespace) -> None:
             groups.setdefault((shard["config"].get("regime", "standard"), budget), []).append(name)
         for (regime, budget), group in sorted(groups.items()):
             protocol = dict(shards[group[0]]["config"])
-            records = [record for name in group for record in shards[name]["records"]]
+            records = [{**record, "lr": clean_rate(record["lr"])}  # rates beyond the sweep were stored unrounded
+                       for name in group for record in shards[name]["records"]]
             # a shard's config holds the subset of its last call (`--lrs`, `--seeds`): the sweep is every grid rate
             # and seed that some call ran (rates beyond the grid's stay beyond, see BenchConfig.rate_beyond)
             for key, field, values in (("learning_rates", "lr", PROTOCOL["learning_rates"]), ("seeds", "seed", None)):

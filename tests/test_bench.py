@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -381,3 +382,21 @@ def test_verdict_calls_a_gain_only_beyond_the_larger_std_over_every_seed():
     assert verdict.compare(row(0.0515, 0.0002), lora) == "worse"
     assert verdict.compare(row(0.040, 0.0, seeds=1), lora) == "pending"
     assert verdict.compare(None, lora) == "pending"
+
+
+def test_a_rate_past_the_sweep_equals_the_written_rate_and_old_unrounded_records_match_it(tmp_path, tiny_model_dir,
+                                                                                           sums_jsonl):
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=["lora"], learning_rates=[1e-3, 3e-3],
+                         extend_edges=True, num_accuracy=0, steps=2)
+    assert config.rate_beyond(1e-3) == 3e-4 and config.rate_beyond(3e-3) == 1e-2  # 3e-3 / 10 is 0.00030000000000000003
+    screen = dataclasses.replace(config, learning_rates=[1e-3], extend_edges=False)
+    run_bench(tmp_path, screen, show_progress=False, plots=False)
+    path = tmp_path / "results.json"
+    payload = json.loads(path.read_text())
+    (record,) = payload["records"]
+    record.update(lr=3e-3 / 10, key=runner.cell_key("lora", 4, 3e-4, 0))  # as older versions stored a rate past a sweep
+    path.write_text(json.dumps(payload))
+    resumed = run_bench(tmp_path, dataclasses.replace(screen, learning_rates=[3e-4]), show_progress=False, plots=False)
+    assert [r["lr"] for r in resumed] == [3e-4]  # found, not run again
+    choice = select_learning_rate(resumed, "lora", 4, dataclasses.replace(screen, learning_rates=[3e-4]))
+    assert choice is not None and choice["lr"] == 3e-4

@@ -36,6 +36,12 @@ PROTOCOL_FIELDS = (
 )
 
 
+def clean_rate(lr: float) -> float:
+    """`lr` rounded to 12 significant digits: a computed rate (3e-3 / 10 = 0.00030000000000000003) then equals
+    the written one (3e-4), in run keys and in every comparison of rates."""
+    return float(f"{lr:.12g}")
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row of the grid: a registry method plus its option overrides and a calibration size."""
@@ -163,7 +169,7 @@ class BenchConfig:
             decade = inner * 10 if end > inner else inner / 10
             return decade if 2 / 3 < decade / geometric < 1.5 else geometric
 
-        below, above = past(rates[0], rates[1]), past(rates[-1], rates[-2])
+        below, above = clean_rate(past(rates[0], rates[1])), clean_rate(past(rates[-1], rates[-2]))
         return {rates[0]: below, rates[-1]: above}.get(lr)
 
     def train_config(self, lr: float, seed: int) -> TrainConfig:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lora_da.bench.config import PROTOCOL_FIELDS, BenchConfig, Variant, parse_variant
+from lora_da.bench.config import PROTOCOL_FIELDS, BenchConfig, Variant, clean_rate, parse_variant
 from lora_da.bench.memory import PeakRSS
 from lora_da.bench.report import RESULTS_FILE, write_outputs
 from lora_da.bench.summary import select_learning_rate, sweep_seeds_of
@@ -184,7 +184,10 @@ def _load_previous(path: Path, config: BenchConfig) -> list[dict]:
             f"{path} was made with different settings ({', '.join(changed)}); "
             "use another output folder or resume=False to start over"
         )
-    return list(payload.get("records", []))
+    records = list(payload.get("records", []))
+    for record in records:  # rates beyond the sweep were once stored unrounded
+        record["lr"] = clean_rate(record["lr"])
+    return records
 
 
 def _plan(config: BenchConfig) -> int:
