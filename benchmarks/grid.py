@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the de-quantized model is saved once for the workers")
     go.add_argument("--statistics-cache", default="~/.cache/lora-da/grid-statistics",
                     help="where lora_da and lora_one keep calibration statistics: every variant, regime and budget "
-                    "of one (task, seed) gathers them once (about 0.8 GB a file)")
+                    "of one (task, seed) gathers them once (about 1 GB a file for SmolLM2-135M)")
     go.add_argument("--device", default="cpu")
     go.add_argument("--workers", type=int, default=1, help="processes sharing the device")
     go.add_argument("--threads", type=int, default=2, help="CPU threads per worker")

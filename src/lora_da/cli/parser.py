@@ -184,8 +184,8 @@ def _add_bench_parser(sub) -> None:
                    help="rerun the runs that failed in an earlier invocation (default: keep them as failed)")
     p.add_argument("--statistics-cache", metavar="DIR",
                    help="folder where lora_da and lora_one keep their calibration statistics, so that variants and "
-                   "learning rates of one seed gather them once (a file holds about 8 bytes per adapted weight: "
-                   "0.8 GB for SmolLM2-135M; default: gather them for every run)")
+                   "learning rates of one seed gather them once (a file holds about 9 bytes per adapted weight: "
+                   "1 GB for SmolLM2-135M; default: gather them for every run)")
     p.add_argument("--sweep-seeds", type=int, default=1,
                    help="seeds used to pick the learning rate; the others run at the chosen one (default: 1)")
     p.add_argument("--extend-edges", action="store_true",
