@@ -243,12 +243,12 @@ def run(args: argparse.Namespace) -> None:
 def merge(args: argparse.Namespace) -> None:
     """One folder per task and study with results.json, report.md and plots from every shard's records."""
     from lora_da.bench import RESULTS_FILE, BenchConfig
-    from lora_da.bench.config import clean_rate
+    from lora_da.bench.report import read_results
 
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else []
     for task_dir in sorted(p for p in raw.iterdir() if p.is_dir()):  # see task_folder
-        shards = {path.parent.name: json.loads(path.read_text()) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))}
+        shards = {path.parent.name: read_results(path) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))}
         if not shards:
             continue
         groups: dict[tuple[str, str], list[str]] = {}  # (regime, budget) -> shards; each is a study of its own
@@ -257,8 +257,7 @@ def merge(args: argparse.Namespace) -> None:
             groups.setdefault((shard["config"].get("regime", "standard"), budget), []).append(name)
         for (regime, budget), group in sorted(groups.items()):
             protocol = dict(shards[group[0]]["config"])
-            records = [{**record, "lr": clean_rate(record["lr"])}  # rates beyond the sweep were stored unrounded
-                       for name in group for record in shards[name]["records"]]
+            records = [record for name in group for record in shards[name]["records"]]
             # a shard's config holds the subset of its last call (`--lrs`, `--seeds`): the sweep is every grid rate
             # and seed that some call ran (rates beyond the grid's stay beyond, see BenchConfig.rate_beyond)
             for key, field, values in (("learning_rates", "lr", PROTOCOL["learning_rates"]), ("seeds", "seed", None)):

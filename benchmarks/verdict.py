@@ -15,6 +15,8 @@ from pathlib import Path
 
 from grid import PROTOCOL, REGIME_METHODS, SHORT_METHODS, TASKS, task_folder
 
+from lora_da.bench import fmt
+
 #: regime or budget -> (suffix of the merged folders, variants compared, title)
 STUDIES = {
     "lora_fa": ("-lora_fa", REGIME_METHODS["lora_fa"], "LoRA-FA (A frozen, PEFT's create_lorafa_optimizer)"),
@@ -39,7 +41,7 @@ def _mean_std(row: dict, metric: str, spec: str) -> str:
     if row.get(metric) is None:
         return "-"
     partial = "" if row["seeds_ok"] >= SEEDS else f" [{row['seeds_ok']} seed{'s' * (row['seeds_ok'] > 1)}]"
-    return f"{row[metric]:{spec}} ± {row[metric + '_std']:{spec}}{partial}"
+    return fmt(row[metric], spec, row[metric + "_std"]) + partial
 
 
 def _rate(row: dict) -> str:

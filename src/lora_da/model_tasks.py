@@ -112,8 +112,9 @@ class ModelTask:
         """`losses` from the logits [1, t, V] of the `rows` only (see `output_head_rows`)."""
         token_losses = nn.functional.cross_entropy(logits[0].float(), rows.targets(labels), reduction="none")
         sums = torch.zeros(labels.shape[0], dtype=token_losses.dtype, device=token_losses.device)
-        counts = (labels[:, 1:] != -100).sum(dim=1)
-        return sums.index_add(0, rows.examples(), token_losses) / counts.clamp(min=1), counts
+        examples = rows.examples()
+        counts = torch.bincount(examples, minlength=labels.shape[0])
+        return sums.index_add(0, examples, token_losses) / counts.clamp(min=1), counts
 
 
 @dataclass(frozen=True)

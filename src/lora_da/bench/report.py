@@ -3,12 +3,13 @@ before/after table."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from lora_da.bench.config import BenchConfig
+from lora_da.bench.config import BenchConfig, clean_rate
 from lora_da.bench.plots import write_plots
 from lora_da.bench.summary import rates_run, summarize, sweep_seeds_of
 from lora_da.files import write_atomic, write_json
@@ -22,6 +23,14 @@ def fmt(value: float | None, spec: str = ".4f", std: float | None = None) -> str
     if value is None:
         return "-"
     return format(value, spec) + (f" ± {format(std, spec)}" if std is not None else "")
+
+
+def read_results(path: str | os.PathLike) -> dict:
+    """A results.json written by `write_outputs`, its records' rates rounded (see `clean_rate`: rates past a sweep
+    were once stored unrounded)."""
+    payload = json.loads(Path(path).read_text())
+    payload["records"] = [{**record, "lr": clean_rate(record["lr"])} for record in payload.get("records", [])]
+    return payload
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

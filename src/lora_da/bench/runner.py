@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import time
@@ -16,9 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lora_da.bench.config import PROTOCOL_FIELDS, BenchConfig, Variant, clean_rate, parse_variant
+from lora_da.bench.config import PROTOCOL_FIELDS, BenchConfig, Variant, parse_variant
 from lora_da.bench.memory import PeakRSS
-from lora_da.bench.report import RESULTS_FILE, write_outputs
+from lora_da.bench.report import RESULTS_FILE, read_results, write_outputs
 from lora_da.bench.summary import select_learning_rate, sweep_seeds_of
 from lora_da.bench.task import BenchTask, load_bench_task
 from lora_da.cache import model_fingerprint
@@ -175,7 +174,7 @@ def run_cell(
 
 def _load_previous(path: Path, config: BenchConfig) -> list[dict]:
     """Records of an earlier run of the same protocol; ValueError when its settings differ."""
-    payload = json.loads(path.read_text())
+    payload = read_results(path)
     before = {"regime": "standard", **payload.get("config", {})}  # files from before regimes: standard training
     now = config.to_dict()
     changed = [k for k in PROTOCOL_FIELDS if k in before and before[k] != now[k]]
@@ -184,10 +183,7 @@ def _load_previous(path: Path, config: BenchConfig) -> list[dict]:
             f"{path} was made with different settings ({', '.join(changed)}); "
             "use another output folder or resume=False to start over"
         )
-    records = list(payload.get("records", []))
-    for record in records:  # rates beyond the sweep were once stored unrounded
-        record["lr"] = clean_rate(record["lr"])
-    return records
+    return payload["records"]
 
 
 def _plan(config: BenchConfig) -> int:
