@@ -208,12 +208,15 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
 
 def run(args: argparse.Namespace) -> None:
     """Run (or resume) every shard with `args.workers` processes on `args.device`."""
+    from lora_da.files import write_json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model_dir = prepare_model(args.model, Path(args.model_cache).expanduser())
     history = out / "environment.json"  # one entry per invocation: shards may be finished elsewhere
     runs = json.loads(history.read_text()) if history.exists() else []
-    history.write_text(json.dumps(runs + [environment(args.device)], indent=1))
+    # atomic: a second invocation starting at the same moment must never read a half-written file
+    write_json(history, runs + [environment(args.device)], indent=1)
     subset = {"learning_rates": args.lrs, "seeds": args.seeds}
     bench_config(TASKS[0], METHODS[:1], [8], args.smoke, args.regime, args.budget, **subset)  # bad subset fails here
     start = time.time()
