@@ -124,17 +124,19 @@ def report(results: dict) -> str:
     floor = results["floor"].get("seconds")
     lines = [f"# GPU check on {results['gpu']} (torch {results['torch']})", "",
              f"{results['model']}; {results['tokens']} calibration tokens.", "",
-             "| step | seconds | x floor | peak GPU memory (MiB) |", "| --- | ---: | ---: | ---: |"]
+             "| step | seconds | x floor | statistics / solve s | peak GPU memory (MiB) |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name in ("floor", "floor, supervised positions projected", "lora_ga (PEFT)", "lora_one (ours)",
                  "lora_da (ours)", "released implementation"):
         row = results.get(name)
         if row is None:
             continue
         if "error" in row:
-            lines.append(f"| {name} | failed: {row['error']} | | |")
+            lines.append(f"| {name} | failed: {row['error']} | | | |")
             continue
         ratio = f"{row['seconds'] / floor:.2f}" if floor else ""
-        lines.append(f"| {name} | {row['seconds']:.2f} | {ratio} | {row['peak_mib']:.0f} |")
+        split = f"{row['statistics_seconds']:.2f} / {row['solve_seconds']:.2f}" if "solve_seconds" in row else ""
+        lines.append(f"| {name} | {row['seconds']:.2f} | {ratio} | {split} | {row['peak_mib']:.0f} |")
     da, ga = results.get("lora_da (ours)", {}), results.get("lora_ga (PEFT)", {})
     if "seconds" in da and "seconds" in ga:
         lines += ["", f"LoRA-DA / PEFT LoRA-GA: {da['seconds'] / ga['seconds']:.2f}x (goal <= 1.5x); LoRA-DA / floor: "

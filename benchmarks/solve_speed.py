@@ -36,6 +36,7 @@ import torch
 
 from lora_da import LoraDAConfig
 from lora_da import solver as new_solver
+from lora_da.gram import PackedGram, pack
 
 RESULTS = Path(__file__).parent / "results"
 SMOL = {"q_proj": (576, 576, "x"), "k_proj": (192, 576, "x"), "v_proj": (192, 576, "x"), "o_proj": (576, 576, "o"),
@@ -82,6 +83,9 @@ class SyntheticStatistics:
 
     def input_factor(self, name: str) -> torch.Tensor:
         return self.inputs[self.groups[name]]
+
+    def packed_input_factor(self, name: str) -> PackedGram:
+        return PackedGram(pack(self.inputs[self.groups[name]]), self.inputs[self.groups[name]].shape[0])
 
     def output_factor(self, name: str) -> torch.Tensor:
         return self.outputs[name]

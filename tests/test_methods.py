@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 
 import lora_da
 from lora_da.methods import METHODS, InitInfo, create_adapted_model, save_adapter
-from lora_da.methods.svd_inits import lora_layers
+from lora_da.methods.svd_inits import lora_layers, lora_one_factors
 
 RANK = 4
 
@@ -155,6 +155,18 @@ def test_lora_one_matches_direct_svd_of_gradient():
         torch.testing.assert_close(B.T @ B, torch.diag(S[:RANK] / (S[0] * gamma)), atol=1e-7, rtol=1e-3)
         assert info.report["layers"][name]["top_singular_value"] == pytest.approx(float(S[0]), rel=1e-4)
     assert info.report["gamma"] == gamma
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+def test_lora_one_factors_of_a_rank_deficient_gradient(shape):
+    """Rank 2 < r: finite factors whose product is the rank-2 SVD step, on either side of the smaller Gram."""
+    gen = torch.Generator().manual_seed(0)
+    gradient = torch.randn(shape[0], 2, generator=gen) @ torch.randn(2, shape[1], generator=gen)
+    A, B, top = lora_one_factors(gradient, 4, 16.0)
+    U, S, Vh = torch.linalg.svd(-gradient.double(), full_matrices=False)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all() and top == pytest.approx(float(S[0]), rel=1e-6)
+    expected = U[:, :2] @ torch.diag(S[:2]) @ Vh[:2] / (S[0] * 16.0)
+    torch.testing.assert_close((B @ A).double(), expected, atol=1e-7, rtol=1e-4)
 
 
 def test_seed_makes_default_init_deterministic():

@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, input_factor, solve_all, solve_layer, solver
+from lora_da import (
+    LoraDAConfig,
+    LoraDAError,
+    LoraDAStatistics,
+    eigensolvers,
+    input_factor,
+    solve_all,
+    solve_layer,
+    solver,
+)
 from lora_da.solver import uses_lobpcg
 
 
@@ -215,6 +224,20 @@ def test_solve_all_in_threads_matches_each_layer_alone(threads):
         z = stats.input_factor(name)
         alone = solve_layer(stats.gradient(name), z, stats.output_factor(name), 4, cfg, layer=name)
         assert torch.equal(solution.A, alone.A) and torch.equal(solution.B, alone.B)
+
+
+def test_top_eigenvalue_from_a_nearby_block_is_exact_or_declined():
+    gen = torch.Generator().manual_seed(3)
+    d = torch.randn(60, 20, generator=gen, dtype=torch.float64)
+    outer = d @ d.T  # PSD, rank 20
+    values, vectors = torch.linalg.eigh(outer)
+    near = vectors[:, -8:] + 1e-3 * torch.randn(60, 8, generator=gen, dtype=torch.float64)
+    assert eigensolvers.top_eigenvalue(outer, near, 1e-3) == pytest.approx(float(values[-1]), rel=1e-9)
+    # an invariant subspace without the top (eigenvectors 2-9): exact lower pairs, but the random column finds it
+    invariant = vectors[:, -9:-1]
+    found = eigensolvers.top_eigenvalue(outer, invariant, 1e-3)
+    assert found is None or found == pytest.approx(float(values[-1]), rel=1e-6)
+    assert eigensolvers.top_eigenvalue(outer[:30, :30], near[:30], 1e-3) is None  # 4 blocks of 9 >= n: declined
 
 
 def test_solve_all_raises_the_failing_layer():

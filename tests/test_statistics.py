@@ -225,6 +225,28 @@ class TestPrecision:
             else:
                 assert default[name] < 1e-5 and per_batch[name] < 1e-5, name
 
+    def test_half_precision_rows_multiply_into_float32_exactly(self):
+        """Products of bfloat16 numbers are exact in float32: the result is the float32 GEMM of the upcasts."""
+        gen = torch.Generator().manual_seed(0)
+        left, right = torch.randn(40, 12, generator=gen), torch.randn(40, 9, generator=gen)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        left, right = left.bfloat16().to(device), right.bfloat16().to(device)
+        product = gram.float32_product(left.T, right)  # a transposed view, as the hooks pass it
+        assert product.dtype == torch.float32
+        torch.testing.assert_close(product.double(), left.T.double() @ right.double(), rtol=1e-6, atol=1e-6)
+        assert not gram.multiplies_half_into_float32("cpu", torch.bfloat16)  # a CPU upcasts first
+        assert not gram.multiplies_half_into_float32(device, torch.float32)
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_half_precision_model_on_a_gpu_matches_upcast_rows(self, monkeypatch, dtype):
+        model, items = tiny_llama().to("cuda", dtype), examples(9)
+        assert gram.multiplies_half_into_float32("cuda", dtype)
+        half = statistic_means(collect_statistics(model, batches(items, 3), TARGETS, CFG))
+        monkeypatch.setattr(hooks, "multiplies_half_into_float32", lambda device_type, dtype: False)
+        upcast = collect_statistics(model, batches(items, 3), TARGETS, CFG)
+        assert_same_statistics(half, upcast, rtol=1e-5)
+
     def test_blockwise_input_factor_equals_full_product(self, monkeypatch):
         model, items = tiny_llama(), examples(7)
         full = statistic_means(collect_statistics(model, batches(items, 3), TARGETS, CFG))

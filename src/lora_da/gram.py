@@ -6,6 +6,7 @@ where the solve needs one, for one layer at a time.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,17 +45,42 @@ def new_packed(n: int, dtype: torch.dtype, device: torch.device | str | None = N
     return torch.empty(packed_size(n), dtype=dtype, device=device)
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def multiplies_half_into_float32(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch on this device multiplies `dtype` (bfloat16, float16) matrices into a float32 result at the
+    half type's own speed (`torch.mm(..., out_dtype=torch.float32)`: CUDA in recent torch, not a CPU). The
+    products of half-precision numbers are exact in float32, so such GEMMs lose nothing against upcast inputs,
+    and on a GPU they run on the tensor cores, many times faster than float32 GEMMs."""
+    if dtype not in HALF_DTYPES or device_type == "cpu":
+        return False
+    try:
+        ones = torch.ones(2, 2, dtype=dtype, device=device_type)
+        return bool(torch.mm(ones, ones, out_dtype=torch.float32).eq(2).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def float32_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """`left @ right` in float32: half-precision inputs stay so where `multiplies_half_into_float32`."""
+    if left.dtype == right.dtype and multiplies_half_into_float32(left.device.type, left.dtype):
+        return torch.mm(left, right, out_dtype=torch.float32)
+    return left.float() @ right.float()
+
+
 def add_gram(packed: torch.Tensor, xs: torch.Tensor, overwrite: bool = False) -> None:
     """`packed += xs^T xs` (`=` when `overwrite`) for rows `xs` [tokens, n], a row block at a time. Products are
-    formed in xs's dtype (float32) and added into packed's (float64 totals)."""
+    formed in float32 (see `float32_product`) and added into packed's dtype (float64 totals)."""
     n = xs.shape[1]
     for start, end, view in block_views(packed, n):
         if packed.dtype == xs.dtype:  # one GEMM into the storage, no temporary
             view.addmm_(xs[:, start:end].T, xs[:, start:], beta=0.0 if overwrite else 1.0)
         elif overwrite:
-            view.copy_(xs[:, start:end].T @ xs[:, start:])
+            view.copy_(float32_product(xs[:, start:end].T, xs[:, start:]))
         else:
-            view += xs[:, start:end].T @ xs[:, start:]
+            view += float32_product(xs[:, start:end].T, xs[:, start:])
 
 
 def pack(full: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_rank, get_world_size, reduce_sum_to
-from .gram import add_gram, new_packed
+from .gram import add_gram, float32_product, multiplies_half_into_float32, new_packed
 from .layers import layer_shape
 from .schedule import group_owners
 from .statistics import INPUT_CHUNK_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics
@@ -140,7 +140,9 @@ class Collector:
 
     def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
         n, m = x.shape[-1], grad.shape[-1]
-        xs, gs = x.reshape(-1, n).float(), grad.reshape(-1, m).float()
+        xs, gs = x.reshape(-1, n), grad.reshape(-1, m)
+        if not (x.dtype == grad.dtype and multiplies_half_into_float32(x.device.type, x.dtype)):
+            xs, gs = xs.float(), gs.float()  # else the GEMMs below take the half-precision rows as they are
         masks = self._masks.get(tuple(x.shape[:-1]))
         if self.joining_only:  # no row counts: zero contributions of the right shapes
             xs, gs, masks = xs[:0], gs[:0], None
@@ -158,6 +160,7 @@ class Collector:
         here = owner == self.rank
         gradient_sums = self.gradient_sums if here else {}  # elsewhere: a temporary, reduced to the owner
         _add_product(gradient_sums, name, gs_examples.T, xs_examples)
+        gs = gs.float()  # y's squares in float32: a half-precision square would round
         if self.config.output_scaling == "token" and per_token_count is not None:
             gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
         square_sum = (gs * gs).sum(0).to(OUTPUT_DTYPE)  # float32 over one batch; no float64 copy of gs
@@ -250,8 +253,10 @@ def _add_gram(sums: dict[str, torch.Tensor], key: str, xs: torch.Tensor, dtype: 
 
 
 def _add_product(sums: dict[str, torch.Tensor], key: str, left: torch.Tensor, right: torch.Tensor) -> None:
-    """`sums[key] += left @ right` in place, in float32 (one GEMM, no temporary)."""
-    if key in sums:
+    """`sums[key] += left @ right` in float32 (float32 inputs: one GEMM in place, no temporary)."""
+    if key not in sums:
+        sums[key] = float32_product(left, right)
+    elif left.dtype == sums[key].dtype:
         sums[key].addmm_(left, right)
     else:
-        sums[key] = left @ right
+        sums[key] += float32_product(left, right)

@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import LoraDAConfig, LoraDAError, check_ranks
-from .eigensolvers import block_davidson, fix_signs, smallest_eigenvectors, top_singular_value
-from .gram import packed_size
+from .eigensolvers import block_davidson, fix_signs, smallest_eigenvectors, top_eigenvalue, top_singular_value
+from .gram import PackedGram, packed_size
 from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input
 
 # "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: at n = 576
@@ -27,22 +27,23 @@ KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
 
 
 class LayerStatistics(Protocol):
-    """What the solver reads from a statistics object (see `lora_da.statistics.LoraDAStatistics`)."""
+    """What `solve_all` reads from a statistics object (see `lora_da.statistics.LoraDAStatistics`)."""
 
     num_examples: int
+    gradient_sums: dict[str, torch.Tensor]  # [m, n] per layer: shapes and device
 
     @property
     def layer_names(self) -> list[str]: ...
 
     def gradient(self, name: str) -> torch.Tensor: ...
 
-    def input_factor(self, name: str) -> torch.Tensor: ...
+    def packed_input_factor(self, name: str) -> PackedGram: ...
 
     def output_factor(self, name: str) -> torch.Tensor: ...
 
     def input_group(self, name: str) -> str: ...
 
-    def pop_group(self, names: list[str]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    def pop_group(self, names: list[str]) -> tuple[PackedGram, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Z and (G, y) per layer of layers sharing one input, removed from the statistics (`release=True`)."""
         ...
 
@@ -115,39 +116,44 @@ class _Solved:
 def _solve_dense(
     g: torch.Tensor, factor: InputFactor, inv_y: torch.Tensor, rank: int, config: LoraDAConfig, layer: str
 ) -> _Solved:
-    """ALGORITHM.md with the step D [n, m] and the guidance matrix M [n, n] formed, then a dense eigensolver."""
-    n, m = g.shape[1], g.shape[0]
+    """ALGORITHM.md with the step D [n, m] and the guidance matrix M [n, n] formed, then a dense eigensolver.
+    M is formed up to a positive factor, and sigma found after its eigenvectors, from them (see `top_eigenvalue`):
+    on a GPU a second dense eigendecomposition, for sigma alone, took as long as M's."""
     # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [n, m].
     step = -torch.cholesky_solve(g.T, factor.cholesky) * inv_y[None, :]
-    outer = step @ step.T  # [n, n]: the bias term before scaling, and sigma's Gram matrix when n <= m
-    sigma = top_singular_value(step, outer if n <= m else None)
-    _check_sigma(sigma, layer)
-    scale = sigma if config.normalize else 1.0
-    step = step / scale
-
-    bias = outer / scale**2
+    outer = step @ step.T  # [n, n]: the bias term up to sigma^2
+    # max diag(D D^T) <= sigma^2 <= n max diag(D D^T): M / unit is of order one for the float32 eigh
+    unit = float(outer.diagonal().max())
+    _check_sigma(math.sqrt(unit) if math.isfinite(unit) else math.nan, layer)
+    bias = outer / unit
     guidance = -config.bias_weight * bias
     variance_ratio = None
-    variance = 0.0
+    variance = 0.0  # beta c of ALGORITHM.md, times sigma^2
     if config.variance_weight != 0:
-        variance = config.variance_weight * float(inv_y.sum()) / config.population_size / scale**2
-        variance_term = variance * factor.get_inverse()
+        variance = config.variance_weight * float(inv_y.sum()) / config.population_size
+        variance_term = (variance / unit) * factor.get_inverse()
         guidance = guidance + variance_term
         if config.bias_weight != 0:
             variance_ratio = float(variance_term.norm() / (config.bias_weight * bias.norm()))
     guidance = (guidance + guidance.T) / 2  # exact symmetry for the eigensolvers
 
-    basis, eigenvalues, residual, solver_used, gap = smallest_eigenvectors(
-        guidance, rank, config.eigensolver_tol, try_float32=config.eigensolver == "auto"
-    )
+    basis, values, residual, solver_used, gap = smallest_eigenvectors(guidance, rank, config.eigensolver_tol,
+                                                                      try_float32=config.eigensolver == "auto")
+    top, (n, m) = top_eigenvalue(bias, basis, SIGMA_TOL), step.shape  # a dense eigvalsh only if that fails
+    sigma = math.sqrt(top * unit) if top is not None else top_singular_value(step, outer if n <= m else None)
+    _check_sigma(sigma, layer)
+    scale = sigma if config.normalize else 1.0
+    step = step / scale
+    to_m = unit / scale**2  # guidance * to_m is M
     info = {
         "sigma": sigma,
-        "eigenvalues": eigenvalues.tolist(),
-        "eigengap": gap,
+        "eigenvalues": (values * to_m).tolist(),
+        "eigengap": gap * to_m if gap is not None else None,
         "eigensolver": solver_used,
         "residual": residual,
         "variance_bias_ratio": variance_ratio,
-        "variance_bias_ratio_on_subspace": _subspace_ratio(basis, step.T @ basis, factor, variance, config),
+        "variance_bias_ratio_on_subspace": _subspace_ratio(basis, step.T @ basis, factor, variance / scale**2,
+                                                           config),
     }
     return _Solved(basis=basis, project=lambda u: step.T @ u, info=info)
 

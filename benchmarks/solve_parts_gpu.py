@@ -1,0 +1,130 @@
+"""Where one narrow layer's LoRA-DA solve spends its time on a GPU: each linear-algebra step of the dense path
+timed alone (device-synchronized, median of `--repeats`) at SmolLM2-135M's layer shapes on synthetic statistics
+(see `solve_speed.py`), beside the whole `solve_layer` and a torch.profiler table of it.
+
+    python benchmarks/solve_parts_gpu.py [--device cuda] [--out DIR]   # writes DIR/solve_parts_gpu.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _harness import RESULTS, synchronize
+from solve_speed import SMOL, synthetic_inputs, synthetic_layer
+
+from lora_da import LoraDAConfig, solve_layer
+from lora_da.input_factor import factor_input
+
+SHAPES = {name: SMOL[name][:2] for name in ("q_proj", "k_proj", "gate_proj", "down_proj")}
+BATCH = 30  # layers of one shape in SmolLM2-135M
+
+
+def milliseconds(device: torch.device, work: Callable[[], object], repeats: int) -> float:
+    """Median wall milliseconds of `work()` after one warm-up, the device synchronized around each run."""
+    work()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callable[[], object]]:
+    """The dense path's steps for one synthetic [m, n] layer, each a closure over prepared inputs."""
+    gen = torch.Generator().manual_seed(0)
+    x = synthetic_inputs(tokens, n, gen)
+    gradient, y = synthetic_layer(x, m, 32, gen)
+    z = (x.double().T @ x.double() / tokens).to(device)
+    gradient, y = gradient.to(device), y.to(device)
+    config = LoraDAConfig(population_size=100_000, show_progress=False)
+    davidson = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="lobpcg")
+    factor = factor_input(z, config)
+    damped = z + config.damping * torch.eye(n, dtype=z.dtype, device=device)
+    g = gradient.double()
+    step = -torch.cholesky_solve(g.T, factor.cholesky) / (y + config.damping)[None, :]
+    outer = step @ step.T
+    smaller = outer if n <= m else step.T @ step
+    guidance = -outer / float(outer.diagonal().max()) + 1e-3 * torch.cholesky_inverse(factor.cholesky)
+    guidance = ((guidance + guidance.T) / 2).float()
+    batch = guidance.expand(BATCH, n, n).contiguous()
+    return {
+        "solve_layer, whole": lambda: solve_layer(gradient, z, y, 8, config),
+        "solve_layer, Davidson (eigensolver='lobpcg')": lambda: solve_layer(gradient, z, y, 8, davidson),
+        "Cholesky of Z + lam I (float64)": lambda: torch.linalg.cholesky_ex(damped),
+        "cholesky_solve with G^T (float64)": lambda: torch.cholesky_solve(g.T, factor.cholesky),
+        "D D^T (float64)": lambda: step @ step.T,
+        "cholesky_inverse (float64)": lambda: torch.cholesky_inverse(factor.cholesky),
+        "eigvalsh of the smaller Gram (float32), for sigma": lambda: torch.linalg.eigvalsh(smaller.float()),
+        "eigh of M (float32)": lambda: torch.linalg.eigh(guidance),
+        "eigh of M (float64)": lambda: torch.linalg.eigh(guidance.double()),
+        f"eigh of {BATCH} M at once (float32), per matrix": lambda: torch.linalg.eigh(batch),
+        "one host sync (float of a tensor)": lambda: float(guidance[0, 0]),
+    }
+
+
+def profile_table(m: int, n: int, tokens: int, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler table (top ops by device time, else CPU time) of one layer's `solve_layer`."""
+    work = steps(m, n, tokens, device)["solve_layer, whole"]
+    work()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        work()
+        synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def report(results: dict) -> str:
+    """The markdown page of `results`."""
+    shapes = list(results["milliseconds"])
+    lines = [f"# One narrow layer's solve, step by step, on {results['device']} (torch {results['torch']})", "",
+             f"`python benchmarks/solve_parts_gpu.py`: synthetic statistics from {results['tokens']} tokens, rank 8; "
+             f"median milliseconds of {results['repeats']} runs, each synchronized.", "",
+             "| step | " + " | ".join(shapes) + " |", "| --- |" + " ---: |" * len(shapes)]
+    for step in results["milliseconds"][shapes[0]]:
+        lines.append(f"| {step} | " + " | ".join(f"{results['milliseconds'][s][step]:.2f}" for s in shapes) + " |")
+    lines += ["", "`solve_layer` of q_proj under torch.profiler:", "", "```", results["profile"].rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokens", type=int, default=6080, help="calibration tokens (gpu_check.py's 32 examples)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json in --out")
+    args = parser.parse_args()
+    if args.report_only:
+        results = json.loads((args.out / "solve_parts_gpu.json").read_text())
+        (args.out / "solve_parts_gpu.md").write_text(report(results))
+        return
+    device = torch.device(args.device)
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+               "torch": torch.__version__, "tokens": args.tokens, "repeats": args.repeats, "milliseconds": {}}
+    for name, (m, n) in SHAPES.items():
+        work = steps(m, n, args.tokens, device)
+        times = {step: milliseconds(device, run, args.repeats) for step, run in work.items()}
+        times[f"eigh of {BATCH} M at once (float32), per matrix"] /= BATCH
+        results["milliseconds"][f"{name} [{m}, {n}]"] = times
+        print(name, json.dumps(times), flush=True)
+    results["profile"] = profile_table(*SHAPES["q_proj"], args.tokens, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "solve_parts_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "solve_parts_gpu.md").write_text(report(results))
+    print(report(results))
+
+
+if __name__ == "__main__":
+    main()
