@@ -88,10 +88,12 @@ def main() -> None:
         found = summaries(args.results, suffix)
         if not found:
             continue
-        winners = [m for m in methods if m != "lora" and all(
-            compare(found.get(task, {}).get(m), found.get(task, {}).get("lora")) == "better" for task in TASKS)]
+        verdicts = {m: [compare(found.get(task, {}).get(m), found.get(task, {}).get("lora")) for task in TASKS]
+                    for m in methods if m != "lora"}
+        winners = [m for m, seen in verdicts.items() if all(v == "better" for v in seen)]
+        none = "none so far" if any("pending" in seen for seen in verdicts.values()) else "none"
         print(f"#### {title}\n\n{table(found, methods)}\n\nBeats LoRA by more than one std on both tasks: "
-              f"{', '.join(f'`{m}`' for m in winners) or 'none so far'}.\n")
+              f"{', '.join(f'`{m}`' for m in winners) or none}.\n")
 
 
 if __name__ == "__main__":
