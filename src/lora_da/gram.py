@@ -65,8 +65,8 @@ def multiplies_half_into_float32(device_type: str, dtype: torch.dtype) -> bool:
 
 def float32_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """`left @ right` in float32: half-precision inputs stay so where `multiplies_half_into_float32`."""
-    if left.dtype == right.dtype and multiplies_half_into_float32(left.device.type, left.dtype):
-        return torch.mm(left, right, out_dtype=torch.float32)
+    if left.shape[1] and left.dtype == right.dtype and multiplies_half_into_float32(left.device.type, left.dtype):
+        return torch.mm(left, right, out_dtype=torch.float32)  # (no inner dimension: the plain path's zeros)
     return left.float() @ right.float()
 
 

@@ -116,15 +116,15 @@ class _Solved:
 def _solve_dense(
     g: torch.Tensor, factor: InputFactor, inv_y: torch.Tensor, rank: int, config: LoraDAConfig, layer: str
 ) -> _Solved:
-    """ALGORITHM.md with the step D [n, m] and the guidance matrix M [n, n] formed, then a dense eigensolver.
-    M is formed up to a positive factor, and sigma found after its eigenvectors, from them (see `top_eigenvalue`):
-    on a GPU a second dense eigendecomposition, for sigma alone, took as long as M's."""
+    """ALGORITHM.md with D [n, m] and M [n, n] formed, then a dense eigensolver. M is formed up to a positive
+    factor and sigma found from its eigenvectors (`top_eigenvalue`): a second eigendecomposition cost as much."""
+    n, m = g.shape[1], g.shape[0]
     # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [n, m].
     step = -torch.cholesky_solve(g.T, factor.cholesky) * inv_y[None, :]
     outer = step @ step.T  # [n, n]: the bias term up to sigma^2
     # max diag(D D^T) <= sigma^2 <= n max diag(D D^T): M / unit is of order one for the float32 eigh
     unit = float(outer.diagonal().max())
-    _check_sigma(math.sqrt(unit) if math.isfinite(unit) else math.nan, layer)
+    _check_sigma(unit, layer)  # finite and nonzero exactly when sigma is
     bias = outer / unit
     guidance = -config.bias_weight * bias
     variance_ratio = None
@@ -139,7 +139,7 @@ def _solve_dense(
 
     basis, values, residual, solver_used, gap = smallest_eigenvectors(guidance, rank, config.eigensolver_tol,
                                                                       try_float32=config.eigensolver == "auto")
-    top, (n, m) = top_eigenvalue(bias, basis, SIGMA_TOL), step.shape  # a dense eigvalsh only if that fails
+    top = top_eigenvalue(bias, basis, SIGMA_TOL)  # a dense eigvalsh only if that fails
     sigma = math.sqrt(top * unit) if top is not None else top_singular_value(step, outer if n <= m else None)
     _check_sigma(sigma, layer)
     scale = sigma if config.normalize else 1.0
@@ -152,8 +152,7 @@ def _solve_dense(
         "eigensolver": solver_used,
         "residual": residual,
         "variance_bias_ratio": variance_ratio,
-        "variance_bias_ratio_on_subspace": _subspace_ratio(basis, step.T @ basis, factor, variance / scale**2,
-                                                           config),
+        "variance_bias_ratio_on_subspace": _subspace_ratio(basis, step.T @ basis, factor, variance / scale**2, config),
     }
     return _Solved(basis=basis, project=lambda u: step.T @ u, info=info)
 
