@@ -5,7 +5,7 @@ and projecting only supervised positions as our statistics pass does) against ou
 LoRA-One inits, PEFT's LoRA-GA and the authors' released code (when its path is given); a torch.profiler
 table of our statistics pass; and our statistics under a one-rank NCCL process group.
 
-    bash benchmarks/gpu_check.sh            # on the GPU machine; writes $OUT/gpu_check.{json,md}
+    bash benchmarks/gpu_check.sh            # on the GPU machine: this, solve_parts_gpu.py and scale_gpu.py
 """
 
 from __future__ import annotations

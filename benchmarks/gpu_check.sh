@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (device tool): run from the repository root on the GPU machine, e.g.
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".released"], timeout_s=540)
-# The machine has torch, transformers, peft and accelerate but no network: lora-da is used from src/ as is,
-# and the authors' lora_da.py is used when it was copied (never committed) to .released/lora_da.py.
+# The one prepared GPU check (device tool), about 5 minutes on an H200: run from the repository root there, e.g.
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".released", ".whl"], timeout_s=540)
+# The machine has torch, transformers and accelerate but no network: lora-da is used from src/ as is; wheels in
+# .whl/ (e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl peft==0.21.2`, ignored by
+# git) are installed first; the authors' lora_da.py is used when it was copied (never committed) to
+# .released/lora_da.py. Writes gpu_check.{json,md,log}, solve_parts_gpu.{json,md} and scale_gpu.{json,md} to $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT="${OUT:-$PWD}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 released=()
 [ -f .released/lora_da.py ] && released=(--released .released/lora_da.py)
-timeout 480 python3 benchmarks/gpu_check.py --out "$OUT" "${released[@]}" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 200 python3 benchmarks/gpu_check.py --out "$OUT" "${released[@]}" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 60 python3 benchmarks/solve_parts_gpu.py --out "$OUT" > /dev/null 2>&1
+timeout 200 python3 benchmarks/scale_gpu.py --gpu-gib 80 --out "$OUT" 2>&1 | grep -v "it/s\]\|batch/s\]\|layer/s\]"
