@@ -8,7 +8,9 @@ from _tiny import batches, examples, lora_state, tiny_llama, wrap
 
 from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da, schedule
 from lora_da.collect import estimate_statistics_bytes
+from lora_da.layers import layer_shape
 from lora_da.schedule import plan_passes
+from lora_da.statistics import statistics_bytes
 
 CFG = LoraDAConfig(population_size=1000, show_progress=False)
 
@@ -94,7 +96,28 @@ def test_several_passes_need_reiterable_batches():
 def test_layer_over_budget_gets_its_own_pass():
     with pytest.warns(UserWarning, match="exceed memory_budget"):
         report = initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2), CFG, memory_budget=10)
-    assert report.passes == 14
+    assert report.passes == 8  # layers reading one input stay together: q/k/v, o, gate/up, down of 2 blocks
+
+
+def test_layers_reading_one_input_are_planned_with_one_z(all_at_once):
+    """Before any forward each layer is counted with a Z of its own; a forward of the first batch finds the
+    inputs that q/k/v and gate/up share, and the plan counts each Z once: fewer passes for the same budget."""
+    shapes = {name: layer_shape(tiny_llama().get_submodule(name)) for name in _names()}
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # Llama's layers on one input
+    units = {}
+    for name in shapes:
+        parent, leaf = name.rsplit(".", 1)
+        units.setdefault(f"{parent}.{shared.get(leaf, leaf)}", []).append(name)
+    grouped = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[members[0]][1])
+               for unit, members in units.items()}
+    budget = max(grouped.values())
+    per_layer = estimate_statistics_bytes(tiny_llama(), list(shapes))
+    model = wrap(tiny_llama())
+    report = initialize_lora_da(model, batches(examples(6), 3), CFG, memory_budget=budget)
+    assert report.passes == len(plan_passes(grouped, memory_budget=budget)) < len(plan_passes(per_layer,
+                                                                                               memory_budget=budget))
+    assert report.statistics_bytes <= report.statistics_bytes_estimate <= budget
+    assert_same(lora_state(model), all_at_once[0])
 
 
 def test_plan_passes():

@@ -17,9 +17,16 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .cache import check_statistics
-from .collect import PerExampleLoss, collect_statistics
+from .collect import PerExampleLoss, collect_statistics, discover_input_groups
 from .config import LoraDAConfig, LoraDAError, check_ranks
-from .distributed import all_gather_objects, get_world_size, is_main_process, local_config, shard_batches
+from .distributed import (
+    all_gather_objects,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+    local_config,
+    shard_batches,
+)
 from .layers import (
     canonical_layer_name,
     check_supported_sharding,
@@ -208,7 +215,18 @@ def _gather_and_solve(
     sizes = {name: statistics_bytes(*shape) for name, shape in shapes.items()}
     solve_sizes = {name: solve_working_bytes(*shape) for name, shape in shapes.items()}
     device = model_device(model)
+    units = {name: [name] for name in shapes}  # what the plan keeps together: a layer, or layers sharing an input
     plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
+    several = len(plan.passes) > 1 and layers_per_pass is None
+    groups = _input_groups(model, batches, list(layers), config) if several else None
+    if groups:  # before any forward each layer was counted with a Z of its own: once per group is the truth
+        units = {}
+        for name in shapes:
+            units.setdefault(groups[name], []).append(name)
+        sizes = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[unit][1])
+                 for unit, members in units.items()}
+        solve_sizes = {unit: max(solve_sizes[name] for name in members) for unit, members in units.items()}
+        plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget)
     world_size = get_world_size()
     if world_size > 1 and shard_statistics is not False:
         if shard:  # sharded here, so that each rank can see whether it has a batch
@@ -221,7 +239,7 @@ def _gather_and_solve(
                                memory_budget=memory_budget, shards=world_size)
     shard_statistics = bool(shard_statistics) and world_size > 1
     report.statistics_sharded = shard_statistics
-    passes = plan.passes
+    passes = [[name for unit in group for name in units[unit]] for group in plan.passes]
     report.passes = len(passes)
     report.statistics_bytes_estimate = max(plan.pass_bytes)
     if is_main_process():
@@ -231,8 +249,9 @@ def _gather_and_solve(
         too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
         if too_big:
             warnings.warn(
-                f"{len(too_big)} layer(s) alone exceed memory_budget={memory_budget} bytes (e.g. {too_big[0]!r}, "
-                f"{sizes[too_big[0]]} bytes); each gets a pass of its own.",
+                f"{len(too_big)} layer(s), or groups of layers reading one input, exceed memory_budget="
+                f"{memory_budget} bytes alone (e.g. {too_big[0]!r}, {sizes[too_big[0]]} bytes); each gets a pass of "
+                "its own.",
                 stacklevel=3,
             )
     if len(passes) > 1 and iter(batches) is batches:
@@ -266,6 +285,20 @@ def _gather_and_solve(
         report.solve_seconds += time.perf_counter() - start
         del stats  # freed before the next group is gathered
     return solutions
+
+
+def _input_groups(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], names: list[str], config: LoraDAConfig
+) -> dict[str, str] | None:
+    """The layers' input groups from a forward of the first batch (on every rank, or on none: a sharded model's
+    forward is collective), or None where the batches cannot be looked at twice or a rank has none."""
+    iterator = iter(batches)
+    first = None if iterator is batches else next(iterator, None)
+    if not (all(all_gather_objects(first is not None)) if is_distributed() else first is not None):
+        return None
+    with model.disable_adapter():
+        groups = discover_input_groups(model, first, names, config)
+    return all_gather_objects(groups)[0] if is_distributed() else groups
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:
