@@ -69,7 +69,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         for layer in model.base_model.model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-        initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True)
+        # a budget of several passes: the forward that finds the shared inputs runs on the sharded model too
+        report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, memory_budget=100_000)
+        results["fsdp2_passes"] = report.passes
         results["fsdp2"] = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
         results["fsdp2_sharded"] = all(isinstance(p, DTensor) for n, p in model.named_parameters() if "lora_" in n)
         # The Trainer callback on an FSDP2 model (the Trainer's FSDP2 needs an accelerator, so it is called directly).
@@ -161,6 +163,7 @@ class TestTwoRanks:
     def test_fsdp2_sharded_factors_equal_single_process(self, ranks):
         results, _ = ranks
         assert all(r["fsdp2_sharded"] for r in results)
+        assert all(r["fsdp2_passes"] > 1 for r in results)
         model = wrap(tiny_llama())
         initialize_lora_da(model, batches(examples(8), 2), CFG)
         assert_factors_match([r["fsdp2"] for r in results], lora_state(model))
