@@ -218,7 +218,7 @@ def _gather_and_solve(
     units = {name: [name] for name in shapes}  # what the plan keeps together: a layer, or layers sharing an input
     plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
     several = len(plan.passes) > 1 and layers_per_pass is None
-    groups = _input_groups(model, batches, list(layers), config) if several else None
+    groups = _input_groups(model, batches, list(layers), config, loss_fn) if several else None
     if groups:  # before any forward each layer was counted with a Z of its own: once per group is the truth
         units = {}
         for name in shapes:
@@ -288,7 +288,11 @@ def _gather_and_solve(
 
 
 def _input_groups(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], names: list[str], config: LoraDAConfig
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    names: list[str],
+    config: LoraDAConfig,
+    loss_fn: PerExampleLoss | None,
 ) -> dict[str, str] | None:
     """The layers' input groups from a forward of the first batch (on every rank, or on none: a sharded model's
     forward is collective), or None where the batches cannot be looked at twice or a rank has none."""
@@ -297,7 +301,7 @@ def _input_groups(
     if not (all(all_gather_objects(first is not None)) if is_distributed() else first is not None):
         return None
     with model.disable_adapter():
-        groups = discover_input_groups(model, first, names, config)
+        groups = discover_input_groups(model, first, names, config, loss_fn)
     return all_gather_objects(groups)[0] if is_distributed() else groups
 
 

@@ -106,14 +106,18 @@ def collect_statistics(
 
 
 def discover_input_groups(
-    model: nn.Module, batch: Mapping[str, torch.Tensor], target_modules: Sequence[str], config: LoraDAConfig
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    target_modules: Sequence[str],
+    config: LoraDAConfig,
+    loss_fn: PerExampleLoss | None = None,
 ) -> dict[str, str]:
-    """Which target layers read one input tensor (q/k/v, gate/up): {layer: first layer of its group}, from one
-    forward of `batch` without gradients (the memory plan then counts each group's `Z` once)."""
+    """Which target layers read one input tensor (q/k/v, gate/up): {layer: first layer of its group}, from the
+    statistics pass's forward of `batch`, without gradients (the memory plan then counts each group's `Z` once)."""
     model = unwrap_model(model)
     collector = Collector(resolve_layers(model, target_modules), config)
     with _statistics_mode(model), collector.attached(model), torch.no_grad():
-        _forward(model, ModelTask.of(model), batch, model_device(model), collector, config, None, hash_it=False)
+        _forward(model, ModelTask.of(model), batch, model_device(model), collector, config, loss_fn, hash_it=False)
     collector.finalize_groups()
     return collector.input_groups
 
