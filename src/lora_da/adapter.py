@@ -130,7 +130,8 @@ def initialize_lora_da(
     per group, so several passes need re-iterable `batches`); the factors are the same as in one pass. By
     default the groups follow the memory free on the model's device (see `schedule.plan_memory`; the plan is
     logged, and printed when `config.show_progress`); `layers_per_pass` (a number of layers) and/or
-    `memory_budget` (bytes of statistics) set them instead.
+    `memory_budget` (bytes of statistics) set them instead. When that takes several passes, a forward of the first
+    batch without gradients finds the layers that read one input: each shared `Z` is counted once, in one pass.
 
     `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
     reduced to it batch by batch (see `collect_statistics`), which divides the memory per pass by about the
