@@ -25,6 +25,7 @@ from .distributed import (
     is_distributed,
     is_main_process,
     local_config,
+    raise_if_any_rank_failed,
     shard_batches,
 )
 from .layers import (
@@ -299,11 +300,21 @@ def _input_groups(
     forward is collective), or None where the batches cannot be looked at twice or a rank has none."""
     iterator = iter(batches)
     first = None if iterator is batches else next(iterator, None)
-    if not (all(all_gather_objects(first is not None)) if is_distributed() else first is not None):
+    distributed = is_distributed()
+    if not (all(all_gather_objects(first is not None)) if distributed else first is not None):
         return None
-    with model.disable_adapter():
-        groups = discover_input_groups(model, first, names, config, loss_fn)
-    return all_gather_objects(groups)[0] if is_distributed() else groups
+    groups, error = None, None
+    try:
+        with model.disable_adapter():
+            groups = discover_input_groups(model, first, names, config, loss_fn)
+    except Exception as exc:  # under torch.distributed every rank must learn of it, or the others hang
+        if not distributed:
+            raise
+        error = exc
+    if distributed:
+        raise_if_any_rank_failed(error)
+        groups = all_gather_objects(groups)[0]
+    return groups
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:
