@@ -25,7 +25,7 @@ from .distributed import (
     is_distributed,
     is_main_process,
     local_config,
-    raise_if_any_rank_failed,
+    on_every_rank,
     shard_batches,
 )
 from .layers import (
@@ -303,18 +303,13 @@ def _input_groups(
     distributed = is_distributed()
     if not (all(all_gather_objects(first is not None)) if distributed else first is not None):
         return None
-    groups, error = None, None
-    try:
+
+    def discover() -> dict[str, str]:
         with model.disable_adapter():
-            groups = discover_input_groups(model, first, names, config, loss_fn)
-    except Exception as exc:  # under torch.distributed every rank must learn of it, or the others hang
-        if not distributed:
-            raise
-        error = exc
-    if distributed:
-        raise_if_any_rank_failed(error)
-        groups = all_gather_objects(groups)[0]
-    return groups
+            return discover_input_groups(model, first, names, config, loss_fn)
+
+    groups = on_every_rank(discover)
+    return all_gather_objects(groups)[0] if distributed else groups
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:

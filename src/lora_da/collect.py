@@ -29,6 +29,7 @@ from .distributed import (
     is_distributed,
     is_main_process,
     local_config,
+    on_every_rank,
     raise_if_any_rank_failed,
     shard_batches,
 )
@@ -84,15 +85,8 @@ def collect_statistics(
                                "data_hash": collector.data_hash()})
         return stats
     collector = Collector(modules, config)
-    error = None
-    try:
-        _run_pass(model, batches, collector, config, loss_fn)
-    except Exception as exc:  # under torch.distributed every rank must learn of it, or the others hang
-        if not distributed:
-            raise
-        error = exc
+    on_every_rank(lambda: _run_pass(model, batches, collector, config, loss_fn))
     if distributed:
-        raise_if_any_rank_failed(error)
         stats = _all_reduce(collector, model_device(model))
     else:
         if collector.num_examples == 0:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,23 @@ def all_gather_objects(value) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+T = TypeVar("T")
+
+
+def on_every_rank(work: Callable[[], T]) -> T:
+    """`work()`; under torch.distributed a failure on any rank is raised on every rank (collective), where the
+    others would otherwise wait forever in their next collective."""
+    if not is_distributed():
+        return work()
+    result, error = None, None
+    try:
+        result = work()
+    except Exception as exc:
+        error = exc
+    raise_if_any_rank_failed(error)
+    return result
 
 
 def raise_if_any_rank_failed(error: BaseException | None) -> None:

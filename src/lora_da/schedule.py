@@ -16,7 +16,7 @@ from .distributed import (
     get_rank,
     get_world_size,
     is_distributed,
-    raise_if_any_rank_failed,
+    on_every_rank,
 )
 from .solver import LayerSolution, solve_all
 from .statistics import LoraDAStatistics
@@ -190,12 +190,10 @@ def solve_layers(
             del stats.gradient_sums[name], stats.output_sq_sums[name]
         for group in groups:
             del stats.input_sums[group]
-    error, solutions = None, {}
-    try:
-        solutions = solve_all(stats, dict(ranks), config, layers=mine, release=release) if mine else {}
-    except Exception as exc:
-        error = exc
-    raise_if_any_rank_failed(error)
+    def solve_mine() -> dict[str, LayerSolution]:
+        return solve_all(stats, dict(ranks), config, layers=mine, release=release) if mine else {}
+
+    solutions = on_every_rank(solve_mine)  # a rank without layers joins too: another's failure reaches it
     comm = communication_device(device)
     for src, names in enumerate(per_rank):
         if src != get_rank():
