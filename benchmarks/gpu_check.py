@@ -97,6 +97,8 @@ def main() -> None:
         "lora_ga (PEFT)": lambda: registry_init(model, batches, "lora_ga"),
         "lora_one (ours)": lambda: registry_init(model, batches, "lora_one"),
         "lora_da (ours)": lambda: ours_init(get_peft_model(copy.deepcopy(model), lora()), batches, POPULATION),
+        "lora_da (ours, chebyshev)": lambda: ours_init(get_peft_model(copy.deepcopy(model), lora()), batches,
+                                                       POPULATION, eigensolver="chebyshev"),
     }
     if args.released:
         steps["released implementation"] = lambda: released_init(args.released, copy.deepcopy(model), batches, 8,
@@ -127,7 +129,7 @@ def report(results: dict) -> str:
              "| step | seconds | x floor | statistics / solve s | peak GPU memory (MiB) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name in ("floor", "floor, supervised positions projected", "lora_ga (PEFT)", "lora_one (ours)",
-                 "lora_da (ours)", "released implementation"):
+                 "lora_da (ours)", "lora_da (ours, chebyshev)", "released implementation"):
         row = results.get(name)
         if row is None:
             continue
@@ -137,11 +139,13 @@ def report(results: dict) -> str:
         ratio = f"{row['seconds'] / floor:.2f}" if floor else ""
         split = f"{row['statistics_seconds']:.2f} / {row['solve_seconds']:.2f}" if "solve_seconds" in row else ""
         lines.append(f"| {name} | {row['seconds']:.2f} | {ratio} | {split} | {row['peak_mib']:.0f} |")
-    da, ga = results.get("lora_da (ours)", {}), results.get("lora_ga (PEFT)", {})
-    if "seconds" in da and "seconds" in ga:
-        lines += ["", f"LoRA-DA / PEFT LoRA-GA: {da['seconds'] / ga['seconds']:.2f}x (goal <= 1.5x); LoRA-DA / floor: "
-                  f"{da['seconds'] / floor:.2f}x (goal <= 1.3x); statistics {da.get('statistics_seconds', 0):.2f} s, "
-                  f"solve {da.get('solve_seconds', 0):.2f} s."]
+    ga = results.get("lora_ga (PEFT)", {})
+    for name in ("lora_da (ours)", "lora_da (ours, chebyshev)"):
+        da = results.get(name, {})
+        if "seconds" in da and "seconds" in ga:
+            lines += ["", f"{name} / PEFT LoRA-GA: {da['seconds'] / ga['seconds']:.2f}x (goal <= 1.5x); / floor: "
+                      f"{da['seconds'] / floor:.2f}x (goal <= 1.3x); statistics {da.get('statistics_seconds', 0):.2f}"
+                      f" s, solve {da.get('solve_seconds', 0):.2f} s; solvers {da.get('solvers_used')}."]
     lines += ["", f"NCCL, one rank: {results['nccl']}", "", "```", results["profile"].rstrip(), "```", ""]
     return "\n".join(lines)
 

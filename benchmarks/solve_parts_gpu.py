@@ -19,6 +19,7 @@ from _harness import RESULTS, synchronize
 from solve_speed import SMOL, synthetic_inputs, synthetic_layer
 
 from lora_da import LoraDAConfig, solve_layer
+from lora_da.eigensolvers import filtered_subspace
 from lora_da.input_factor import factor_input
 
 SHAPES = {name: SMOL[name][:2] for name in ("q_proj", "k_proj", "gate_proj", "down_proj")}
@@ -47,6 +48,7 @@ def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callab
     gradient, y = gradient.to(device), y.to(device)
     config = LoraDAConfig(population_size=100_000, show_progress=False)
     davidson = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="lobpcg")
+    chebyshev = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="chebyshev")
     factor = factor_input(z, config)
     damped = z + config.damping * torch.eye(n, dtype=z.dtype, device=device)
     g = gradient.double()
@@ -56,9 +58,12 @@ def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callab
     guidance = -outer / float(outer.diagonal().max()) + 1e-3 * torch.cholesky_inverse(factor.cholesky)
     guidance = ((guidance + guidance.T) / 2).float()
     batch = guidance.expand(BATCH, n, n).contiguous()
+    omega = torch.randn(m, 16, generator=gen, dtype=torch.float64).to(device)
+    starts = (step @ omega).expand(BATCH, n, 16).contiguous()
     return {
         "solve_layer, whole": lambda: solve_layer(gradient, z, y, 8, config),
         "solve_layer, Davidson (eigensolver='lobpcg')": lambda: solve_layer(gradient, z, y, 8, davidson),
+        "solve_layer, eigensolver='chebyshev' (a batch of one)": lambda: solve_layer(gradient, z, y, 8, chebyshev),
         "Cholesky of Z + lam I (float64)": lambda: torch.linalg.cholesky_ex(damped),
         "cholesky_solve with G^T (float64)": lambda: torch.cholesky_solve(g.T, factor.cholesky),
         "D D^T (float64)": lambda: step @ step.T,
@@ -67,6 +72,8 @@ def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callab
         "eigh of M (float32)": lambda: torch.linalg.eigh(guidance),
         "eigh of M (float64)": lambda: torch.linalg.eigh(guidance.double()),
         f"eigh of {BATCH} M at once (float32), per matrix": lambda: torch.linalg.eigh(batch),
+        f"filtered_subspace of {BATCH} M at once (float64), per matrix": lambda: filtered_subspace(
+            batch.double(), starts, 8, 1e-4, list(range(BATCH))),
         "one host sync (float of a tensor)": lambda: float(guidance[0, 0]),
     }
 
@@ -117,6 +124,7 @@ def main() -> None:
         work = steps(m, n, args.tokens, device)
         times = {step: milliseconds(device, run, args.repeats) for step, run in work.items()}
         times[f"eigh of {BATCH} M at once (float32), per matrix"] /= BATCH
+        times[f"filtered_subspace of {BATCH} M at once (float64), per matrix"] /= BATCH
         results["milliseconds"][f"{name} [{m}, {n}]"] = times
         print(name, json.dumps(times), flush=True)
     results["profile"] = profile_table(*SHAPES["q_proj"], args.tokens, device)

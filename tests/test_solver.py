@@ -11,6 +11,7 @@ from lora_da import (
     LoraDAStatistics,
     eigensolvers,
     input_factor,
+    layer_solvers,
     solve_all,
     solve_layer,
     solver,
@@ -317,13 +318,13 @@ class TestImplicitSolver:
     def test_solve_all_gives_wide_groups_all_threads(self, monkeypatch):
         monkeypatch.setattr(solver, "DENSE_MAX_SIZE", 40)
         seen = {}
-        original = solver.solve_layer
+        original = solver._solve_layers
 
-        def spy(*args, layer, **kwargs):
-            seen[layer] = torch.get_num_threads()
-            return original(*args, layer=layer, **kwargs)
+        def spy(layers, config):
+            seen.update({layer.name: torch.get_num_threads() for layer in layers})
+            return original(layers, config)
 
-        monkeypatch.setattr(solver, "solve_layer", spy)
+        monkeypatch.setattr(solver, "_solve_layers", spy)
         previous = torch.get_num_threads()
         torch.set_num_threads(2)
         try:
@@ -332,3 +333,79 @@ class TestImplicitSolver:
         finally:
             torch.set_num_threads(previous)
         assert seen["down"] == 2 and seen["q"] == 1  # down_proj has n = 40 inputs
+
+
+def known_spectrum(count: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch [count, n, n] of symmetric matrices with a crowded negative end and a long positive tail (like M),
+    their eigenvalues and eigenvectors."""
+    gen = torch.Generator().manual_seed(seed)
+    matrices, values, vectors = [], [], []
+    for _ in range(count):
+        q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        low = -torch.linspace(1.0, 0.6, 12, dtype=torch.float64)
+        spectrum = torch.cat([low, torch.rand(n - 12, generator=gen, dtype=torch.float64) * 50 - 0.5]).sort().values
+        matrices.append(q @ torch.diag(spectrum) @ q.T)
+        values.append(spectrum)
+        vectors.append(q[:, spectrum.argsort()])
+    return torch.stack(matrices), torch.stack(values), torch.stack(vectors)
+
+
+class TestChebyshev:
+    """Batched Chebyshev-filtered subspace iteration on formed M (eigensolver="chebyshev") against dense eigh."""
+
+    def test_filtered_subspace_finds_each_matrix_of_a_batch(self):
+        matrices, values, _ = known_spectrum(count=5, n=90, seed=20)
+        starts = torch.randn(5, 90, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        found = eigensolvers.filtered_subspace(matrices, starts, 8, 1e-8, seeds=list(range(5)))
+        assert all(found.converged) and max(found.residuals) <= 1e-8
+        for index in range(5):
+            exact, exact_vectors = torch.linalg.eigh(matrices[index])
+            torch.testing.assert_close(found.values[index, :8], exact[:8], rtol=1e-10, atol=1e-12)
+            u = found.vectors[index, :, :8]
+            assert float((u @ u.T - exact_vectors[:, :8] @ exact_vectors[:, :8].T).norm()) < 1e-6
+
+    def test_filtered_subspace_reports_what_it_did_not_reach(self):
+        matrices, _, _ = known_spectrum(count=2, n=90, seed=21)
+        starts = torch.randn(2, 90, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        found = eigensolvers.filtered_subspace(matrices, starts, 8, 1e-12, seeds=[0, 1], max_cycles=1)
+        assert not any(found.converged) and min(found.residuals) > 1e-12
+
+    # a stiff variance term (N_pop = 1: K^{-1}'s eigenvalues up to 1e6 dominate M) is left to eigh
+    @pytest.mark.parametrize("beta, n_pop, used", [(0.0, 100, "chebyshev"), (0.03, 100, "chebyshev"), (1.0, 1, "eigh")])
+    def test_matches_dense_reference(self, beta, n_pop, used):
+        g, z, y = wide_problem(m=160, n=300, tokens=120, seed=11)
+        rank = 6
+        cfg = LoraDAConfig(variance_weight=beta, population_size=n_pop, eigensolver="chebyshev", eigensolver_tol=1e-6)
+        solution = solve_layer(g, z, y, rank, cfg)
+        assert solution.info["eigensolver"] == used and solution.info["residual"] <= 1e-6
+        a_ref, b_ref, m_mat, values = reference(g.double(), z, y, rank, 1.0, beta, 1e-6, n_pop, 1024.0)
+        u = solution.A.double().T * 32
+        assert float(torch.trace(u.T @ m_mat @ u)) == pytest.approx(float(values.sum()), rel=1e-6, abs=1e-9)
+        update, update_ref = (solution.B @ solution.A).double(), b_ref @ a_ref
+        assert float((update - update_ref).norm() / update_ref.norm()) < 1e-3
+
+    def test_solve_all_batches_same_sized_layers(self, monkeypatch):
+        layers = {"q": (48, 96, "x"), "k": (24, 96, "x"), "o": (48, 96, "o"), "up": (120, 96, "h"),
+                  "down": (96, 120, "d")}
+        stats = _statistics(layers, seed=3)
+        cfg = LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="chebyshev", show_progress=False)
+        batches = []
+        original = eigensolvers.filtered_subspace
+
+        def spy(matrices, *args, **kwargs):
+            batches.append(tuple(matrices.shape))
+            return original(matrices, *args, **kwargs)
+
+        monkeypatch.setattr(layer_solvers, "filtered_subspace", spy)
+        solutions = solve_all(stats, 4, cfg)
+        assert sorted(batches) == [(1, 120, 120), (4, 96, 96)]  # one call per size, its layers together
+        assert solve_all(stats, 4, cfg)["up"].A.equal(solutions["up"].A)  # deterministic
+        released = solve_all(_statistics(layers, seed=3), 4, cfg, release=True)  # the adapter's way
+        for name in layers:  # its means are taken in another order: equal to rounding
+            torch.testing.assert_close(released[name].B, solutions[name].B, rtol=1e-5, atol=1e-7)
+        for name, solution in solutions.items():
+            assert solution.info["eigensolver"] == "chebyshev" and solution.info["residual"] <= cfg.eigensolver_tol
+            exact = solve_layer(stats.gradient(name), stats.input_factor(name), stats.output_factor(name), 4,
+                                LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="eigh"))
+            update, exact_update = solution.B @ solution.A, exact.B @ exact.A
+            assert float((update - exact_update).norm() / exact_update.norm()) < 1e-3

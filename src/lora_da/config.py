@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 TOKEN_MASKS = ("attention", "labels")
-EIGENSOLVERS = ("auto", "eigh", "lobpcg")
+EIGENSOLVERS = ("auto", "eigh", "lobpcg", "chebyshev")
 FISHERS = ("kfac", "identity")
 FACTOR_BALANCES = ("released", "kaiming", "svd")
 OUTPUT_SCALINGS = ("mean", "token")
@@ -33,8 +33,11 @@ class LoraDAConfig:
         token_mask: which positions feed the statistics: "attention" (every attended position) or
             "labels" (positions that make a supervised prediction).
         normalize: divide the natural-gradient step by its largest singular value.
-        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), or "auto" (by size and device).
-        eigensolver_tol: relative residual tolerance of LOBPCG; "auto" falls back to "eigh" above it.
+        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), "auto" (by size and device), or
+            "chebyshev" (as "auto" on a GPU, but the formed M of same-sized layers are solved together, batched, by
+            Chebyshev-filtered subspace iteration: for GPUs, where a dense eigh runs one matrix at a time).
+        eigensolver_tol: relative residual tolerance of the iterative solvers; "auto" and "chebyshev" fall back to
+            "eigh" above it.
         seed: seeds the iterative eigensolver's start so runs are reproducible.
         fisher: "kfac" (the method) or "identity" (Z = I, y = 1: an ablation).
         factor_balance: how the scale of `B @ A` is split: "released" (A = U^T / sqrt(gamma)), "kaiming"
@@ -54,7 +57,7 @@ class LoraDAConfig:
     population_size: int | None = None
     token_mask: Literal["attention", "labels"] = "attention"
     normalize: bool = True
-    eigensolver: Literal["auto", "eigh", "lobpcg"] = "auto"
+    eigensolver: Literal["auto", "eigh", "lobpcg", "chebyshev"] = "auto"
     eigensolver_tol: float = 1e-4
     seed: int = 0
     fisher: Literal["kfac", "identity"] = "kfac"

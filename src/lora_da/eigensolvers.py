@@ -157,3 +157,127 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
     signs = torch.sign(vectors.gather(0, index[None, :]))
     signs[signs == 0] = 1
     return vectors * signs
+
+
+# Chebyshev-filtered subspace iteration: polynomial degree per cycle and cycles before a matrix is given up (its
+# caller then runs a dense eigensolver). On the grid's SmolLM2 statistics, degree 12 from the step's own range
+# reached a residual of 1e-4 in 2-3 cycles.
+CHEBYSHEV_DEGREE = 12
+CHEBYSHEV_MAX_CYCLES = 8
+LANCZOS_STEPS = 8
+
+
+@dataclass
+class BatchedEigenpairs:
+    vectors: torch.Tensor  # [b, n, k] Ritz vectors, by ascending Ritz value
+    values: torch.Tensor  # [b, k]
+    residuals: list[float]  # per matrix, as `Eigenpairs.residual`
+    converged: list[bool]
+    cycles: list[int]
+
+
+def filtered_subspace(
+    matrices: torch.Tensor, starts: torch.Tensor, rank: int, tol: float, seeds: list[int],
+    degree: int = CHEBYSHEV_DEGREE, max_cycles: int = CHEBYSHEV_MAX_CYCLES,
+) -> BatchedEigenpairs:
+    """The `rank` smallest eigenpairs of each symmetric matrix of a batch [b, n, n], by Chebyshev-filtered
+    subspace iteration from `starts` [b, n, k]: Rayleigh-Ritz on the block, then a polynomial in the matrix that
+    damps its spectrum from the block's largest Ritz value up to a Lanczos bound and grows the end below it.
+    Every step is a batched product or a batch of k x k problems, so a GPU runs a batch of same-shaped layers in
+    the kernel launches of one layer (a dense `eigh` runs the matrices in turn). A matrix stops once its residual
+    (relative as in `block_davidson`) is within `tol`; the ones still above it after `max_cycles` are returned
+    with `converged` False. `seeds` (one per matrix) start the Lanczos bounds, so that a matrix's answer does not
+    depend on the batch it is in."""
+    count, n, k = starts.shape
+    upper = _upper_bounds(matrices, seeds)
+    vectors, values = torch.empty_like(starts), starts.new_empty(count, k)
+    residuals, converged, cycles = [math.inf] * count, [False] * count, [max_cycles] * count
+    active = list(range(count))
+    block = starts
+    for cycle in range(1, max_cycles + 1):
+        basis = _orthonormal_columns(block)
+        image = matrices @ basis
+        gram = basis.mT @ image
+        ritz, coefficients = torch.linalg.eigh((gram + gram.mT) / 2)
+        block, images = basis @ coefficients, image @ coefficients
+        scale = torch.maximum(ritz[:, 0].abs(), ritz[:, min(rank, k - 1)].abs())
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        wanted = images[..., :rank] - block[..., :rank] * ritz[:, None, :rank]
+        relative = (wanted.norm(dim=(1, 2)) / scale).tolist()  # one read from the device per cycle
+        index = torch.tensor(active, device=starts.device)
+        vectors[index], values[index] = block, ritz
+        keep = []
+        for position, (matrix, residual) in enumerate(zip(active, relative, strict=True)):
+            residuals[matrix] = residual
+            if residual <= tol:
+                converged[matrix], cycles[matrix] = True, cycle
+            else:
+                keep.append(position)
+        if not keep or cycle == max_cycles:
+            break
+        if len(keep) < len(active):  # only the matrices still above tol go on
+            rows = torch.tensor(keep, device=starts.device)
+            matrices, block, ritz, upper = matrices[rows], block[rows], ritz[rows], upper[rows]
+            active = [active[position] for position in keep]
+        upper = torch.maximum(upper, ritz[:, -1])
+        block = _chebyshev_filter(matrices, block, ritz[:, 0], ritz[:, -1], upper, degree)
+    return BatchedEigenpairs(vectors, values, residuals, converged, cycles)
+
+
+def _upper_bounds(matrices: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """An upper bound [b] of each matrix's spectrum: the top Ritz value of a few Lanczos steps from a seeded
+    vector plus the last off-diagonal (Zhou & Saad's estimate; the filter only slows if it is loose)."""
+    count, n, _ = matrices.shape
+    start = torch.stack([torch.randn(n, 1, generator=torch.Generator().manual_seed(seed), dtype=matrices.dtype)
+                         for seed in seeds]).to(matrices.device)
+    vector = start / start.norm(dim=1, keepdim=True)
+    previous, beta = torch.zeros_like(vector), matrices.new_zeros(count)
+    alphas, betas = [], []
+    for _ in range(min(LANCZOS_STEPS, n)):
+        product = matrices @ vector - beta[:, None, None] * previous
+        alpha = (vector * product).sum(dim=(1, 2))
+        product = product - alpha[:, None, None] * vector
+        beta = product.norm(dim=(1, 2))
+        alphas.append(alpha)
+        betas.append(beta)
+        tiny = torch.finfo(matrices.dtype).tiny
+        previous, vector = vector, product / beta.clamp(min=tiny)[:, None, None]
+    tridiagonal = torch.diag_embed(torch.stack(alphas, dim=1))
+    if len(betas) > 1:
+        off = torch.stack(betas[:-1], dim=1)
+        tridiagonal = tridiagonal + torch.diag_embed(off, offset=1) + torch.diag_embed(off, offset=-1)
+    return torch.linalg.eigvalsh(tridiagonal)[:, -1] + betas[-1]
+
+
+def _orthonormal_columns(block: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning each [n, k] block of a batch: Cholesky QR twice (batched GEMMs and k x k
+    factorizations) on unit-norm columns; Householder QR if a block is too ill-conditioned for it."""
+    norms = block.norm(dim=1, keepdim=True)
+    unit = block / norms.clamp(min=torch.finfo(block.dtype).tiny)
+    basis = unit
+    for _ in range(2):
+        cholesky, info = torch.linalg.cholesky_ex(basis.mT @ basis)
+        if bool(info.any()):
+            return torch.linalg.qr(unit).Q
+        basis = torch.linalg.solve_triangular(cholesky.mT, basis, upper=True, left=False)
+    return basis
+
+
+def _chebyshev_filter(
+    matrices: torch.Tensor, block: torch.Tensor, lowest: torch.Tensor, cut: torch.Tensor, upper: torch.Tensor,
+    degree: int,
+) -> torch.Tensor:
+    """p(M) block for the Chebyshev polynomial p of `degree` that stays within [-1, 1] on [cut, upper] and grows
+    fastest below it, scaled to about 1 at `lowest` (the three-term recurrence of Zhou & Saad, which keeps the
+    values from overflowing); all arguments but `block` [b, n, k] and `degree` are per matrix [b]."""
+    spread = torch.finfo(block.dtype).eps * (upper.abs() + lowest.abs())
+    half = ((upper - cut) / 2).clamp(min=spread.clamp(min=torch.finfo(block.dtype).tiny))[:, None, None]
+    center = ((upper + cut) / 2)[:, None, None]
+    sigma = half / (lowest[:, None, None] - center)
+    first = sigma
+    current = (matrices @ block - center * block) * (sigma / half)
+    for _ in range(2, degree + 1):
+        following = 1.0 / (2.0 / first - sigma)
+        step = (matrices @ current - center * current) * (2.0 * following / half) - (sigma * following) * block
+        block, current, sigma = current, step, following
+    return current
