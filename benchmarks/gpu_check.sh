@@ -17,5 +17,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 released=()
 [ -f .released/lora_da.py ] && released=(--released .released/lora_da.py)
 timeout 200 python3 benchmarks/gpu_check.py --out "$OUT" "${released[@]}" 2>&1 | tee "$OUT/gpu_check.log"
-timeout 60 python3 benchmarks/solve_parts_gpu.py --out "$OUT" > /dev/null 2>&1
+timeout 120 python3 benchmarks/solve_parts_gpu.py --wide --out "$OUT" > /dev/null 2>&1
 timeout 200 python3 benchmarks/scale_gpu.py --gpu-gib 80 --out "$OUT" 2>&1 | grep -v "it/s\]\|batch/s\]\|layer/s\]"

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 from _harness import RESULTS, synchronize
-from solve_speed import SMOL, synthetic_inputs, synthetic_layer
+from solve_speed import LLAMA7B, SMOL, synthetic_inputs, synthetic_layer
 
 from lora_da import LoraDAConfig, solve_layer
 from lora_da.eigensolvers import filtered_subspace
 from lora_da.input_factor import factor_input
+from lora_da.layer_solvers import ImplicitGuidance
 
 SHAPES = {name: SMOL[name][:2] for name in ("q_proj", "k_proj", "gate_proj", "down_proj")}
+WIDE = {name: LLAMA7B[name][:2] for name in ("q_proj", "gate_proj", "down_proj")}
 BATCH = 30  # layers of one shape in SmolLM2-135M
 
 
@@ -78,6 +80,38 @@ def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callab
     }
 
 
+def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[str, Callable[[], object]], dict]:
+    """One Davidson iteration's parts for a synthetic wide [m, n] layer (7B shapes), and the whole solve's
+    iterations: where a wide layer's ~240 ms on a GPU go."""
+    gen = torch.Generator().manual_seed(0)
+    x = synthetic_inputs(tokens, n, gen)
+    gradient, y = synthetic_layer(x, m, 32, gen)
+    x = x.to(device)
+    z = x.double().T @ x.double() / tokens
+    gradient, y = gradient.to(device), y.to(device)
+    config = LoraDAConfig(population_size=100_000, show_progress=False)
+    factor = factor_input(z, config)
+    inv_y = 1.0 / (y + config.damping)
+    g = gradient.double()
+    operator = ImplicitGuidance(factor, g, inv_y, 1.0, 0.03 * float(inv_y.sum()) / 100_000)
+    block = torch.randn(n, 32, generator=gen, dtype=torch.float64).to(device)
+    narrow = block[:, :9].contiguous()
+    rayleigh = torch.randn(192, 192, generator=gen, dtype=torch.float64).to(device)
+    rayleigh = rayleigh + rayleigh.T
+    solution = solve_layer(gradient, factor, y, 8, config)
+    info = {key: solution.info.get(key) for key in ("eigensolver", "iterations", "residual", "block_size")}
+    return {
+        "solve_layer, whole": lambda: solve_layer(gradient, factor, y, 8, config),
+        "Cholesky of Z + lam I (float64)": lambda: factor_input(z, config),
+        "operator on 32 columns (4 triangular solves, 2 GEMMs)": lambda: operator.guidance(block),
+        "K^-1 on 32 columns (2 triangular solves)": lambda: factor.solve(block),
+        "K^-1 on 9 columns": lambda: factor.solve(narrow),
+        "G products on 32 columns (2 GEMMs)": lambda: ((block.T @ g.T) * inv_y) @ g,
+        "eigh of a 192 x 192 Rayleigh matrix (float64)": lambda: torch.linalg.eigh(rayleigh),
+        "QR of n x 32 (float64)": lambda: torch.linalg.qr(block),
+    }, info
+
+
 def profile_table(m: int, n: int, tokens: int, device: torch.device, rows: int = 15) -> str:
     """torch.profiler table (top ops by device time, else CPU time) of one layer's `solve_layer`."""
     work = steps(m, n, tokens, device)["solve_layer, whole"]
@@ -101,6 +135,14 @@ def report(results: dict) -> str:
              "| step | " + " | ".join(shapes) + " |", "| --- |" + " ---: |" * len(shapes)]
     for step in results["milliseconds"][shapes[0]]:
         lines.append(f"| {step} | " + " | ".join(f"{results['milliseconds'][s][step]:.2f}" for s in shapes) + " |")
+    if "wide" in results:
+        wide = list(results["wide"])
+        lines += ["", "Wide layers (7B shapes, block Davidson on the implicit operator), milliseconds:", "",
+                  "| step | " + " | ".join(wide) + " |", "| --- |" + " ---: |" * len(wide)]
+        for step in results["wide"][wide[0]]:
+            lines.append(f"| {step} | " + " | ".join(f"{results['wide'][s][step]:.2f}" for s in wide) + " |")
+        lines.append("| the solve's iterations | " + " | ".join(
+            str(results["wide_solves"][s].get("iterations")) for s in wide) + " |")
     lines += ["", "`solve_layer` of q_proj under torch.profiler:", "", "```", results["profile"].rstrip(), "```", ""]
     return "\n".join(lines)
 
@@ -112,6 +154,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--report-only", action="store_true", help="rewrite the .md from the .json in --out")
+    parser.add_argument("--wide", action="store_true", help="also the parts of a Davidson iteration at 7B shapes")
     args = parser.parse_args()
     if args.report_only:
         results = json.loads((args.out / "solve_parts_gpu.json").read_text())
@@ -127,6 +170,14 @@ def main() -> None:
         times[f"filtered_subspace of {BATCH} M at once (float64), per matrix"] /= BATCH
         results["milliseconds"][f"{name} [{m}, {n}]"] = times
         print(name, json.dumps(times), flush=True)
+    if args.wide:
+        results["wide"], results["wide_solves"] = {}, {}
+        for name, (m, n) in WIDE.items():
+            work, info = wide_steps(m, n, args.tokens, device)
+            key = f"{name} [{m}, {n}]"
+            results["wide"][key] = {step: milliseconds(device, run, args.repeats) for step, run in work.items()}
+            results["wide_solves"][key] = info
+            print(name, json.dumps(results["wide"][key]), info, flush=True)
     results["profile"] = profile_table(*SHAPES["q_proj"], args.tokens, device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "solve_parts_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
