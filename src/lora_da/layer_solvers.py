@@ -227,8 +227,10 @@ def solve_implicit(
     if variance == 0 and config.bias_weight != 0 and found.first_residual <= SIGMA_TOL:
         sigma_sq = -float(found.values[0]) / config.bias_weight  # M0 is -alpha D0 D0^T itself
     else:
-        top = block_davidson(operator.bias, found.vectors[:, : rank + 1], 1, SIGMA_TOL, LOBPCG_MAX_ITERATIONS,
-                              generator)
+        # A wide layer's triangular solves cost about the same for 9 or 16 columns (bound by reading L), and the
+        # wider start needs fewer of them (a 7B-shaped block's 7 layers on 2 CPU cores: 5.8 s -> 4.3 s for sigma).
+        width = rank + 1 if n < DENSE_MAX_SIZE else max(rank + 1, min(2 * rank, block))
+        top = block_davidson(operator.bias, found.vectors[:, :width], 1, SIGMA_TOL, LOBPCG_MAX_ITERATIONS, generator)
         sigma_sq = -float(top.values[0])
     sigma = math.sqrt(max(sigma_sq, 0.0))
     check_sigma(sigma, layer)
