@@ -405,6 +405,7 @@ class TestChebyshev:
             torch.testing.assert_close(released[name].B, solutions[name].B, rtol=1e-5, atol=1e-7)
         for name, solution in solutions.items():
             assert solution.info["eigensolver"] == "chebyshev" and solution.info["residual"] <= cfg.eigensolver_tol
+            assert 1 <= solution.info["iterations"] <= eigensolvers.CHEBYSHEV_MAX_CYCLES
             exact = solve_layer(stats.gradient(name), stats.input_factor(name), stats.output_factor(name), 4,
                                 LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="eigh"))
             update, exact_update = solution.B @ solution.A, exact.B @ exact.A

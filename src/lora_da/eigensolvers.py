@@ -173,7 +173,7 @@ class BatchedEigenpairs:
     values: torch.Tensor  # [b, k]
     residuals: list[float]  # per matrix, as `Eigenpairs.residual`
     converged: list[bool]
-    cycles: list[int]
+    cycles: list[int]  # Rayleigh-Ritz steps taken
 
 
 def filtered_subspace(
@@ -233,6 +233,7 @@ def _upper_bounds(matrices: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     vector = start / start.norm(dim=1, keepdim=True)
     previous, beta = torch.zeros_like(vector), matrices.new_zeros(count)
     alphas, betas = [], []
+    tiny = torch.finfo(matrices.dtype).tiny
     for _ in range(min(LANCZOS_STEPS, n)):
         product = matrices @ vector - beta[:, None, None] * previous
         alpha = (vector * product).sum(dim=(1, 2))
@@ -240,7 +241,6 @@ def _upper_bounds(matrices: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         beta = product.norm(dim=(1, 2))
         alphas.append(alpha)
         betas.append(beta)
-        tiny = torch.finfo(matrices.dtype).tiny
         previous, vector = vector, product / beta.clamp(min=tiny)[:, None, None]
     tridiagonal = torch.diag_embed(torch.stack(alphas, dim=1))
     if len(betas) > 1:

@@ -30,8 +30,8 @@ class Solved:
 
 @dataclass
 class DenseProblem:
-    """One layer's guidance matrix, formed: `guidance` = M / unit [n, n] (the eigenvectors of M), the unnormalized
-    step D0 [n, m], `bias` = D0 D0^T / unit, and what turns them into M's scale."""
+    """One layer's guidance matrix, formed: `guidance` [n, n] is M up to a positive factor (M's eigenvectors),
+    `step` the unnormalized D0 [n, m], `bias` = D0 D0^T / unit; `unit` and sigma turn them into M's scale."""
 
     step: torch.Tensor
     bias: torch.Tensor
@@ -53,6 +53,7 @@ class Eigenvectors:
     residual: float
     solver: str
     gap: float | None  # eigenvalue r+1 minus eigenvalue r
+    iterations: int | None = None  # of an iterative solver
 
 
 def form_dense(
@@ -122,7 +123,8 @@ def _filtered(problems: Sequence[DenseProblem], indices: list[int], rank: int, c
             values = result.values[position]
             found[index] = Eigenvectors(result.vectors[position, :, :rank], values[:rank],
                                         result.residuals[position], "chebyshev",
-                                        float(values[rank] - values[rank - 1]) if block > rank else None)
+                                        float(values[rank] - values[rank - 1]) if block > rank else None,
+                                        result.cycles[position])
 
 
 def finish_dense(problem: DenseProblem, found: Eigenvectors, config: LoraDAConfig) -> Solved:
@@ -149,6 +151,8 @@ def finish_dense(problem: DenseProblem, found: Eigenvectors, config: LoraDAConfi
         "variance_bias_ratio_on_subspace": subspace_ratio(found.basis, step.T @ found.basis, problem.factor,
                                                           problem.variance / scale**2, config),
     }
+    if found.iterations is not None:
+        info["iterations"] = found.iterations
     return Solved(basis=found.basis, project=lambda u: step.T @ u, info=info)
 
 
