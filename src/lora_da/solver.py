@@ -178,7 +178,8 @@ def solve_all(
     for name in names:
         groups.setdefault(stats.input_group(name), []).append(name)
 
-    def solve_groups(chunk: list[list[str]]) -> dict[str, LayerSolution]:
+    def solve_groups(chunk: list[list[str]], together: bool = False) -> dict[str, LayerSolution]:
+        """Solve the groups of `chunk`: one layer at a time, or (`together`) all their layers at once."""
         solved, batch = {}, []
         for members in chunk:
             if release:
@@ -193,7 +194,7 @@ def solve_all(
                 # the solve's dtype; the float32 mean is freed before its work
                 batch.append(_LayerInput(name, gradient.to(torch.float64), factor, output_factor, ranks[name]))
                 del gradient
-                if config.eigensolver != "chebyshev":  # one layer at a time; else the chunk's layers together
+                if not together:
                     solved.update(_solved_batch(batch, config))
                     batch = []
         solved.update(_solved_batch(batch, config))
@@ -206,11 +207,13 @@ def solve_all(
     narrow = [members for group, members in groups.items() if width[group] < DENSE_MAX_SIZE]
     if release:  # narrow groups first, then wide ones by width: each solve's temporaries meet the fewest sums
         wide.sort(key=lambda members: width[stats.input_group(members[0])])
-    chunks = [[members] for members in narrow]
-    if config.eigensolver == "chebyshev":  # by width, so that a chunk holds many layers of one size
+    together = config.eigensolver == "chebyshev"  # the narrow layers' formed M are solved together, batched
+    if together:  # by width, so that a chunk holds many layers of one size
         narrow.sort(key=lambda members: width[stats.input_group(members[0])])
         chunks = _batched_groups(narrow, {name: solve_working_bytes(*stats.gradient_sums[name].shape)
                                           for name in names})
+    else:
+        chunks = [[members] for members in narrow]
     solutions: dict[str, LayerSolution] = {}
     device = stats.gradient_sums[names[0]].device if names else torch.device("cpu")
     previous = torch.get_num_threads()
@@ -226,7 +229,8 @@ def solve_all(
         # each worker thread runs its LAPACK calls on one thread: see `solver_threads`
         pool = ThreadPoolExecutor(solver_threads(device, previous), initializer=torch.set_num_threads, initargs=(1,))
         try:
-            for solved in pool.map(solve_groups, chunks):  # in order: the first error is raised
+            # in order: the first error is raised
+            for solved in pool.map(lambda chunk: solve_groups(chunk, together), chunks):
                 solutions.update(solved)
                 bar.update(len(solved))
         finally:
