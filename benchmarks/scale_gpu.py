@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--layers-per-pass", default="auto",
                         help="comma-separated runs; 'auto' = the automatic memory plan")
     parser.add_argument("--blocks", type=int, default=LLAMA2_7B["num_hidden_layers"])
+    parser.add_argument("--eigensolvers", default="auto", help="comma-separated runs, e.g. auto,chebyshev")
     parser.add_argument("--gpu-gib", type=float, default=None,
                         help="hold back all GPU memory beyond this many GiB, e.g. 80 to stand in for an 80 GB GPU")
     parser.add_argument("--device", default="cuda")
@@ -87,10 +88,17 @@ def main() -> None:
     lora = LoraConfig(r=args.rank, lora_alpha=32, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
     model = get_peft_model(model, lora)
     build_seconds = time.perf_counter() - start
-    config = LoraDAConfig(population_size=100_000, show_progress=True)
     runs = []
-    for value in args.layers_per_pass.split(","):
+    results = {"model": "random Llama-2-7B-shaped" if not args.tiny else "tiny random Llama", "shape": shape,
+               "gpu_gib": args.gpu_gib,
+               "dtype": "bfloat16", "examples": args.examples, "length": args.length, "batch_size": args.batch_size,
+               "rank": args.rank, "device": torch.cuda.get_device_name(device) if cuda else str(device),
+               "torch": torch.__version__, "build_seconds": build_seconds, "floor": floor, "runs": runs}
+    plans = [(value, eigensolver) for eigensolver in args.eigensolvers.split(",")
+             for value in args.layers_per_pass.split(",")]
+    for value, eigensolver in plans:
         layers_per_pass = None if value == "auto" else int(value)
+        config = LoraDAConfig(population_size=100_000, show_progress=True, eigensolver=eigensolver)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -99,7 +107,8 @@ def main() -> None:
         report = initialize_lora_da(model, batches, config, layers_per_pass=layers_per_pass)
         if cuda:
             torch.cuda.synchronize()
-        run = {"layers_per_pass": value, "passes": report.passes, "seconds": time.perf_counter() - start,
+        run = {"layers_per_pass": value, "eigensolver": eigensolver, "passes": report.passes,
+               "seconds": time.perf_counter() - start,
                "statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
                "statistics_gib": report.statistics_bytes / 2**30,
                "statistics_estimate_gib": report.statistics_bytes_estimate / 2**30, "layers": len(report.layers),
@@ -112,14 +121,14 @@ def main() -> None:
             run["peak_gpu_gib"] = run["model_gpu_gib"] = float("nan")
         runs.append(run)
         print(json.dumps(run), flush=True)
+        if not args.tiny:  # a smoke test writes nothing; each run is written as soon as it ends
+            write(args, results, held)
     del ballast  # held back until every run was measured
-    results = {"model": "random Llama-2-7B-shaped" if not args.tiny else "tiny random Llama", "shape": shape,
-               "gpu_gib": args.gpu_gib,
-               "dtype": "bfloat16", "examples": args.examples, "length": args.length, "batch_size": args.batch_size,
-               "rank": args.rank, "device": torch.cuda.get_device_name(device) if cuda else str(device),
-               "torch": torch.__version__, "build_seconds": build_seconds, "floor": floor, "runs": runs}
-    if args.tiny:
-        return  # a smoke test writes nothing
+
+
+def write(args, results: dict, held: int) -> None:
+    """scale_gpu.{json,md} in args.out from the runs so far."""
+    floor, runs = results["floor"], results["runs"]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
     size = f", all but {args.gpu_gib:g} GiB of its memory held back" if held else ""
@@ -129,11 +138,12 @@ def main() -> None:
              "all linear layers of the blocks.", "",
              f"Floor (forward+backward forming every target weight's gradient): {floor['seconds']:.2f} s, "
              f"peak GPU {(floor['peak_mib'] - held / 2**20) / 1024:.1f} GiB.", "",
-             "| layers per pass | passes | init s | x floor | statistics s | solve s | statistics GiB (est.) "
-             "| peak GPU GiB | model GiB | max residual |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| layers per pass | eigensolver | passes | init s | x floor | statistics s | solve s "
+             "| statistics GiB (est.) | peak GPU GiB | model GiB | max residual |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
-        lines.append(f"| {run['layers_per_pass']} | {run['passes']} | {run['seconds']:.1f} | "
+        lines.append(f"| {run['layers_per_pass']} | {run.get('eigensolver', 'auto')} | {run['passes']} | "
+                     f"{run['seconds']:.1f} | "
                      f"{run['seconds'] / floor['seconds']:.2f} | "
                      f"{run['statistics_seconds']:.1f} | {run['solve_seconds']:.1f} | {run['statistics_gib']:.1f} "
                      f"({run['statistics_estimate_gib']:.1f}) | {run['peak_gpu_gib']:.1f} | "

@@ -110,6 +110,7 @@ class TestSolveLayer:
         assert not uses_lobpcg(1536, 16, gpu, auto)  # eigh is fast on a GPU, the iteration's small steps are not
         assert uses_lobpcg(4096, 16, gpu, auto)  # ... but never a dense n x n eigh for n >= 4096 unless asked
         assert not uses_lobpcg(11008, 16, cpu, LoraDAConfig(eigensolver="eigh", population_size=100))
+        assert not uses_lobpcg(11008, 16, gpu, LoraDAConfig(eigensolver="chebyshev", population_size=100))
         forced = LoraDAConfig(eigensolver="lobpcg", population_size=100)
         assert uses_lobpcg(1536, 16, gpu, forced)
         assert not uses_lobpcg(90, 16, cpu, forced)  # the search space holds 6 blocks
@@ -410,3 +411,17 @@ class TestChebyshev:
                                 LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="eigh"))
             update, exact_update = solution.B @ solution.A, exact.B @ exact.A
             assert float((update - exact_update).norm() / exact_update.norm()) < 1e-3
+
+    def test_wide_layers_are_formed_and_filtered(self, monkeypatch):
+        monkeypatch.setattr(solver, "DENSE_MAX_SIZE", 256)
+        monkeypatch.setattr(input_factor, "DENSE_MAX_SIZE", 256)
+        g, z, y = wide_problem(m=120, n=300, tokens=100, seed=12)
+        cfg = LoraDAConfig(variance_weight=0.03, population_size=1000, eigensolver="chebyshev")
+        solution = solve_layer(g, z, y, 4, cfg)
+        assert solution.info["eigensolver"] == "chebyshev" and solution.info["residual"] <= cfg.eigensolver_tol
+        davidson = solve_layer(g, z, y, 4, LoraDAConfig(variance_weight=0.03, population_size=1000))
+        assert davidson.info["eigensolver"] == "davidson"
+        update, reference_update = solution.B @ solution.A, davidson.B @ davidson.A
+        assert float((update - reference_update).norm() / reference_update.norm()) < 1e-3
+        # the memory plan counts the formed n x n matrices of such a layer
+        assert solver.solve_working_bytes(120, 300, "chebyshev") > solver.solve_working_bytes(120, 300)

@@ -147,11 +147,11 @@ def _solution(layer: _LayerInput, solved: Solved, weights: tuple[torch.Tensor, f
     return LayerSolution(A=a.to(torch.float32), B=b.to(torch.float32), info=info)
 
 
-def solve_working_bytes(m: int, n: int) -> int:
+def solve_working_bytes(m: int, n: int, eigensolver: str = "auto") -> int:
     """Upper bound of the memory the solve of one [m, n] layer holds at once: Z's mean (packed), the damped Z
-    that becomes its Cholesky factor in place, and a float64 G; the dense path adds the inverse, the step D and
-    more n x n matrices."""
-    if n >= DENSE_MAX_SIZE:
+    that becomes its Cholesky factor in place, and a float64 G; where M is formed (below DENSE_MAX_SIZE inputs,
+    and for any size under "eigh" or "chebyshev") also the inverse, the step D and more n x n matrices."""
+    if n >= DENSE_MAX_SIZE and eigensolver in ("auto", "lobpcg"):
         return 8 * (n * n + packed_size(n) + m * n)
     return 8 * (8 * n * n + 2 * m * n)
 
@@ -207,10 +207,10 @@ def solve_all(
     narrow = [members for group, members in groups.items() if width[group] < DENSE_MAX_SIZE]
     if release:  # narrow groups first, then wide ones by width: each solve's temporaries meet the fewest sums
         wide.sort(key=lambda members: width[stats.input_group(members[0])])
-    together = config.eigensolver == "chebyshev"  # the narrow layers' formed M are solved together, batched
+    together = config.eigensolver == "chebyshev"  # formed M solved together, batched: a group's, a chunk's
     if together:  # by width, so that a chunk holds many layers of one size
         narrow.sort(key=lambda members: width[stats.input_group(members[0])])
-        chunks = _batched_groups(narrow, {name: solve_working_bytes(*stats.gradient_sums[name].shape)
+        chunks = _batched_groups(narrow, {name: solve_working_bytes(*stats.gradient_sums[name].shape, "chebyshev")
                                           for name in names})
     else:
         chunks = [[members] for members in narrow]
@@ -221,7 +221,7 @@ def solve_all(
 
         def solve_wide() -> None:
             for members in wide:
-                solutions.update(solve_groups([members]))
+                solutions.update(solve_groups([members], together))
                 bar.update(len(members))
 
         if not release:
@@ -279,16 +279,16 @@ def solve_factors(
 
 def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -> bool:
     """Whether the layer is solved iteratively (block Davidson on the implicit operator, iterating `want`
-    vectors) rather than by forming M: when asked ("lobpcg"), under "auto" or "chebyshev" for n >= DENSE_MAX_SIZE,
-    and under "auto" on a CPU for n >= AUTO_LOBPCG_MIN_SIZE. On a GPU "auto" keeps eigh below that: the
-    iteration's many small steps each wait for the device, and eigh is fast there."""
+    vectors) rather than by forming M: when asked ("lobpcg"), and under "auto" on any device for
+    n >= DENSE_MAX_SIZE and on a CPU for n >= AUTO_LOBPCG_MIN_SIZE. On a GPU "auto" keeps eigh below that: the
+    iteration's many small steps each wait for the device, and eigh is fast there. "chebyshev" forms every M."""
     if n < 6 * want:  # the search space holds up to 6 blocks
         return False
     if config.eigensolver == "lobpcg":
         return True
-    if config.eigensolver in ("auto", "chebyshev") and n >= DENSE_MAX_SIZE:
-        return True
-    return config.eigensolver == "auto" and n >= AUTO_LOBPCG_MIN_SIZE and device.type == "cpu"
+    return config.eigensolver == "auto" and (
+        n >= DENSE_MAX_SIZE or (n >= AUTO_LOBPCG_MIN_SIZE and device.type == "cpu")
+    )
 
 
 def _balance(basis_t: torch.Tensor, projected: torch.Tensor, config: LoraDAConfig) -> tuple[torch.Tensor, torch.Tensor]:
