@@ -423,5 +423,6 @@ class TestChebyshev:
         assert davidson.info["eigensolver"] == "davidson"
         update, reference_update = solution.B @ solution.A, davidson.B @ davidson.A
         assert float((update - reference_update).norm() / reference_update.norm()) < 1e-3
-        # the memory plan counts the formed n x n matrices of such a layer
+        # the memory plan counts the formed n x n matrices of such a layer, and a narrow layer's chunk
         assert solver.solve_working_bytes(120, 300, "chebyshev") > solver.solve_working_bytes(120, 300)
+        assert solver.solve_working_bytes(120, 200, "chebyshev") == solver.CHUNK_BYTES

@@ -34,9 +34,9 @@ class LoraDAConfig:
             "labels" (positions that make a supervised prediction).
         normalize: divide the natural-gradient step by its largest singular value.
         eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), "auto" (by size and device), or
-            "chebyshev" (every layer's M formed, wide ones too, and the M of same-sized layers solved together by
-            batched Chebyshev-filtered subspace iteration: for GPUs, where a dense eigh runs one matrix at a time
-            and the iterative solver's many small steps each wait for the device).
+            "chebyshev" (every layer's M formed, wide ones too, and solved by Chebyshev-filtered subspace
+            iteration, the M of same-sized layers below 4096 inputs batched: for GPUs, where a dense eigh runs one
+            matrix at a time and the iterative solver's many small steps each wait for the device).
         eigensolver_tol: relative residual tolerance of the iterative solvers; "auto" and "chebyshev" fall back to
             "eigh" above it.
         seed: seeds the iterative eigensolver's start so runs are reproducible.

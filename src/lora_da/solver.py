@@ -21,9 +21,9 @@ from .layer_solvers import Solved, block_size, dense_eigenvectors, finish_dense,
 # "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: at n = 576
 # that takes ~15 ms where forming M and a dense float32 eigh take ~50 ms, and the gap grows like n^3 / n^2.
 AUTO_LOBPCG_MIN_SIZE = 384
-# "chebyshev" solves the dense eigenproblems of narrow layers together, in chunks of up to this much solve memory
-# (`solve_working_bytes`): beyond the one solve the memory plan keeps free, little next to a GPU's memory.
-BATCH_BYTES = 512 * 2**20
+# "chebyshev" solves the formed M of narrow layers together, in chunks of up to this much solve memory (each
+# layer counted as `solve_working_bytes` counts a formed M); the memory plan keeps this much free for the solve.
+CHUNK_BYTES = 512 * 2**20
 # Norm of a row of PEFT's default A (Kaiming-uniform, a=sqrt(5)): entries U(-1/sqrt(n), 1/sqrt(n)).
 KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
 
@@ -148,11 +148,18 @@ def _solution(layer: _LayerInput, solved: Solved, weights: tuple[torch.Tensor, f
 
 
 def solve_working_bytes(m: int, n: int, eigensolver: str = "auto") -> int:
-    """Upper bound of the memory the solve of one [m, n] layer holds at once: Z's mean (packed), the damped Z
-    that becomes its Cholesky factor in place, and a float64 G; where M is formed (below DENSE_MAX_SIZE inputs,
-    and for any size under "eigh" or "chebyshev") also the inverse, the step D and more n x n matrices."""
+    """Upper bound of the memory held while one [m, n] layer is solved: Z's mean (packed), the damped Z that
+    becomes its Cholesky factor in place, and a float64 G; where M is formed (below DENSE_MAX_SIZE inputs, and
+    for any size under "eigh" or "chebyshev") also the inverse, the step D and more n x n matrices; under
+    "chebyshev" a narrow layer is solved in a chunk of up to CHUNK_BYTES."""
     if n >= DENSE_MAX_SIZE and eigensolver in ("auto", "lobpcg"):
         return 8 * (n * n + packed_size(n) + m * n)
+    formed = _formed_bytes(m, n)
+    return max(formed, CHUNK_BYTES) if eigensolver == "chebyshev" and n < DENSE_MAX_SIZE else formed
+
+
+def _formed_bytes(m: int, n: int) -> int:
+    """Upper bound of one [m, n] layer's solve with M formed: a few n x n matrices and two of [m, n]."""
     return 8 * (8 * n * n + 2 * m * n)
 
 
@@ -207,11 +214,10 @@ def solve_all(
     narrow = [members for group, members in groups.items() if width[group] < DENSE_MAX_SIZE]
     if release:  # narrow groups first, then wide ones by width: each solve's temporaries meet the fewest sums
         wide.sort(key=lambda members: width[stats.input_group(members[0])])
-    together = config.eigensolver == "chebyshev"  # formed M solved together, batched: a group's, a chunk's
+    together = config.eigensolver == "chebyshev"  # the narrow layers' formed M solved together, batched
     if together:  # by width, so that a chunk holds many layers of one size
         narrow.sort(key=lambda members: width[stats.input_group(members[0])])
-        chunks = _batched_groups(narrow, {name: solve_working_bytes(*stats.gradient_sums[name].shape, "chebyshev")
-                                          for name in names})
+        chunks = _batched_groups(narrow, {name: _formed_bytes(*stats.gradient_sums[name].shape) for name in names})
     else:
         chunks = [[members] for members in narrow]
     solutions: dict[str, LayerSolution] = {}
@@ -221,7 +227,7 @@ def solve_all(
 
         def solve_wide() -> None:
             for members in wide:
-                solutions.update(solve_groups([members], together))
+                solutions.update(solve_groups([members]))
                 bar.update(len(members))
 
         if not release:
@@ -250,11 +256,11 @@ def _solved_batch(batch: list[_LayerInput], config: LoraDAConfig) -> dict[str, L
 
 
 def _batched_groups(groups: list[list[str]], solve_bytes: Mapping[str, int]) -> list[list[list[str]]]:
-    """Consecutive groups in chunks whose layers' solve memory adds up to at most `BATCH_BYTES` (or one group)."""
+    """Consecutive groups in chunks whose layers' solve memory adds up to at most CHUNK_BYTES (or one group)."""
     chunks, total = [], 0
     for members in groups:
         size = sum(solve_bytes[name] for name in members)
-        if not chunks or total + size > BATCH_BYTES:
+        if not chunks or total + size > CHUNK_BYTES:
             chunks.append([])
             total = 0
         chunks[-1].append(members)
