@@ -95,7 +95,7 @@ def _solve_layers(layers: list[_LayerInput], config: LoraDAConfig) -> list[Layer
     dense, problems = [], []
     for index, layer in enumerate(layers):
         start = time.perf_counter()
-        m, n = layer.gradient.shape
+        n = layer.gradient.shape[1]
         g = layer.gradient.to(torch.float64)
         weights.append(_output_weights(layer.output_factor, config))
         if uses_lobpcg(n, block_size(layer.rank, n), g.device, config):
