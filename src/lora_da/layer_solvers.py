@@ -71,13 +71,13 @@ def form_dense(
     guidance = -config.bias_weight * bias
     variance_ratio = None
     variance = 0.0
-    if config.variance_weight != 0:
+    if config.variance_weight != 0:  # in place: a wide layer's n x n temporaries are what its solve's memory is
         variance = config.variance_weight * float(inv_y.sum()) / config.population_size
-        variance_term = (variance / unit) * factor.get_inverse()
-        guidance = guidance + variance_term
+        inverse = factor.get_inverse()
+        guidance.add_(inverse, alpha=variance / unit)
         if config.bias_weight != 0:
-            variance_ratio = float(variance_term.norm() / (config.bias_weight * bias.norm()))
-    guidance = (guidance + guidance.T) / 2  # exact symmetry for the eigensolvers
+            variance_ratio = variance / unit * float(inverse.norm()) / (config.bias_weight * float(bias.norm()))
+    guidance = torch.add(guidance, guidance.T).mul_(0.5)  # exact symmetry for the eigensolvers
     return DenseProblem(step, bias, guidance, unit, variance, variance_ratio, factor, layer,
                         layer_seed(config.seed, layer))
 
