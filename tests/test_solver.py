@@ -423,3 +423,17 @@ class TestChebyshev:
         # the memory plan counts the formed n x n matrices of such a layer, and a narrow layer's chunk
         assert solver.solve_working_bytes(120, 300, "chebyshev") > solver.solve_working_bytes(120, 300)
         assert solver.solve_working_bytes(120, 200, "chebyshev") == solver.CHUNK_BYTES
+
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    def test_cuda_matches_cpu(self):
+        layers = {"q": (48, 96, "x"), "k": (24, 96, "x"), "o": (48, 96, "o"), "down": (96, 120, "d")}
+        cfg = LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="chebyshev", show_progress=False)
+        on_cpu = solve_all(_statistics(layers, seed=4), 4, cfg)
+        stats = _statistics(layers, seed=4)
+        for sums in (stats.gradient_sums, stats.output_sq_sums, stats.input_sums):
+            sums.update({key: value.cuda() for key, value in sums.items()})
+        on_gpu = solve_all(stats, 4, cfg)
+        for name in layers:
+            assert on_gpu[name].info["eigensolver"] == "chebyshev"
+            update, cpu_update = (on_gpu[name].B @ on_gpu[name].A).cpu(), on_cpu[name].B @ on_cpu[name].A
+            assert float((update - cpu_update).norm() / cpu_update.norm()) < 1e-3
