@@ -41,13 +41,18 @@ def milliseconds(device: torch.device, work: Callable[[], object], repeats: int)
     return 1000 * statistics.median(times)
 
 
+def synthetic(m: int, n: int, tokens: int, device: torch.device, gen: torch.Generator) -> tuple:
+    """G [m, n], y [m] and Z [n, n] (float64) of one synthetic layer on `device`."""
+    x = synthetic_inputs(tokens, n, gen)
+    gradient, y = synthetic_layer(x, m, 32, gen)
+    x = x.to(device).double()
+    return gradient.to(device), y.to(device), x.T @ x / tokens
+
+
 def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callable[[], object]]:
     """The dense path's steps for one synthetic [m, n] layer, each a closure over prepared inputs."""
     gen = torch.Generator().manual_seed(0)
-    x = synthetic_inputs(tokens, n, gen)
-    gradient, y = synthetic_layer(x, m, 32, gen)
-    z = (x.double().T @ x.double() / tokens).to(device)
-    gradient, y = gradient.to(device), y.to(device)
+    gradient, y, z = synthetic(m, n, tokens, device, gen)
     config = LoraDAConfig(population_size=100_000, show_progress=False)
     davidson = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="lobpcg")
     chebyshev = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="chebyshev")
@@ -84,11 +89,7 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
     """One Davidson iteration's parts for a synthetic wide [m, n] layer (7B shapes), and the whole solve's
     iterations: where a wide layer's ~240 ms on a GPU go."""
     gen = torch.Generator().manual_seed(0)
-    x = synthetic_inputs(tokens, n, gen)
-    gradient, y = synthetic_layer(x, m, 32, gen)
-    x = x.to(device)
-    z = x.double().T @ x.double() / tokens
-    gradient, y = gradient.to(device), y.to(device)
+    gradient, y, z = synthetic(m, n, tokens, device, gen)
     config = LoraDAConfig(population_size=100_000, show_progress=False)
     factor = factor_input(z, config)
     inv_y = 1.0 / (y + config.damping)

@@ -94,8 +94,8 @@ def dense_eigenvectors(problems: Sequence[DenseProblem], ranks: Sequence[int], c
             n = problem.guidance.shape[0]
             if n >= 6 * block_size(rank, n):  # a block that is most of R^n: eigh is as cheap
                 batches.setdefault((n, rank), []).append(index)
-        for (_, rank), indices in batches.items():
-            _filtered(problems, indices, rank, config, found)
+        for (n, rank), indices in batches.items():
+            _filtered(problems, indices, n, rank, config, found)
     for index, (problem, rank) in enumerate(zip(problems, ranks, strict=True)):
         if found[index] is None:
             basis, values, residual, solver, gap = smallest_eigenvectors(
@@ -104,12 +104,11 @@ def dense_eigenvectors(problems: Sequence[DenseProblem], ranks: Sequence[int], c
     return found
 
 
-def _filtered(problems: Sequence[DenseProblem], indices: list[int], rank: int, config: LoraDAConfig,
+def _filtered(problems: Sequence[DenseProblem], indices: list[int], n: int, rank: int, config: LoraDAConfig,
               found: list[Eigenvectors | None]) -> None:
-    """Batched `filtered_subspace` for the problems `indices` (one size and rank); fills `found` where it met
+    """Batched `filtered_subspace` for the problems `indices` (all [n, n], one rank); fills `found` where it met
     the tolerance."""
-    first = problems[indices[0]]
-    block = block_size(rank, first.guidance.shape[0])
+    block = block_size(rank, n)
     starts = []
     for index in indices:
         problem = problems[index]
@@ -171,7 +170,6 @@ def subspace_ratio(
         return None
     bias = config.bias_weight * float((projected * projected).sum())
     return variance * float((basis * factor.solve(basis)).sum()) / bias if bias > 0 else math.inf
-
 
 
 class ImplicitGuidance:
@@ -261,7 +259,6 @@ def solve_implicit(
     return Solved(basis=basis, project=project, info=info)
 
 
-
 def block_size(rank: int, n: int) -> int:
     """Vectors iterated at once: twice the rank (at least rank + 8), four times (at least rank + 24) for wide
     layers. Convergence of the wanted r depends on the gap to the (block + 1)-th eigenvalue, and the triangular
@@ -270,7 +267,6 @@ def block_size(rank: int, n: int) -> int:
     if n >= DENSE_MAX_SIZE:
         return min(max(4 * rank, rank + 24), n)
     return min(max(2 * rank, rank + 8), n)
-
 
 
 def layer_seed(seed: int, name: str) -> int:

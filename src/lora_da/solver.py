@@ -98,13 +98,14 @@ def _solve_layers(layers: list[_LayerInput], config: LoraDAConfig) -> list[Layer
         n = layer.gradient.shape[1]
         g = layer.gradient.to(torch.float64)
         weights.append(_output_weights(layer.output_factor, config))
+        inv_y = weights[-1][0]
         if uses_lobpcg(n, block_size(layer.rank, n), g.device, config):
-            solved[index] = solve_implicit(g, layer.factor, weights[-1][0], layer.rank, config, layer.name)
+            solved[index] = solve_implicit(g, layer.factor, inv_y, layer.rank, config, layer.name)
             if not solved[index].info["converged"] and config.eigensolver == "auto" and n < DENSE_MAX_SIZE:
                 solved[index] = None  # the dense path below is exact and still affordable at this size
         if solved[index] is None:
             dense.append(index)
-            problems.append(form_dense(g, layer.factor, weights[-1][0], config, layer.name))
+            problems.append(form_dense(g, layer.factor, inv_y, config, layer.name))
         seconds[index] += time.perf_counter() - start
     start = time.perf_counter()
     found = dense_eigenvectors(problems, [layers[index].rank for index in dense], config)
