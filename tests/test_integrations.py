@@ -1,12 +1,18 @@
 """LoraDACallback with transformers.Trainer and TRL's SFTTrainer; initializing one of several adapters."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from _archs import build, calibration, update
 from _tiny import factor_tolerance, relative_error
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da
@@ -238,10 +244,11 @@ class TestMultipleAdapters:
 
 
 _RANK_SCRIPT = '''
-import os, sys
+import json, os, sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 sys.path.insert(0, {tests!r})
 from conftest import build_tiny_model, build_tiny_tokenizer
@@ -254,36 +261,75 @@ model = get_peft_model(build_tiny_model(), LoraConfig(r=4, lora_alpha=8, target_
 args = TrainingArguments(output_dir={out!r}, max_steps=1, per_device_train_batch_size=2, learning_rate=0.0,
                          report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=True)
 callback = LoraDACallback(num_samples=8)
-Trainer(model=model, args=args, train_dataset=features, data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
-        callbacks=[callback]).train()
-state = {{k: v.detach().contiguous() for k, v in model.state_dict().items() if "lora_" in k}}
-save_file(state, os.path.join({out!r}, "rank%s-of-%s.safetensors" % (os.environ.get("RANK", "0"),
-                                                                     os.environ.get("WORLD_SIZE", "1"))))
+trainer = Trainer(model=model, args=args, train_dataset=features,
+                  data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[callback])
+trainer.train()
+lora = {{k: v for k, v in trainer.model.state_dict().items() if "lora_" in k}}
+state = {{k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().contiguous() for k, v in lora.items()}}
+name = "rank%s-of-%s" % (os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1"))
+save_file(state, os.path.join({out!r}, name + ".safetensors"))
+with open(os.path.join({out!r}, name + ".json"), "w") as handle:
+    json.dump({{"distributed_type": str(trainer.accelerator.distributed_type),
+               "sharded": any(isinstance(v, DTensor) for v in lora.values())}}, handle)
 assert callback.report.num_examples == 8, callback.report.num_examples
 '''
 
 
-@pytest.mark.slow
-def test_torchrun_two_ranks_match_one_process(tmp_path):
-    """Under torchrun every rank ends with the same adapter, equal to a single-process run's."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    from safetensors.torch import load_file
 
-    script = tmp_path / "run.py"
-    script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+@pytest.fixture(scope="module")
+def rank_script(tmp_path_factory):
+    """The Trainer script above, written to a folder, and the adapter it gives in one plain process."""
+    out = tmp_path_factory.mktemp("launch")
+    script = out / "run.py"
+    script.write_text(_RANK_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    subprocess.run([sys.executable, str(script)], check=True, env=_launch_env(), timeout=600)
+    return script, load_file(out / "rank0-of-1.safetensors")
+
+
+def _launch_env() -> dict:
+    """This environment without the variables of an enclosing launcher, on the CPU."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    subprocess.run([sys.executable, str(script)], check=True, env=env, timeout=600)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613"]
-    subprocess.run([*torchrun, str(script)], check=True, env=env, timeout=600)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
-    single = load_file(tmp_path / "rank0-of-1.safetensors")
-    rank0, rank1 = load_file(tmp_path / "rank0-of-2.safetensors"), load_file(tmp_path / "rank1-of-2.safetensors")
+
+def _two_ranks_match(script: Path, single: dict) -> list[dict]:
+    """Both ranks' adapters are identical and equal the single-process one; what each rank reported."""
+    out = script.parent
+    rank0, rank1 = load_file(out / "rank0-of-2.safetensors"), load_file(out / "rank1-of-2.safetensors")
     assert single.keys() == rank0.keys() == rank1.keys()
     for key, value in single.items():
         assert torch.equal(rank0[key], rank1[key]), key
         assert relative_error(rank0[key], value) <= factor_tolerance(key), key
     assert any("lora_B" in k and torch.count_nonzero(v) > 0 for k, v in single.items())
+    return [json.loads((out / f"rank{rank}-of-2.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(rank_script):
+    """Under torchrun every rank ends with the same adapter, equal to a single-process run's."""
+    script, single = rank_script
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(_free_port())]
+    subprocess.run([*torchrun, str(script)], check=True, env=_launch_env(), timeout=600)
+    _two_ranks_match(script, single)
+
+
+def test_accelerate_launch_with_fsdp2_config_matches_one_process(rank_script):
+    """`accelerate launch` with an FSDP2 config, 2 CPU processes: the same adapter on both ranks, equal to one
+    process's. (accelerate 1.16 enables FSDP only on accelerators: on a CPU it wraps the Trainer's model in DDP
+    instead, which each rank reports; a sharded model must still give the same factors.)"""
+    script, single = rank_script
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    subprocess.run([*launch, str(script)], check=True, env=_launch_env(), timeout=600)
+    reported = _two_ranks_match(script, single)
+    assert reported[0] == reported[1]
+    assert reported[0]["sharded"] == (reported[0]["distributed_type"] == "DistributedType.FSDP")
