@@ -25,12 +25,17 @@ def save_results(out: str, rank: int, results: dict) -> None:
     torch.save(results, Path(out, f"rank{rank}.pt"))
 
 
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_ranks(worker: Callable[[int, int, str], None], out: Path, world: int, timeout: float) -> list[dict]:
     """Run `worker(rank, port, out)` on `world` forked processes (no re-import of torch: a fast start); the
     results each saved with `save_results`, rank 0 first. A rank's error fails the calling test with its traceback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     context = multiprocessing.get_context("fork")
     processes = [context.Process(target=worker, args=(rank, port, str(out))) for rank in range(world)]
     for process in processes:

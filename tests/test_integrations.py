@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _archs import build, calibration, update
+from _ranks import free_port
 from _tiny import factor_tolerance, relative_error
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -275,12 +275,6 @@ assert callback.report.num_examples == 8, callback.report.num_examples
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_script(tmp_path_factory):
     """The Trainer script above, written to a folder, and the adapter it gives in one plain process."""
@@ -298,9 +292,13 @@ def _launch_env() -> dict:
     return env
 
 
-def _two_ranks_match(script: Path, single: dict) -> list[dict]:
-    """Both ranks' adapters are identical and equal the single-process one; what each rank reported."""
+def _two_ranks_match(script: Path, single: dict, launcher: list[str]) -> list[dict]:
+    """Run the script on 2 ranks under `launcher`: both ranks' adapters are identical and equal the single-process
+    one. Returns what each rank reported."""
     out = script.parent
+    for old in out.glob("rank*-of-2.*"):
+        old.unlink()
+    subprocess.run([*launcher, str(script)], check=True, env=_launch_env(), timeout=600)
     rank0, rank1 = load_file(out / "rank0-of-2.safetensors"), load_file(out / "rank1-of-2.safetensors")
     assert single.keys() == rank0.keys() == rank1.keys()
     for key, value in single.items():
@@ -315,9 +313,8 @@ def test_torchrun_two_ranks_match_one_process(rank_script):
     """Under torchrun every rank ends with the same adapter, equal to a single-process run's."""
     script, single = rank_script
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                str(_free_port())]
-    subprocess.run([*torchrun, str(script)], check=True, env=_launch_env(), timeout=600)
-    _two_ranks_match(script, single)
+                str(free_port())]
+    _two_ranks_match(script, single, torchrun)
 
 
 def test_accelerate_launch_with_fsdp2_config_matches_one_process(rank_script):
@@ -326,10 +323,9 @@ def test_accelerate_launch_with_fsdp2_config_matches_one_process(rank_script):
     instead, which each rank reports; a sharded model must still give the same factors.)"""
     script, single = rank_script
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
               "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
               "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
-    subprocess.run([*launch, str(script)], check=True, env=_launch_env(), timeout=600)
-    reported = _two_ranks_match(script, single)
+    reported = _two_ranks_match(script, single, launch)
     assert reported[0] == reported[1]
     assert reported[0]["sharded"] == (reported[0]["distributed_type"] == "DistributedType.FSDP")
