@@ -156,12 +156,11 @@ def released_init(path: str, model: nn.Module, batches: list[dict], rank: int, p
             "layers": len(factors)}
 
 
-def ours_init(peft_model: nn.Module, batches: list[dict], population_size: int, eigensolver: str = "auto") -> dict:
-    """`initialize_lora_da` with its defaults (but `eigensolver`); the report's timings and solver summary."""
+def ours_init(peft_model: nn.Module, batches: list[dict], population_size: int) -> dict:
+    """`initialize_lora_da` with its defaults; the report's timings and solver summary."""
     from lora_da import LoraDAConfig, initialize_lora_da
 
-    config = LoraDAConfig(population_size=population_size, eigensolver=eigensolver)
-    report = initialize_lora_da(peft_model, batches, config)
+    report = initialize_lora_da(peft_model, batches, LoraDAConfig(population_size=population_size))
     layers = report.layers.values()
     return {"statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
             "passes": report.passes, "layers": len(report.layers),

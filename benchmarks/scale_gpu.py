@@ -142,7 +142,7 @@ def write(args, results: dict, held: int) -> None:
              "| statistics GiB (est.) | peak GPU GiB | model GiB | max residual |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
-        lines.append(f"| {run['layers_per_pass']} | {run.get('eigensolver', 'auto')} | {run['passes']} | "
+        lines.append(f"| {run['layers_per_pass']} | {run['eigensolver']} | {run['passes']} | "
                      f"{run['seconds']:.1f} | "
                      f"{run['seconds'] / floor['seconds']:.2f} | "
                      f"{run['statistics_seconds']:.1f} | {run['solve_seconds']:.1f} | {run['statistics_gib']:.1f} "

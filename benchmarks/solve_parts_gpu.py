@@ -21,7 +21,7 @@ from solve_speed import LLAMA7B, SMOL, synthetic_inputs, synthetic_layer
 from lora_da import LoraDAConfig, solve_layer
 from lora_da.eigensolvers import filtered_subspace
 from lora_da.input_factor import factor_input
-from lora_da.layer_solvers import ImplicitGuidance
+from lora_da.layer_solvers import ImplicitGuidance, variance_term
 
 SHAPES = {name: SMOL[name][:2] for name in ("q_proj", "k_proj", "gate_proj", "down_proj")}
 WIDE = {name: LLAMA7B[name][:2] for name in ("q_proj", "gate_proj", "down_proj")}
@@ -94,7 +94,7 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
     factor = factor_input(z, config)
     inv_y = 1.0 / (y + config.damping)
     g = gradient.double()
-    operator = ImplicitGuidance(factor, g, inv_y, 1.0, 0.03 * float(inv_y.sum()) / 100_000)
+    operator = ImplicitGuidance(factor, g, inv_y, config.bias_weight, variance_term(inv_y, config))
     block = torch.randn(n, 32, generator=gen, dtype=torch.float64).to(device)
     narrow = block[:, :9].contiguous()
     rayleigh = torch.randn(192, 192, generator=gen, dtype=torch.float64).to(device)
@@ -127,23 +127,26 @@ def profile_table(m: int, n: int, tokens: int, device: torch.device, rows: int =
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def table(milliseconds: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows: one per step, one column per layer shape."""
+    shapes = list(milliseconds)
+    lines = ["| step | " + " | ".join(shapes) + " |", "| --- |" + " ---: |" * len(shapes)]
+    for step in milliseconds[shapes[0]]:
+        lines.append(f"| {step} | " + " | ".join(f"{milliseconds[s][step]:.2f}" for s in shapes) + " |")
+    return lines
+
+
 def report(results: dict) -> str:
     """The markdown page of `results`."""
-    shapes = list(results["milliseconds"])
     lines = [f"# One narrow layer's solve, step by step, on {results['device']} (torch {results['torch']})", "",
              f"`python benchmarks/solve_parts_gpu.py`: synthetic statistics from {results['tokens']} tokens, rank 8; "
              f"median milliseconds of {results['repeats']} runs, each synchronized.", "",
-             "| step | " + " | ".join(shapes) + " |", "| --- |" + " ---: |" * len(shapes)]
-    for step in results["milliseconds"][shapes[0]]:
-        lines.append(f"| {step} | " + " | ".join(f"{results['milliseconds'][s][step]:.2f}" for s in shapes) + " |")
+             *table(results["milliseconds"])]
     if "wide" in results:
-        wide = list(results["wide"])
         lines += ["", "Wide layers (7B shapes, block Davidson on the implicit operator), median ms of up to 3 runs:",
-                  "", "| step | " + " | ".join(wide) + " |", "| --- |" + " ---: |" * len(wide)]
-        for step in results["wide"][wide[0]]:
-            lines.append(f"| {step} | " + " | ".join(f"{results['wide'][s][step]:.2f}" for s in wide) + " |")
+                  "", *table(results["wide"])]
         lines.append("| the solve's iterations | " + " | ".join(
-            str(results["wide_solves"][s].get("iterations")) for s in wide) + " |")
+            str(results["wide_solves"][s].get("iterations")) for s in results["wide"]) + " |")
     lines += ["", "`solve_layer` of q_proj under torch.profiler:", "", "```", results["profile"].rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""Symmetric eigensolvers for the LoRA-DA solve, pure linear algebra: a dense one with a float32 shortcut, and
-block Davidson on an implicit operator (for wide layers, where the matrix is never formed)."""
+"""Symmetric eigensolvers for the LoRA-DA solve, pure linear algebra: a dense one with a float32 shortcut, block
+Davidson on an implicit operator (for wide layers, where the matrix is never formed), Chebyshev-filtered subspace
+iteration on a batch of formed matrices (`filtered_subspace`), and the top eigenvalue or singular value for sigma."""
 
 from __future__ import annotations
 

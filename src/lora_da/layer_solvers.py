@@ -70,9 +70,8 @@ def form_dense(
     bias = outer.div_(unit)
     guidance = -config.bias_weight * bias
     variance_ratio = None
-    variance = 0.0
-    if config.variance_weight != 0:  # in place: a wide layer's n x n temporaries are what its solve's memory is
-        variance = config.variance_weight * float(inv_y.sum()) / config.population_size
+    variance = variance_term(inv_y, config)
+    if variance != 0:  # in place: a wide layer's n x n temporaries are what its solve's memory is
         inverse = factor.get_inverse()
         guidance.add_(inverse, alpha=variance / unit)
         if config.bias_weight != 0:
@@ -155,6 +154,13 @@ def finish_dense(problem: DenseProblem, found: Eigenvectors, config: LoraDAConfi
     return Solved(basis=found.basis, project=lambda u: step.T @ u, info=info)
 
 
+def variance_term(inv_y: torch.Tensor, config: LoraDAConfig) -> float:
+    """beta c of ALGORITHM.md times sigma^2: beta sum(1 / (y + lam)) / N_pop (0 when beta is 0)."""
+    if config.variance_weight == 0:
+        return 0.0
+    return config.variance_weight * float(inv_y.sum()) / config.population_size
+
+
 def check_sigma(sigma: float, layer: str) -> None:
     if not math.isfinite(sigma):
         raise LoraDAError(f"Layer {layer!r}: the natural-gradient step is not finite; check the statistics.")
@@ -216,9 +222,7 @@ def solve_implicit(
     if not bool(g.any()):
         check_sigma(0.0, layer)
     m, n = g.shape
-    variance = 0.0
-    if config.variance_weight != 0:
-        variance = config.variance_weight * float(inv_y.sum()) / config.population_size
+    variance = variance_term(inv_y, config)
     operator = ImplicitGuidance(factor, g, inv_y, config.bias_weight, variance)
     block = block_size(rank, n)
     generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer))

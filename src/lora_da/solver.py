@@ -213,11 +213,14 @@ def solve_all(
     width = {group: stats.gradient_sums[members[0]].shape[1] for group, members in groups.items()}
     wide = [members for group, members in groups.items() if width[group] >= DENSE_MAX_SIZE]
     narrow = [members for group, members in groups.items() if width[group] < DENSE_MAX_SIZE]
+    def by_width(members: list[str]) -> int:
+        return width[stats.input_group(members[0])]
+
     if release:  # narrow groups first, then wide ones by width: each solve's temporaries meet the fewest sums
-        wide.sort(key=lambda members: width[stats.input_group(members[0])])
+        wide.sort(key=by_width)
     together = config.eigensolver == "chebyshev"  # the narrow layers' formed M solved together, batched
     if together:  # by width, so that a chunk holds many layers of one size
-        narrow.sort(key=lambda members: width[stats.input_group(members[0])])
+        narrow.sort(key=by_width)
         chunks = _batched_groups(narrow, {name: _formed_bytes(*stats.gradient_sums[name].shape) for name in names})
     else:
         chunks = [[members] for members in narrow]
