@@ -81,11 +81,12 @@ class SyntheticStatistics:
     def gradient(self, name: str) -> torch.Tensor:
         return self.gradients[name]
 
-    def input_factor(self, name: str) -> torch.Tensor:
+    def input_factor(self, name: str) -> torch.Tensor:  # what the old solver (`--old-ref`) reads
         return self.inputs[self.groups[name]]
 
     def packed_input_factor(self, name: str) -> PackedGram:
-        return PackedGram(pack(self.inputs[self.groups[name]]), self.inputs[self.groups[name]].shape[0])
+        z = self.input_factor(name)
+        return PackedGram(pack(z), z.shape[0])
 
     def output_factor(self, name: str) -> torch.Tensor:
         return self.outputs[name]
