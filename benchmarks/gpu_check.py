@@ -108,7 +108,7 @@ def main() -> None:
         "lora_ga (PEFT)": lambda m, b: registry_init(m, b, "lora_ga"),
         "lora_one (ours)": lambda m, b: registry_init(m, b, "lora_one"),
         "lora_da (ours)": lambda m, b: registry_init(m, b, "lora_da"),
-        "lora_da (ours, chebyshev)": lambda m, b: registry_init(m, b, "lora_da", eigensolver="chebyshev"),
+        "lora_da (ours, eigh)": lambda m, b: registry_init(m, b, "lora_da", eigensolver="eigh"),
     }
     if args.released:
         inits["released implementation"] = lambda m, b: released_init(args.released, m, b, 8, POPULATION)
@@ -147,7 +147,7 @@ def report(results: dict) -> str:
              "| step | seconds | x floor | statistics / solve s | peak GPU memory (MiB) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name in ("floor", "floor, supervised positions projected", "lora_ga (PEFT)", "lora_one (ours)",
-                 "lora_da (ours)", "lora_da (ours, chebyshev)", "released implementation"):
+                 "lora_da (ours)", "lora_da (ours, eigh)", "released implementation"):
         row = results.get(name)
         if row is None:
             continue
@@ -159,7 +159,7 @@ def report(results: dict) -> str:
         split = f"{row['statistics_seconds']:.2f} / {row['solve_seconds']:.2f}" if "solve_seconds" in row else ""
         lines.append(f"| {name} | {seconds:.2f} | {ratio} | {split} | {row['peak_mib']:.0f} |")
     ga = results.get("lora_ga (PEFT)", {})
-    for name in ("lora_da (ours)", "lora_da (ours, chebyshev)"):
+    for name in ("lora_da (ours)", "lora_da (ours, eigh)"):
         da = results.get(name, {})
         if "init_seconds" in da and "init_seconds" in ga:
             ours, theirs = da["init_seconds"], ga["init_seconds"]

@@ -18,4 +18,4 @@ released=()
 [ -f .released/lora_da.py ] && released=(--released .released/lora_da.py)
 timeout 180 python3 benchmarks/gpu_check.py --out "$OUT" "${released[@]}" 2>&1 | tee "$OUT/gpu_check.log"
 timeout 120 python3 benchmarks/solve_parts_gpu.py --wide --out "$OUT" > /dev/null 2>&1
-timeout 280 python3 benchmarks/scale_gpu.py --gpu-gib 80 --eigensolvers auto,chebyshev --out "$OUT" 2>&1 | grep -v "it/s\]\|batch/s\]\|layer/s\]"
+timeout 280 python3 benchmarks/scale_gpu.py --gpu-gib 80 --eigensolvers auto,lobpcg --out "$OUT" 2>&1 | grep -v "it/s\]\|batch/s\]\|layer/s\]"

@@ -1,6 +1,7 @@
 """Where one narrow layer's LoRA-DA solve spends its time on a GPU: each linear-algebra step of the dense path
 timed alone (device-synchronized, median of `--repeats`) at SmolLM2-135M's layer shapes on synthetic statistics
-(see `solve_speed.py`), beside the whole `solve_layer` and a torch.profiler table of it.
+(see `solve_speed.py`), beside the whole `solve_layer` under each eigensolver and a torch.profiler table of the
+default one.
 
     python benchmarks/solve_parts_gpu.py [--device cuda] [--out DIR]   # writes DIR/solve_parts_gpu.{json,md}
 """
@@ -12,6 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ from lora_da.layer_solvers import ImplicitGuidance, variance_term
 SHAPES = {name: SMOL[name][:2] for name in ("q_proj", "k_proj", "gate_proj", "down_proj")}
 WIDE = {name: LLAMA7B[name][:2] for name in ("q_proj", "gate_proj", "down_proj")}
 BATCH = 30  # layers of one shape in SmolLM2-135M
+DEFAULT = "solve_layer, default (eigensolver='auto': 'chebyshev' on CUDA, a batch of one)"
 
 
 def milliseconds(device: torch.device, work: Callable[[], object], repeats: int) -> float:
@@ -55,7 +58,7 @@ def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callab
     gradient, y, z = synthetic(m, n, tokens, device, gen)
     config = LoraDAConfig(population_size=100_000, show_progress=False)
     davidson = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="lobpcg")
-    chebyshev = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="chebyshev")
+    exact = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="eigh")
     factor = factor_input(z, config)
     damped = z + config.damping * torch.eye(n, dtype=z.dtype, device=device)
     g = gradient.double()
@@ -68,9 +71,9 @@ def steps(m: int, n: int, tokens: int, device: torch.device) -> dict[str, Callab
     omega = torch.randn(m, 16, generator=gen, dtype=torch.float64).to(device)
     starts = (step @ omega).expand(BATCH, n, 16).contiguous()
     return {
-        "solve_layer, whole": lambda: solve_layer(gradient, z, y, 8, config),
+        DEFAULT: lambda: solve_layer(gradient, z, y, 8, config),
         "solve_layer, Davidson (eigensolver='lobpcg')": lambda: solve_layer(gradient, z, y, 8, davidson),
-        "solve_layer, eigensolver='chebyshev' (a batch of one)": lambda: solve_layer(gradient, z, y, 8, chebyshev),
+        "solve_layer, eigensolver='eigh'": lambda: solve_layer(gradient, z, y, 8, exact),
         "Cholesky of Z + lam I (float64)": lambda: torch.linalg.cholesky_ex(damped),
         "cholesky_solve with G^T (float64)": lambda: torch.cholesky_solve(g.T, factor.cholesky),
         "D D^T (float64)": lambda: step @ step.T,
@@ -90,7 +93,7 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
     iterations: where a wide layer's ~240 ms on a GPU go."""
     gen = torch.Generator().manual_seed(0)
     gradient, y, z = synthetic(m, n, tokens, device, gen)
-    config = LoraDAConfig(population_size=100_000, show_progress=False)
+    config = LoraDAConfig(population_size=100_000, show_progress=False, eigensolver="lobpcg")
     factor = factor_input(z, config)
     inv_y = 1.0 / (y + config.damping)
     g = gradient.double()
@@ -102,7 +105,8 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
     solution = solve_layer(gradient, factor, y, 8, config)
     info = {key: solution.info.get(key) for key in ("eigensolver", "iterations", "residual", "block_size")}
     return {
-        "solve_layer, whole": lambda: solve_layer(gradient, factor, y, 8, config),
+        "solve_layer, Davidson (eigensolver='lobpcg')": lambda: solve_layer(gradient, factor, y, 8, config),
+        DEFAULT: lambda: solve_layer(gradient, factor, y, 8, replace(config, eigensolver="auto")),
         "Cholesky of Z + lam I (float64)": lambda: factor_input(z, config),
         "operator on 32 columns (4 triangular solves, 2 GEMMs)": lambda: operator.guidance(block),
         "K^-1 on 32 columns (2 triangular solves)": lambda: factor.solve(block),
@@ -115,7 +119,7 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
 
 def profile_table(m: int, n: int, tokens: int, device: torch.device, rows: int = 15) -> str:
     """torch.profiler table (top ops by device time, else CPU time) of one layer's `solve_layer`."""
-    work = steps(m, n, tokens, device)["solve_layer, whole"]
+    work = steps(m, n, tokens, device)[DEFAULT]
     work()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -143,8 +147,8 @@ def report(results: dict) -> str:
              f"median milliseconds of {results['repeats']} runs, each synchronized.", "",
              *table(results["milliseconds"])]
     if "wide" in results:
-        lines += ["", "Wide layers (7B shapes, block Davidson on the implicit operator), median ms of up to 3 runs:",
-                  "", *table(results["wide"])]
+        lines += ["", "Wide layers (7B shapes): the whole solve, and the parts of a block Davidson iteration on the "
+                  "implicit operator; median ms of up to 3 runs:", "", *table(results["wide"])]
         lines.append("| the solve's iterations | " + " | ".join(
             str(results["wide_solves"][s].get("iterations")) for s in results["wide"]) + " |")
     lines += ["", "`solve_layer` of q_proj under torch.profiler:", "", "```", results["profile"].rstrip(), "```", ""]

@@ -215,8 +215,9 @@ def _gather_and_solve(
     """Gather statistics of the base model for each planned group of layers, solve and free them."""
     shapes = {name: layer_shape(module) for name, module in layers.items()}
     sizes = {name: statistics_bytes(*shape) for name, shape in shapes.items()}
-    solve_sizes = {name: solve_working_bytes(*shape, config.eigensolver) for name, shape in shapes.items()}
     device = model_device(model)
+    eigensolver = config.eigensolver_on(device.type)
+    solve_sizes = {name: solve_working_bytes(*shape, eigensolver) for name, shape in shapes.items()}
     units = {name: [name] for name in shapes}  # what the plan keeps together: a layer, or layers sharing an input
     plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
     several = len(plan.passes) > 1 and layers_per_pass is None

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import torch
@@ -72,6 +72,7 @@ def solve_layer(
 
     Inputs may be any float dtype; the math runs in float64."""
     check_ranks({layer: tuple(gradient.shape)}, rank)
+    config = replace(config, eigensolver=config.eigensolver_on(gradient.device.type))
     if not isinstance(input_factor, InputFactor):
         input_factor = factor_input(input_factor, config, layer)
     return _solve_layers([_LayerInput(layer, gradient, input_factor, output_factor, rank)], config)[0]
@@ -182,6 +183,8 @@ def solve_all(
     # every rank is checked before any work is done (the shape, not the mean gradient)
     check_ranks({name: tuple(stats.gradient_sums[name].shape) for name in names}, ranks)
     show = config.show_progress if progress is None else progress
+    device = stats.gradient_sums[names[0]].device if names else torch.device("cpu")
+    config = replace(config, eigensolver=config.eigensolver_on(device.type))
     groups: dict[str, list[str]] = {}  # layers that read one input share the Cholesky factor of its Z
     for name in names:
         groups.setdefault(stats.input_group(name), []).append(name)
@@ -225,7 +228,6 @@ def solve_all(
     else:
         chunks = [[members] for members in narrow]
     solutions: dict[str, LayerSolution] = {}
-    device = stats.gradient_sums[names[0]].device if names else torch.device("cpu")
     previous = torch.get_num_threads()
     with tqdm(total=len(names), desc="LoRA-DA solve", unit="layer", disable=not show) as bar:
 
@@ -290,8 +292,9 @@ def solve_factors(
 def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -> bool:
     """Whether the layer is solved iteratively (block Davidson on the implicit operator, iterating `want`
     vectors) rather than by forming M: when asked ("lobpcg"), and under "auto" on any device for
-    n >= DENSE_MAX_SIZE and on a CPU for n >= AUTO_LOBPCG_MIN_SIZE. On a GPU "auto" keeps eigh below that: the
-    iteration's many small steps each wait for the device, and eigh is fast there. "chebyshev" forms every M."""
+    n >= DENSE_MAX_SIZE and on a CPU for n >= AUTO_LOBPCG_MIN_SIZE. On another device (where "auto" is not
+    "chebyshev", see `LoraDAConfig.eigensolver_on`) it keeps eigh below that: the iteration's many small steps each
+    wait for the device, and eigh is fast there. "chebyshev" forms every M."""
     if n < 6 * want:  # the search space holds up to 6 blocks
         return False
     if config.eigensolver == "lobpcg":
