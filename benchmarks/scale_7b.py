@@ -31,7 +31,7 @@ from _harness import (
     step_rows,
 )
 
-from lora_da.schedule import STATISTICS_SHARE, sharded_extra_bytes
+from lora_da.schedule import SOLVE_SHARE, STATISTICS_SHARE, pass_budget
 from lora_da.solver import solve_working_bytes
 from lora_da.statistics import statistics_bytes
 
@@ -106,16 +106,16 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
     for shape in PROJECTED:
         per_block = shape.block_statistics_bytes()
         largest = max(statistics_bytes(m, n) for m, n in shape.layers())
-        solve = max(solve_working_bytes(m, n) for m, n in shape.layers())
+        solve = max(solve_working_bytes(m, n, "chebyshev") for m, n in shape.layers())  # the default on CUDA
         weights = 2 * shape.block_parameters() * shape.blocks  # bf16
         # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
         scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
         scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
         for gpus, sharded in ((1, False), (8, False), (8, True)):
             held = per_block / gpus if sharded else per_block  # as planned by schedule.plan_memory
-            extra = sharded_extra_bytes(largest, solve) if sharded else solve
             free = GPU_BYTES - weights / gpus - ACTIVATION_BYTES
-            budget = STATISTICS_SHARE * (free + ACTIVATION_BYTES) - extra
+            # the plan sees the memory free before the pass, the activations' too
+            budget = pass_budget(free + ACTIVATION_BYTES, solve, largest, gpus if sharded else 1)
             blocks_per_pass = int(budget // held) if budget > 0 else 0
             label = f"| {shape.name} | {gpus} | {'sharded' if sharded else 'all-reduced' if gpus > 1 else '-'} |"
             if free <= 0:
@@ -125,7 +125,9 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
                 rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
                 continue
             passes = -(-shape.blocks // blocks_per_pass)
-            peak = weights / gpus + min(blocks_per_pass, shape.blocks) * held + extra + ACTIVATION_BYTES
+            during, after = (2 * largest, largest + solve) if sharded else (0, solve)  # as in pass_budget
+            pass_bytes = min(blocks_per_pass, shape.blocks) * held
+            peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
             relative = passes * statistics_ratio + solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
             rows.append(f"{label} {peak / 2**30:.0f} GiB | {passes} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
     return rows
@@ -161,10 +163,11 @@ def report(args, results: dict) -> str:
             "From the per-block costs above: the statistics pass keeps its ratio to the floor; solve time scales "
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
             "from this CPU. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
-            f"activations, {STATISTICS_SHARE:.0%} of the rest for one pass's statistics (the default automatic "
-            "plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a whole pass; sharded "
-            "(`shard_statistics`, the default when one pass does not fit): each GPU holds the layers it solves, "
-            "reduced to it batch by batch (the reductions' time is not in the projection).",
+            f"activations; one pass's statistics get {STATISTICS_SHARE:.0%} of the memory free before the pass, "
+            f"and with the largest solve after it (chebyshev's, the default on CUDA) {SOLVE_SHARE:.0%} (the "
+            "default automatic plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a "
+            "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
+            "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection).",
             "",
             "| model | GPUs (80 GiB) | statistics | peak per GPU | passes | statistics per GPU | init / one fwd+bwd |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",

@@ -71,13 +71,33 @@ def test_automatic_plan_follows_free_memory(monkeypatch, all_at_once):
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
     tight = schedule.plan_memory(sizes, solve, torch.device("cpu"))
     assert tight.rule == "automatic" and 2 <= len(tight.passes) < 14
-    assert all(b + 1000 <= schedule.STATISTICS_SHARE * free for b in tight.pass_bytes)
+    assert all(b <= schedule.STATISTICS_SHARE * free and b + 1000 <= schedule.SOLVE_SHARE * free
+               for b in tight.pass_bytes)
     assert "automatic" in tight.describe() and "MiB free" in tight.describe()
     # The default call plans by the free memory too, and its several passes give the factors of one.
     model = wrap(tiny_llama())
     report = initialize_lora_da(model, batches(examples(6), 3), CFG)
     assert 1 < report.passes <= 14
     assert_same(lora_state(model), all_at_once[0])
+
+
+def test_pass_budget_keeps_the_solve_out_of_the_pass(monkeypatch):
+    """A pass's statistics share the memory with its activations, and after the pass with the largest solve:
+    a solve smaller than the activations' share costs the pass nothing, a larger one takes its excess."""
+    free = 10_000
+    assert schedule.pass_budget(free, 1000) == free * schedule.STATISTICS_SHARE
+    assert schedule.pass_budget(free, 6000) == free * schedule.SOLVE_SHARE - 6000
+    # sharded: one layer more on a rank, and during the pass one layer in flight
+    assert schedule.pass_budget(free, 1000, largest_statistics=300, shards=4) == free * schedule.STATISTICS_SHARE - 600
+    sizes = {f"layer{i}": 1000 for i in range(12)}
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    for solve in (100, 3000, 6000):
+        plan = schedule.plan_memory(sizes, {"layer0": solve}, torch.device("cpu"))
+        assert sum(map(len, plan.passes)) == 12
+        assert all(b <= schedule.STATISTICS_SHARE * free and b + solve <= schedule.SOLVE_SHARE * free
+                   for b in plan.pass_bytes)
+    assert len(schedule.plan_memory(sizes, {"layer0": 3000}, torch.device("cpu")).passes) == 3  # 5 layers a pass
+    assert len(plan.passes) == 6  # a 6000-byte solve leaves 2500 bytes: 2 layers a pass
 
 
 def test_free_memory_is_read_from_the_machine():

@@ -426,6 +426,10 @@ class TestChebyshev:
         # the memory plan counts the formed n x n matrices of such a layer, and a narrow layer's chunk
         assert solver.solve_working_bytes(120, 300, "chebyshev") > solver.solve_working_bytes(120, 300)
         assert solver.solve_working_bytes(120, 200, "chebyshev") == solver.CHUNK_BYTES
+        # from CHEBYSHEV_MAX_SIZE inputs on (70B's 28672: 52 GiB formed) block Davidson, and its memory
+        monkeypatch.setattr(solver, "CHEBYSHEV_MAX_SIZE", 300)
+        assert solve_layer(g, z, y, 4, cfg).A.equal(davidson.A)
+        assert solver.solve_working_bytes(120, 300, "chebyshev") == solver.solve_working_bytes(120, 300)
 
     @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
     def test_cuda_matches_cpu(self):

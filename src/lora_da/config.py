@@ -33,11 +33,11 @@ class LoraDAConfig:
         token_mask: which positions feed the statistics: "attention" (every attended position) or
             "labels" (positions that make a supervised prediction).
         normalize: divide the natural-gradient step by its largest singular value.
-        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), "chebyshev" (every layer's M
-            formed, wide ones too, and solved by Chebyshev-filtered subspace iteration, the M of same-sized layers
-            below 4096 inputs batched: for GPUs, where a dense eigh runs one matrix at a time and the iterative
-            solver's many small steps each wait for the device), or "auto": "chebyshev" on a CUDA device, else by
-            size (see `eigensolver_on`).
+        eigensolver: "eigh" (exact), "lobpcg" (iterative, to `eigensolver_tol`), "chebyshev" (M formed for
+            layers below 16384 inputs and solved by Chebyshev-filtered subspace iteration, same-sized layers below
+            4096 inputs batched; block Davidson from 16384 inputs on: for GPUs, where a dense eigh runs one matrix
+            at a time and the iterative solver's many small steps each wait for the device), or "auto":
+            "chebyshev" on a CUDA device, else by size (see `eigensolver_on`).
         eigensolver_tol: relative residual tolerance of the iterative solvers; "auto" and "chebyshev" fall back to
             "eigh" above it.
         seed: seeds the iterative eigensolver's start so runs are reproducible.

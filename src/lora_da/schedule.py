@@ -50,6 +50,9 @@ def plan_passes(
 # Share of the free memory the automatic plan gives the statistics of one pass: the rest is left to the
 # forward+backward's activations, which are not known before the pass.
 STATISTICS_SHARE = 0.5
+# Share of the free memory that a pass's statistics and the largest solve may fill together: the solve runs
+# after the pass, when its activations are gone; the rest is slack for the allocator.
+SOLVE_SHARE = 0.85
 
 
 @dataclass
@@ -101,14 +104,12 @@ def plan_memory(
     memory_budget: int | None = None,
     shards: int = 1,
 ) -> PassPlan:
-    """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else so that each pass's statistics
-    and the largest solve fit in `STATISTICS_SHARE` of the memory free on `device` (the smallest of all ranks).
-
-    With statistics sharded over `shards` ranks, bytes are per rank: 1/shards of each layer's bytes, plus
-    `sharded_extra_bytes`."""
+    """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else by `pass_budget` of the memory
+    free on `device` (the smallest of all ranks). With statistics sharded over `shards` ranks, bytes are per
+    rank: 1/shards of each layer's bytes."""
     solve_bytes = max(solve_sizes.values(), default=0)
+    largest = max(sizes.values(), default=0)
     if shards > 1:
-        solve_bytes = sharded_extra_bytes(max(sizes.values(), default=0), solve_bytes)
         sizes = {name: -(-size // shards) for name, size in sizes.items()}
     free = None
     if layers_per_pass is not None or memory_budget is not None:
@@ -117,21 +118,24 @@ def plan_memory(
         free = free_memory_bytes(device)
         if is_distributed():
             free = min(all_gather_objects(free))
-        if sum(sizes.values()) + solve_bytes <= STATISTICS_SHARE * free:
+        budget = pass_budget(free, solve_bytes, largest, shards)
+        if sum(sizes.values()) <= budget:
             rule = "one pass"
         else:
             rule = "automatic"
-            memory_budget = max(int(STATISTICS_SHARE * free) - solve_bytes, 1)
+            memory_budget = max(budget, 1)
     passes = plan_passes(sizes, layers_per_pass, memory_budget)
     pass_bytes = [sum(sizes[name] for name in group) for group in passes]
     return PassPlan(passes, pass_bytes, solve_bytes, free, rule, shards)
 
 
-def sharded_extra_bytes(largest_statistics: int, largest_solve: int) -> int:
-    """What a rank may hold beyond its 1/shards of sharded statistics: one layer more (owners balance solve time,
-    not bytes), and during the pass one layer's contribution in flight (at most its statistics' bytes), after it
-    one solve."""
-    return largest_statistics + max(largest_statistics, largest_solve)
+def pass_budget(free: int, solve_bytes: int, largest_statistics: int = 0, shards: int = 1) -> int:
+    """Statistics bytes (per rank) that one pass may hold with `free` bytes free: during the pass within
+    STATISTICS_SHARE of them, after it beside the largest solve within SOLVE_SHARE. Sharded over `shards` ranks,
+    a rank holds one layer's statistics more (owners balance solve time, not bytes) and, during the pass, one
+    layer's contribution in flight (at most its statistics' bytes)."""
+    during, after = (2 * largest_statistics, largest_statistics + solve_bytes) if shards > 1 else (0, solve_bytes)
+    return int(min(STATISTICS_SHARE * free - during, SOLVE_SHARE * free - after))
 
 
 def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]:

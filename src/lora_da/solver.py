@@ -24,6 +24,9 @@ AUTO_LOBPCG_MIN_SIZE = 384
 # "chebyshev" solves the formed M of narrow layers together, in chunks of up to this much solve memory (each
 # layer counted as `solve_working_bytes` counts a formed M); the memory plan keeps this much free for the solve.
 CHUNK_BYTES = 512 * 2**20
+# "chebyshev" (the default on CUDA) forms M only below this many inputs: at 11008 (a 7B down projection) the
+# formed n x n matrices take about 8 GiB, at 28672 (70B) 52 GiB against block Davidson's 12 GiB.
+CHEBYSHEV_MAX_SIZE = 16384
 # Norm of a row of PEFT's default A (Kaiming-uniform, a=sqrt(5)): entries U(-1/sqrt(n), 1/sqrt(n)).
 KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
 
@@ -151,10 +154,11 @@ def _solution(layer: _LayerInput, solved: Solved, weights: tuple[torch.Tensor, f
 
 def solve_working_bytes(m: int, n: int, eigensolver: str = "auto") -> int:
     """Upper bound of the memory held while one [m, n] layer is solved: Z's mean (packed), the damped Z that
-    becomes its Cholesky factor in place, and a float64 G; where M is formed (below DENSE_MAX_SIZE inputs, and
-    for any size under "eigh" or "chebyshev") also the inverse, the step D and more n x n matrices; under
-    "chebyshev" a narrow layer is solved in a chunk of up to CHUNK_BYTES."""
-    if n >= DENSE_MAX_SIZE and eigensolver in ("auto", "lobpcg"):
+    becomes its Cholesky factor in place, and a float64 G; where M is formed (below DENSE_MAX_SIZE inputs, for
+    any size under "eigh", below CHEBYSHEV_MAX_SIZE under "chebyshev") also the inverse, the step D and more
+    n x n matrices; under "chebyshev" a narrow layer is solved in a chunk of up to CHUNK_BYTES."""
+    implicit = {"auto": DENSE_MAX_SIZE, "lobpcg": DENSE_MAX_SIZE, "chebyshev": CHEBYSHEV_MAX_SIZE}
+    if n >= implicit.get(eigensolver, math.inf):
         return 8 * (n * n + packed_size(n) + m * n)
     formed = _formed_bytes(m, n)
     return max(formed, CHUNK_BYTES) if eigensolver == "chebyshev" and n < DENSE_MAX_SIZE else formed
@@ -294,11 +298,11 @@ def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -
     vectors) rather than by forming M: when asked ("lobpcg"), and under "auto" on any device for
     n >= DENSE_MAX_SIZE and on a CPU for n >= AUTO_LOBPCG_MIN_SIZE. On another device (where "auto" is not
     "chebyshev", see `LoraDAConfig.eigensolver_on`) it keeps eigh below that: the iteration's many small steps each
-    wait for the device, and eigh is fast there. "chebyshev" forms every M."""
+    wait for the device, and eigh is fast there. "chebyshev" forms M below CHEBYSHEV_MAX_SIZE inputs."""
     if n < 6 * want:  # the search space holds up to 6 blocks
         return False
-    if config.eigensolver == "lobpcg":
-        return True
+    if config.eigensolver in ("lobpcg", "chebyshev"):
+        return config.eigensolver == "lobpcg" or n >= CHEBYSHEV_MAX_SIZE
     return config.eigensolver == "auto" and (
         n >= DENSE_MAX_SIZE or (n >= AUTO_LOBPCG_MIN_SIZE and device.type == "cpu")
     )
