@@ -31,7 +31,7 @@ from _harness import (
     step_rows,
 )
 
-from lora_da.schedule import SOLVE_SHARE, STATISTICS_SHARE, pass_budget
+from lora_da.schedule import SOLVE_SHARE, STATISTICS_SHARE, pass_budget, pass_extra_bytes
 from lora_da.solver import solve_working_bytes
 from lora_da.statistics import statistics_bytes
 
@@ -125,7 +125,7 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
                 rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
                 continue
             passes = -(-shape.blocks // blocks_per_pass)
-            during, after = (2 * largest, largest + solve) if sharded else (0, solve)  # as in pass_budget
+            during, after = pass_extra_bytes(solve, largest, gpus if sharded else 1)
             pass_bytes = min(blocks_per_pass, shape.blocks) * held
             peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
             relative = passes * statistics_ratio + solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus

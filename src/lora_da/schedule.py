@@ -130,12 +130,19 @@ def plan_memory(
 
 
 def pass_budget(free: int, solve_bytes: int, largest_statistics: int = 0, shards: int = 1) -> int:
-    """Statistics bytes (per rank) that one pass may hold with `free` bytes free: during the pass within
-    STATISTICS_SHARE of them, after it beside the largest solve within SOLVE_SHARE. Sharded over `shards` ranks,
-    a rank holds one layer's statistics more (owners balance solve time, not bytes) and, during the pass, one
-    layer's contribution in flight (at most its statistics' bytes)."""
-    during, after = (2 * largest_statistics, largest_statistics + solve_bytes) if shards > 1 else (0, solve_bytes)
+    """Statistics bytes (per rank) that one pass may hold with `free` bytes free: with what else it holds
+    (`pass_extra_bytes`) during the pass within STATISTICS_SHARE of them, after it within SOLVE_SHARE."""
+    during, after = pass_extra_bytes(solve_bytes, largest_statistics, shards)
     return int(min(STATISTICS_SHARE * free - during, SOLVE_SHARE * free - after))
+
+
+def pass_extra_bytes(solve_bytes: int, largest_statistics: int, shards: int) -> tuple[int, int]:
+    """What a rank holds beside a pass's statistics (during the pass, after it): after it the largest solve;
+    sharded over `shards` ranks also one layer's statistics more (owners balance solve time, not bytes) and,
+    during the pass, one layer's contribution in flight (at most its statistics' bytes)."""
+    if shards > 1:
+        return 2 * largest_statistics, largest_statistics + solve_bytes
+    return 0, solve_bytes
 
 
 def assign_groups(costs: Mapping[str, float], world_size: int) -> dict[str, int]:

@@ -301,8 +301,10 @@ def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -
     wait for the device, and eigh is fast there. "chebyshev" forms M below CHEBYSHEV_MAX_SIZE inputs."""
     if n < 6 * want:  # the search space holds up to 6 blocks
         return False
-    if config.eigensolver in ("lobpcg", "chebyshev"):
-        return config.eigensolver == "lobpcg" or n >= CHEBYSHEV_MAX_SIZE
+    if config.eigensolver == "lobpcg":
+        return True
+    if config.eigensolver == "chebyshev":
+        return n >= CHEBYSHEV_MAX_SIZE
     return config.eigensolver == "auto" and (
         n >= DENSE_MAX_SIZE or (n >= AUTO_LOBPCG_MIN_SIZE and device.type == "cpu")
     )
