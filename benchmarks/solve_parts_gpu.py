@@ -1,7 +1,7 @@
-"""Where one narrow layer's LoRA-DA solve spends its time on a GPU: each linear-algebra step of the dense path
-timed alone (device-synchronized, median of `--repeats`) at SmolLM2-135M's layer shapes on synthetic statistics
-(see `solve_speed.py`), beside the whole `solve_layer` under each eigensolver and a torch.profiler table of the
-default one.
+"""Where LoRA-DA's solve spends its time on a GPU: each linear-algebra step of the dense path timed alone
+(device-synchronized, median of `--repeats`) at SmolLM2-135M's layer shapes on synthetic statistics (see
+`solve_speed.py`), beside the whole `solve_layer` under each eigensolver; then `solve_all` over the 210 layers
+of 30 such blocks (the default, batched, and eigh) with a torch.profiler table of the default.
 
     python benchmarks/solve_parts_gpu.py [--device cuda] [--out DIR]   # writes DIR/solve_parts_gpu.{json,md}
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from _harness import RESULTS, synchronize
-from solve_speed import LLAMA7B, SMOL, synthetic_inputs, synthetic_layer
+from solve_speed import LLAMA7B, SMOL, SyntheticStatistics, build, synthetic_inputs, synthetic_layer
 
-from lora_da import LoraDAConfig, solve_layer
+from lora_da import LoraDAConfig, solve_all, solve_layer
 from lora_da.eigensolvers import filtered_subspace
 from lora_da.input_factor import factor_input
 from lora_da.layer_solvers import ImplicitGuidance, variance_term
@@ -117,9 +117,17 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
     }, info
 
 
-def profile_table(m: int, n: int, tokens: int, device: torch.device, rows: int = 15) -> str:
-    """torch.profiler table (top ops by device time, else CPU time) of one layer's `solve_layer`."""
-    work = steps(m, n, tokens, device)[DEFAULT]
+def smollm2_statistics(tokens: int, device: torch.device) -> SyntheticStatistics:
+    """Synthetic statistics of SmolLM2-135M's 30 blocks (210 layers) from `tokens` tokens, on `device`."""
+    stats = build(SMOL, BATCH, tokens, 32, seed=0)
+    for means in (stats.gradients, stats.outputs, stats.inputs):
+        means.update({name: value.to(device) for name, value in means.items()})
+    return stats
+
+
+def profile_table(work: Callable[[], object], device: torch.device, rows: int = 20) -> str:
+    """torch.profiler table of `work()` (after one warm-up call): top ops by host time, where a solve of many
+    small layers waits (launches, syncs), with each op's device time beside it."""
     work()
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -127,8 +135,7 @@ def profile_table(m: int, n: int, tokens: int, device: torch.device, rows: int =
     with torch.profiler.profile(activities=activities) as prof:
         work()
         synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=rows)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def table(milliseconds: dict[str, dict[str, float]]) -> list[str]:
@@ -151,7 +158,12 @@ def report(results: dict) -> str:
                   "implicit operator; median ms of up to 3 runs:", "", *table(results["wide"])]
         lines.append("| the solve's iterations | " + " | ".join(
             str(results["wide_solves"][s].get("iterations")) for s in results["wide"]) + " |")
-    lines += ["", "`solve_layer` of q_proj under torch.profiler:", "", "```", results["profile"].rstrip(), "```", ""]
+    everything = results.get("solve_all_ms")  # absent from the runs before it was measured
+    heading = ("`solve_layer` of q_proj under torch.profiler:" if everything is None else
+               f"`solve_all` of 210 layers ({BATCH} synthetic SmolLM2-135M blocks), median ms of 2 runs: "
+               + ", ".join(f"{solver} {ms:.0f}" for solver, ms in everything.items())
+               + ". The default under torch.profiler:")
+    lines += ["", heading, "", "```", results["profile"].rstrip(), "```", ""]
     return "\n".join(lines)
 
 
@@ -186,7 +198,13 @@ def main() -> None:
             results["wide"][key] = {step: milliseconds(device, run, min(args.repeats, 3)) for step, run in work.items()}
             results["wide_solves"][key] = info
             print(name, json.dumps(results["wide"][key]), info, flush=True)
-    results["profile"] = profile_table(*SHAPES["q_proj"], args.tokens, device)
+    stats = smollm2_statistics(args.tokens, device)
+    config = LoraDAConfig(population_size=100_000, show_progress=False)
+    runs = {solver: lambda solver=solver: solve_all(stats, 8, replace(config, eigensolver=solver))
+            for solver in ("auto", "eigh")}
+    results["solve_all_ms"] = {solver: milliseconds(device, run, 2) for solver, run in runs.items()}
+    print("solve_all", results["solve_all_ms"], flush=True)
+    results["profile"] = profile_table(runs["auto"], device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "solve_parts_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "solve_parts_gpu.md").write_text(report(results))

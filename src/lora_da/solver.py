@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Protocol
 
 import torch
@@ -242,15 +243,19 @@ def solve_all(
 
         if not release:
             solve_wide()
-        # each worker thread runs its LAPACK calls on one thread: see `solver_threads`
-        pool = ThreadPoolExecutor(solver_threads(device, previous), initializer=torch.set_num_threads, initargs=(1,))
+        # each worker thread runs its LAPACK calls on one thread (see `solver_threads`); a single worker is this
+        # thread (where a profiler sees its ops)
+        workers = solver_threads(device, previous)
+        pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) if workers > 1 else None
         try:
+            solve_chunk = partial(solve_groups, together=together)
             # in order: the first error is raised
-            for solved in pool.map(lambda chunk: solve_groups(chunk, together), chunks):
+            for solved in pool.map(solve_chunk, chunks) if pool else map(solve_chunk, chunks):
                 solutions.update(solved)
                 bar.update(len(solved))
         finally:
-            pool.shutdown(cancel_futures=True)
+            if pool:
+                pool.shutdown(cancel_futures=True)
             torch.set_num_threads(previous)
         if release:
             solve_wide()
