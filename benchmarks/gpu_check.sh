@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (device tool), about 8 minutes on an H200: run from the repository root there, e.g.
+# The one prepared GPU check (device tool), about 5 minutes on an H200: run from the repository root there, e.g.
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".released", ".whl"], timeout_s=590)
 # The machine has torch, transformers and accelerate but no network: lora-da is used from src/ as is; wheels in
 # .whl/ (e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl peft==0.21.2`, ignored by

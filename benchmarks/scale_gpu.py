@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--layers-per-pass", default="auto",
                         help="comma-separated runs; 'auto' = the automatic memory plan")
     parser.add_argument("--blocks", type=int, default=LLAMA2_7B["num_hidden_layers"])
-    parser.add_argument("--eigensolvers", default="auto", help="comma-separated runs, e.g. auto,chebyshev")
+    parser.add_argument("--eigensolvers", default="auto", help="comma-separated runs, e.g. auto,lobpcg")
     parser.add_argument("--gpu-gib", type=float, default=None,
                         help="hold back all GPU memory beyond this many GiB, e.g. 80 to stand in for an 80 GB GPU")
     parser.add_argument("--device", default="cuda")

@@ -221,6 +221,7 @@ def solve_all(
     width = {group: stats.gradient_sums[members[0]].shape[1] for group, members in groups.items()}
     wide = [members for group, members in groups.items() if width[group] >= DENSE_MAX_SIZE]
     narrow = [members for group, members in groups.items() if width[group] < DENSE_MAX_SIZE]
+
     def by_width(members: list[str]) -> int:
         return width[stats.input_group(members[0])]
 
