@@ -231,18 +231,22 @@ def test_solve_all_in_threads_matches_each_layer_alone(threads):
         assert torch.equal(solution.A, alone.A) and torch.equal(solution.B, alone.B)
 
 
-def test_top_eigenvalue_from_a_nearby_block_is_exact_or_declined():
+def test_top_eigenvalues_from_a_nearby_block_are_exact_or_declined():
     gen = torch.Generator().manual_seed(3)
     d = torch.randn(60, 20, generator=gen, dtype=torch.float64)
     outer = d @ d.T  # PSD, rank 20
     values, vectors = torch.linalg.eigh(outer)
     near = vectors[:, -8:] + 1e-3 * torch.randn(60, 8, generator=gen, dtype=torch.float64)
-    assert eigensolvers.top_eigenvalue(outer, near, 1e-3) == pytest.approx(float(values[-1]), rel=1e-9)
     # an invariant subspace without the top (eigenvectors 2-9): exact lower pairs, but the random column finds it
     invariant = vectors[:, -9:-1]
-    found = eigensolvers.top_eigenvalue(outer, invariant, 1e-3)
-    assert found is None or found == pytest.approx(float(values[-1]), rel=1e-6)
-    assert eigensolvers.top_eigenvalue(outer[:30, :30], near[:30], 1e-3) is None  # 4 blocks of 9 >= n: declined
+    scaled = 3.0 * outer  # a batch's matrices are independent problems
+    found = eigensolvers.top_eigenvalues(torch.stack([outer, outer, scaled]), torch.stack([near, invariant, near]),
+                                         1e-3)
+    assert found[0] == pytest.approx(float(values[-1]), rel=1e-9)
+    assert found[1] is None or found[1] == pytest.approx(float(values[-1]), rel=1e-6)
+    assert found[2] == pytest.approx(3.0 * float(values[-1]), rel=1e-9)
+    # 4 blocks of 9 >= n: declined
+    assert eigensolvers.top_eigenvalues(outer[None, :30, :30], near[None, :30], 1e-3) == [None]
 
 
 def test_solve_all_raises_the_failing_layer():
@@ -411,6 +415,29 @@ class TestChebyshev:
                                 LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="eigh"))
             update, exact_update = solution.B @ solution.A, exact.B @ exact.A
             assert float((update - exact_update).norm() / exact_update.norm()) < 1e-3
+
+    def test_a_batch_of_same_shaped_layers_solves_each_as_alone(self, monkeypatch):
+        layers = {"q": (48, 96, "x"), "o": (48, 96, "o"), "k": (24, 96, "x")}
+        stats = _statistics(layers, seed=5)
+        cfg = LoraDAConfig(variance_weight=0.03, population_size=100, eigensolver="chebyshev", show_progress=False)
+        sizes = []
+        original = solver.form_dense
+
+        def spy(g, *args, **kwargs):
+            sizes.append(g.shape[0])
+            return original(g, *args, **kwargs)
+
+        monkeypatch.setattr(solver, "form_dense", spy)
+        together = solve_all(stats, 4, cfg)
+        assert sorted(sizes) == [1, 2]  # q and o (two input factors) formed in one batch, k alone
+        for name in layers:
+            alone = solve_layer(stats.gradient(name), stats.input_factor(name), stats.output_factor(name), 4, cfg,
+                                layer=name)
+            torch.testing.assert_close(together[name].B @ together[name].A, alone.B @ alone.A, rtol=1e-5, atol=1e-8)
+            for key in ("sigma", "eigenvalues", "eigengap", "variance_bias_ratio", "variance_bias_ratio_on_subspace",
+                        "median_y_over_damping"):
+                assert alone.info[key] is not None
+                assert together[name].info[key] == pytest.approx(alone.info[key], rel=1e-6)
 
     def test_wide_layers_are_formed_and_filtered(self, monkeypatch):
         monkeypatch.setattr(solver, "DENSE_MAX_SIZE", 256)

@@ -111,27 +111,28 @@ def smallest_eigenvectors(
     return vectors[:, :rank], values[:rank], residual, "eigh", gap
 
 
-def top_eigenvalue(matrix: torch.Tensor, start: torch.Tensor, tol: float, blocks: int = 4) -> float | None:
-    """Largest eigenvalue of the symmetric positive semidefinite [n, n] `matrix`, by Rayleigh-Ritz on the block
-    Krylov space of (at most 8 columns of) `start` [n, k] and one seeded random column (so that no start lies in
-    an invariant subspace without the top eigenvector); None unless the top Ritz pair's residual is within `tol`
-    of the value (then the value is exact to about tol^2). From a block near the top eigenvectors this is a few
-    products and one small QR, where a dense `eigvalsh` costs a whole eigendecomposition (5 ms at n = 576 on an
-    H200, as long as `eigh`)."""
-    n = matrix.shape[0]
-    random = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=matrix.dtype)
-    block = torch.cat([start[:, : min(start.shape[1], 8)], random.to(matrix.device)], dim=1)
-    if blocks * block.shape[1] >= n:
-        return None  # the space would be most of R^n: a dense eigensolver is as cheap
+def top_eigenvalues(matrices: torch.Tensor, starts: torch.Tensor, tol: float, blocks: int = 4) -> list[float | None]:
+    """Largest eigenvalue of each symmetric positive semidefinite matrix of a batch [b, n, n], by Rayleigh-Ritz on
+    the block Krylov space of (at most 8 columns of) its start [b, n, k] and one seeded random column (so that no
+    start lies in an invariant subspace without the top eigenvector); None where the top Ritz pair's residual is
+    not within `tol` of the value (else the value is exact to about tol^2). From a block near the top eigenvectors
+    this is a few products and one small QR, where a dense `eigvalsh` costs a whole eigendecomposition (5 ms at
+    n = 576 on an H200, as long as `eigh`)."""
+    count, n, _ = matrices.shape
+    random = torch.randn(n, 1, generator=torch.Generator().manual_seed(0), dtype=matrices.dtype)
+    block = torch.cat([starts[..., : min(starts.shape[2], 8)], random.to(matrices.device).expand(count, n, 1)], dim=2)
+    if blocks * block.shape[2] >= n:
+        return [None] * count  # the space would be most of R^n: a dense eigensolver is as cheap
     krylov = [block]
     for _ in range(blocks - 1):
-        krylov.append(matrix @ krylov[-1])
-    basis, _ = torch.linalg.qr(torch.cat(krylov, dim=1))
-    image = matrix @ basis
-    values, vectors = torch.linalg.eigh(basis.T @ image)
-    residual = (image @ vectors[:, -1] - values[-1] * (basis @ vectors[:, -1])).norm()
-    value, residual = torch.stack([values[-1], residual]).tolist()  # one read from the device
-    return value if value > 0 and residual <= tol * value else None
+        krylov.append(matrices @ krylov[-1])
+    basis = torch.linalg.qr(torch.cat(krylov, dim=2)).Q
+    image = matrices @ basis
+    values, vectors = torch.linalg.eigh(basis.mT @ image)
+    top = vectors[..., -1:]
+    residuals = (image @ top - values[:, -1, None, None] * (basis @ top)).norm(dim=(1, 2))
+    pairs = torch.stack([values[:, -1], residuals], dim=1).tolist()  # one read from the device
+    return [value if value > 0 and residual <= tol * value else None for value, residual in pairs]
 
 
 def top_singular_value(matrix: torch.Tensor, gram: torch.Tensor | None = None) -> float:

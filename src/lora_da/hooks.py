@@ -163,11 +163,13 @@ class Collector:
         gs = gs.float()  # y's squares in float32: a half-precision square would round
         if self.config.output_scaling == "token" and per_token_count is not None:
             gs = gs * per_token_count[:, None]  # gradient of the summed (not averaged) token loss
-        square_sum = (gs * gs).sum(0).to(OUTPUT_DTYPE)  # float32 over one batch; no float64 copy of gs
+        square_sum = (gs * gs).sum(0)  # float32 over one batch; no float64 copy of gs
         if here and name in self.output_sq_sums:
-            self.output_sq_sums[name] += square_sum
-        elif here:
-            self.output_sq_sums[name] = square_sum
+            self.output_sq_sums[name] += square_sum  # into the float64 sum, in one op
+        else:
+            square_sum = square_sum.to(OUTPUT_DTYPE)
+            if here:
+                self.output_sq_sums[name] = square_sum
         self.output_token_counts[name] += xs.shape[0]
         if self.sharded:
             self.reached.add(name)

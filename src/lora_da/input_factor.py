@@ -3,6 +3,8 @@ one input: solves, products and the repair of a Z that rounding left indefinite.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,22 +44,89 @@ class InputFactor:
         return self.cholesky @ (self.cholesky.T @ x)
 
 
+def factor_inverses(factors: list[InputFactor]) -> list[torch.Tensor]:
+    """K^{-1} of each factor, the missing ones of one size computed together (one batched call on a GPU)."""
+    missing = list({id(factor): factor for factor in factors if factor.inverse is None}.values())
+    by_size: dict[int, list[InputFactor]] = {}
+    for factor in missing:
+        by_size.setdefault(factor.cholesky.shape[0], []).append(factor)
+    for same in by_size.values():
+        if len(same) == 1:
+            same[0].get_inverse()
+            continue
+        for factor, inverse in zip(same, torch.cholesky_inverse(torch.stack([f.cholesky for f in same])),
+                                   strict=True):
+            factor.inverse = inverse
+    return [factor.get_inverse() for factor in factors]
+
+
 def factor_input(input_factor: torch.Tensor | PackedGram, config: LoraDAConfig, layer: str = "layer") -> InputFactor:
     """Cholesky-factor `Z + lam I` in float64 (Z: [n, n] of any float dtype, or packed)."""
-    if isinstance(input_factor, PackedGram):
-        z = PackedGram(input_factor.values.to(torch.float64), input_factor.width)
-        n = z.width
-    else:
-        z = input_factor.to(torch.float64)
-        n = z.shape[0]
+    return factor_inputs([input_factor], config, [layer])[0]
+
+
+def factor_inputs(inputs: Sequence[torch.Tensor | PackedGram], config: LoraDAConfig, layers: Sequence[str]
+                  ) -> list[InputFactor]:
+    """`factor_input` of each; the narrow ones of one size together (one batched factorization and one read from
+    the device for all of them)."""
+    zs = [_float64(z, config) for z in inputs]
+    factors: list[InputFactor | None] = [None] * len(zs)
+    by_size: dict[int, list[int]] = {}
+    for index, z in enumerate(zs):
+        by_size.setdefault(_width(z), []).append(index)
+    for n, same in by_size.items():
+        if n >= DENSE_MAX_SIZE:
+            for index in same:
+                damping = _damping(zs[index], config)
+                cholesky, info, clamped, shift = _factor_wide(zs[index], damping)
+                factors[index] = _checked(InputFactor(cholesky, damping, clamped, shift=shift), info, layers[index])
+            continue
+        damped = stacked([_damped(zs[index], 0.0) for index in same])
+        diagonal = damped.diagonal(dim1=1, dim2=2)
+        if config.damping_mode == "relative":
+            dampings = config.damping * diagonal.mean(dim=1)
+        else:
+            dampings = torch.full((len(same),), config.damping, dtype=damped.dtype, device=damped.device)
+        diagonal.add_(dampings[:, None])
+        cholesky, info = torch.linalg.cholesky_ex(damped)
+        del damped, diagonal
+        # one read from the device: a NaN or inf survives the sum
+        infos, sums, dampings = torch.stack([info.to(cholesky.dtype), cholesky.sum(dim=(1, 2)), dampings]).tolist()
+        for position, index in enumerate(same):
+            if infos[position] == 0 and math.isfinite(sums[position]):
+                factors[index] = InputFactor(cholesky[position], dampings[position])
+            else:  # rounding left Z indefinite (repaired one by one), or an error that names the layer
+                factors[index] = _factor_narrow(zs[index], dampings[position], layers[index])
+    return factors
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(tensors)`, without a copy for one tensor (a wide layer's n x n factor is a GiB)."""
+    return tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _float64(z: torch.Tensor | PackedGram, config: LoraDAConfig) -> torch.Tensor | PackedGram:
+    """Z in float64 (the identity under `fisher="identity"`)."""
     if config.fisher == "identity":
-        z = torch.eye(n, dtype=torch.float64, device=z.device)
-    damping = config.damping
+        return torch.eye(_width(z), dtype=torch.float64, device=z.device)
+    if isinstance(z, PackedGram):
+        return PackedGram(z.values.to(torch.float64), z.width)
+    return z.to(torch.float64)
+
+
+def _width(z: torch.Tensor | PackedGram) -> int:
+    return z.width if isinstance(z, PackedGram) else z.shape[0]
+
+
+def _damping(z: torch.Tensor | PackedGram, config: LoraDAConfig) -> float:
+    """lam of Z: `damping`, times Z's mean diagonal under `damping_mode="relative"`."""
     if config.damping_mode == "relative":
-        damping = config.damping * float(z.diagonal().mean())
-    if n >= DENSE_MAX_SIZE:
-        cholesky, info, clamped, shift = _factor_wide(z, damping)
-        return _checked(InputFactor(cholesky=cholesky, damping=damping, clamped=clamped, shift=shift), info, layer)
+        return config.damping * float(z.diagonal().mean())
+    return config.damping
+
+
+def _factor_narrow(z: torch.Tensor | PackedGram, damping: float, layer: str) -> InputFactor:
+    """The Cholesky factor of one narrow layer's damped Z, with a Z that rounding left indefinite clamped by eigh."""
     damped = _damped(z, damping)
     cholesky, info = torch.linalg.cholesky_ex(damped)
     clamped = False

@@ -7,12 +7,19 @@ import math
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from .config import LoraDAConfig, LoraDAError
-from .eigensolvers import block_davidson, filtered_subspace, smallest_eigenvectors, top_eigenvalue, top_singular_value
-from .input_factor import DENSE_MAX_SIZE, InputFactor
+from .eigensolvers import (
+    block_davidson,
+    filtered_subspace,
+    smallest_eigenvectors,
+    top_eigenvalues,
+    top_singular_value,
+)
+from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_inverses, stacked
 
 LOBPCG_MAX_ITERATIONS = 300
 # Relative residual of the top eigenpair of D0 D0^T: sigma^2 is then exact to about its square.
@@ -29,19 +36,20 @@ class Solved:
 
 
 @dataclass
-class DenseProblem:
-    """One layer's guidance matrix, formed: `guidance` [n, n] is M up to a positive factor (M's eigenvectors),
-    `step` the unnormalized D0 [n, m], `bias` = D0 D0^T / unit; `unit` and sigma turn them into M's scale."""
+class DenseBatch:
+    """Same-shaped layers' guidance matrices, formed: `guidance` [b, n, n] is each M up to a positive factor (M's
+    eigenvectors), `step` the unnormalized D0 [b, n, m], `bias` = D0 D0^T / unit; `units` and sigma turn them into
+    M's scale. A batch reads its per-layer numbers from the device together (a GPU waits once, not per layer)."""
 
     step: torch.Tensor
     bias: torch.Tensor
     guidance: torch.Tensor
-    unit: float
-    variance: float  # beta c of ALGORITHM.md, times sigma^2
-    variance_ratio: float | None
-    factor: InputFactor
-    layer: str
-    seed: int
+    cholesky: torch.Tensor  # [b, n, n]: the layers' input factors
+    units: list[float]
+    variance: torch.Tensor  # [b]: beta c of ALGORITHM.md, times sigma^2
+    variance_ratio: torch.Tensor | None  # [b]
+    layers: list[str]
+    seeds: list[int]
 
 
 @dataclass
@@ -56,109 +64,132 @@ class Eigenvectors:
     iterations: int | None = None  # of an iterative solver
 
 
-def form_dense(
-    g: torch.Tensor, factor: InputFactor, inv_y: torch.Tensor, config: LoraDAConfig, layer: str
-) -> DenseProblem:
-    """ALGORITHM.md with D [n, m] and M [n, n] formed, M up to a positive factor (sigma comes after the
-    eigenvectors: see `finish_dense`)."""
-    # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [n, m].
-    step = -torch.cholesky_solve(g.T, factor.cholesky) * inv_y[None, :]
-    outer = step @ step.T  # [n, n]: the bias term up to sigma^2
+def form_dense(g: torch.Tensor, factors: Sequence[InputFactor], inv_y: torch.Tensor, config: LoraDAConfig,
+               layers: list[str]) -> DenseBatch:
+    """ALGORITHM.md with D and M formed for a batch of layers: G [b, m, n], their input factors and 1 / (y + lam)
+    [b, m]; M up to a positive factor (sigma comes after the eigenvectors: see `finish_dense`)."""
+    cholesky = stacked([factor.cholesky for factor in factors])
+    # Natural-gradient step D = -(Z + lam I)^{-1} G^T diag(1 / (y + lam)), shape [b, n, m].
+    step = -torch.cholesky_solve(g.mT, cholesky) * inv_y[:, None, :]
+    outer = step @ step.mT  # [b, n, n]: the bias term up to sigma^2
     # max diag(D D^T) <= sigma^2 <= n max diag(D D^T): M / unit is of order one for the float32 eigh
-    unit = float(outer.diagonal().max())
-    check_sigma(unit, layer)  # finite and nonzero exactly when sigma is
-    bias = outer.div_(unit)
-    guidance = -config.bias_weight * bias
-    variance_ratio = None
+    unit = outer.diagonal(dim1=1, dim2=2).amax(dim=1)
     variance = variance_term(inv_y, config)
-    if variance != 0:  # in place: a wide layer's n x n temporaries are what its solve's memory is
-        inverse = factor.get_inverse()
-        guidance.add_(inverse, alpha=variance / unit)
+    units, variances = torch.stack([unit, variance]).tolist()  # one read from the device
+    for value, layer in zip(units, layers, strict=True):
+        check_sigma(value, layer)  # finite and nonzero exactly when sigma is
+    bias = outer.div_(unit[:, None, None])
+    guidance = bias * -config.bias_weight
+    variance_ratio = None
+    if config.variance_weight != 0:  # in place: a wide layer's n x n temporaries are what its solve's memory is
+        inverses = factor_inverses(factors)
+        for matrix, inverse, weight, scale in zip(guidance, inverses, variances, units, strict=True):
+            matrix.add_(inverse, alpha=weight / scale)
         if config.bias_weight != 0:
-            variance_ratio = variance / unit * float(inverse.norm()) / (config.bias_weight * float(bias.norm()))
-    guidance = torch.add(guidance, guidance.T).mul_(0.5)  # exact symmetry for the eigensolvers
-    return DenseProblem(step, bias, guidance, unit, variance, variance_ratio, factor, layer,
-                        layer_seed(config.seed, layer))
+            inverse_norms = torch.stack([inverse.norm() for inverse in inverses])
+            variance_ratio = variance / unit * inverse_norms / (config.bias_weight * bias.norm(dim=(1, 2)))
+    guidance = torch.add(guidance, guidance.mT).mul_(0.5)  # exact symmetry for the eigensolvers
+    return DenseBatch(step, bias, guidance, cholesky, units, variance, variance_ratio, layers,
+                      [layer_seed(config.seed, layer) for layer in layers])
 
 
-def dense_eigenvectors(problems: Sequence[DenseProblem], ranks: Sequence[int], config: LoraDAConfig
-                       ) -> list[Eigenvectors]:
-    """The smallest eigenvectors of each problem's guidance: dense `eigh` (first in float32 under "auto"), or
-    under "chebyshev" filtered subspace iteration with the problems of one size and rank batched, started from
+def dense_eigenvectors(batches: Sequence[DenseBatch], ranks: Sequence[int], config: LoraDAConfig
+                       ) -> list[list[Eigenvectors]]:
+    """The smallest eigenvectors of each batch's guidance matrices: dense `eigh` (first in float32 under "auto"),
+    or under "chebyshev" filtered subspace iteration with all matrices of one size and rank batched, started from
     the step's range (the answer when the bias term dominates); those it leaves above tolerance get `eigh`."""
-    found: list[Eigenvectors | None] = [None] * len(problems)
+    found: list[list[Eigenvectors | None]] = [[None] * len(batch.layers) for batch in batches]
     if config.eigensolver == "chebyshev":
-        batches: dict[tuple[int, int], list[int]] = {}
-        for index, (problem, rank) in enumerate(zip(problems, ranks, strict=True)):
-            n = problem.guidance.shape[0]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, (batch, rank) in enumerate(zip(batches, ranks, strict=True)):
+            n = batch.guidance.shape[1]
             if n >= 6 * block_size(rank, n):  # a block that is most of R^n: eigh is as cheap
-                batches.setdefault((n, rank), []).append(index)
-        for (n, rank), indices in batches.items():
-            _filtered(problems, indices, n, rank, config, found)
-    for index, (problem, rank) in enumerate(zip(problems, ranks, strict=True)):
-        if found[index] is None:
-            basis, values, residual, solver, gap = smallest_eigenvectors(
-                problem.guidance, rank, config.eigensolver_tol, try_float32=config.eigensolver in ("auto", "chebyshev"))
-            found[index] = Eigenvectors(basis, values, residual, solver, gap)
+                by_size.setdefault((n, rank), []).append(index)
+        for (n, rank), indices in by_size.items():
+            _filtered([batches[i] for i in indices], n, rank, config, [found[i] for i in indices])
+    for batch, rank, results in zip(batches, ranks, found, strict=True):
+        for position, result in enumerate(results):
+            if result is None:
+                results[position] = Eigenvectors(*smallest_eigenvectors(
+                    batch.guidance[position], rank, config.eigensolver_tol,
+                    try_float32=config.eigensolver in ("auto", "chebyshev")))
     return found
 
 
-def _filtered(problems: Sequence[DenseProblem], indices: list[int], n: int, rank: int, config: LoraDAConfig,
-              found: list[Eigenvectors | None]) -> None:
-    """Batched `filtered_subspace` for the problems `indices` (all [n, n], one rank); fills `found` where it met
-    the tolerance."""
+def _filtered(batches: Sequence[DenseBatch], n: int, rank: int, config: LoraDAConfig,
+              found: list[list[Eigenvectors | None]]) -> None:
+    """One batched `filtered_subspace` for every matrix of `batches` (all [n, n], one rank); fills `found` where
+    it met the tolerance."""
     block = block_size(rank, n)
     starts = []
-    for index in indices:
-        problem = problems[index]
-        generator = torch.Generator(device="cpu").manual_seed(problem.seed)
-        omega = torch.randn(problem.step.shape[1], block, generator=generator, dtype=problem.step.dtype)
-        starts.append(problem.step @ omega.to(problem.step.device))
-    result = filtered_subspace(torch.stack([problems[i].guidance for i in indices]), torch.stack(starts), rank,
-                               config.eigensolver_tol, [problems[i].seed for i in indices])
-    for position, index in enumerate(indices):
-        if result.converged[position]:
-            values = result.values[position]
-            found[index] = Eigenvectors(result.vectors[position, :, :rank], values[:rank],
-                                        result.residuals[position], "chebyshev",
-                                        float(values[rank] - values[rank - 1]) if block > rank else None,
-                                        result.cycles[position])
+    for batch in batches:
+        omega = torch.stack([torch.randn(batch.step.shape[2], block, generator=torch.Generator().manual_seed(seed),
+                                         dtype=batch.step.dtype) for seed in batch.seeds])
+        starts.append(batch.step @ omega.to(batch.step.device))
+    guidance = batches[0].guidance if len(batches) == 1 else torch.cat([batch.guidance for batch in batches])
+    result = filtered_subspace(guidance, torch.cat(starts), rank, config.eigensolver_tol,
+                               [seed for batch in batches for seed in batch.seeds])
+    del guidance
+    gaps = (result.values[:, rank] - result.values[:, rank - 1]).tolist() if block > rank else None
+    position = 0
+    for results in found:
+        for index in range(len(results)):
+            if result.converged[position]:
+                results[index] = Eigenvectors(result.vectors[position, :, :rank], result.values[position, :rank],
+                                              result.residuals[position], "chebyshev",
+                                              gaps[position] if gaps else None, result.cycles[position])
+            position += 1
 
 
-def finish_dense(problem: DenseProblem, found: Eigenvectors, config: LoraDAConfig) -> Solved:
-    """sigma from the bias term's top eigenvalue, started at the found eigenvectors (`top_eigenvalue`: a second
-    eigendecomposition cost as much), the normalized step and the report."""
-    n, m = problem.step.shape
-    top = top_eigenvalue(problem.bias, found.basis, SIGMA_TOL)  # a dense eigvalsh only if that fails
-    unit = problem.unit
-    if top is not None:
-        sigma = math.sqrt(top * unit)
-    else:
-        sigma = top_singular_value(problem.step, problem.bias * unit if n <= m else None)
-    check_sigma(sigma, problem.layer)
-    scale = sigma if config.normalize else 1.0
-    step = problem.step / scale
-    to_m = unit / scale**2  # guidance * to_m is M
-    info = {
-        "sigma": sigma,
-        "eigenvalues": (found.values * to_m).tolist(),
-        "eigengap": found.gap * to_m if found.gap is not None else None,
-        "eigensolver": found.solver,
-        "residual": found.residual,
-        "variance_bias_ratio": problem.variance_ratio,
-        "variance_bias_ratio_on_subspace": subspace_ratio(found.basis, step.T @ found.basis, problem.factor,
-                                                          problem.variance / scale**2, config),
-    }
-    if found.iterations is not None:
-        info["iterations"] = found.iterations
-    return Solved(basis=found.basis, project=lambda u: step.T @ u, info=info)
+def finish_dense(batch: DenseBatch, found: Sequence[Eigenvectors], config: LoraDAConfig) -> list[Solved]:
+    """sigma from each bias term's top eigenvalue, started at the found eigenvectors (`top_eigenvalues`: a second
+    eigendecomposition cost as much), the normalized steps and the reports."""
+    _, n, m = batch.step.shape
+    basis = torch.stack([answer.basis for answer in found])  # [b, n, r]
+    sigmas = []
+    for index, top in enumerate(top_eigenvalues(batch.bias, basis, SIGMA_TOL)):  # a dense eigvalsh only if it fails
+        unit = batch.units[index]
+        if top is not None:
+            sigma = math.sqrt(top * unit)
+        else:
+            sigma = top_singular_value(batch.step[index], batch.bias[index] * unit if n <= m else None)
+        check_sigma(sigma, batch.layers[index])
+        sigmas.append(sigma)
+    scale = [sigma if config.normalize else 1.0 for sigma in sigmas]
+    to_m = [unit / value**2 for unit, value in zip(batch.units, scale, strict=True)]  # guidance * to_m is M
+    scales = torch.tensor(scale, dtype=basis.dtype).to(basis.device)
+    step = batch.step / scales[:, None, None]
+    eigenvalues = torch.stack([answer.values for answer in found]) * torch.tensor(to_m, dtype=basis.dtype).to(
+        basis.device)[:, None]
+    ratios = subspace_ratio(basis, step.mT @ basis, lambda u: torch.cholesky_solve(u, batch.cholesky),
+                            batch.variance / scales**2, config)
+    numbers = [eigenvalues, *(part[:, None] for part in (batch.variance_ratio, ratios) if part is not None)]
+    rows = torch.cat(numbers, dim=1).tolist()  # one read from the device for the batch's reports
+    solved = []
+    for index, (answer, row) in enumerate(zip(found, rows, strict=True)):
+        rank = answer.values.numel()
+        extra = iter(row[rank:])
+        info = {
+            "sigma": sigmas[index],
+            "eigenvalues": row[:rank],
+            "eigengap": answer.gap * to_m[index] if answer.gap is not None else None,
+            "eigensolver": answer.solver,
+            "residual": answer.residual,
+            "variance_bias_ratio": next(extra) if batch.variance_ratio is not None else None,
+            "variance_bias_ratio_on_subspace": next(extra) if ratios is not None else None,
+        }
+        if answer.iterations is not None:
+            info["iterations"] = answer.iterations
+        solved.append(Solved(basis=basis[index], project=partial(torch.matmul, step[index].T), info=info))
+    return solved
 
 
-def variance_term(inv_y: torch.Tensor, config: LoraDAConfig) -> float:
-    """beta c of ALGORITHM.md times sigma^2: beta sum(1 / (y + lam)) / N_pop (0 when beta is 0)."""
+def variance_term(inv_y: torch.Tensor, config: LoraDAConfig) -> torch.Tensor:
+    """beta c of ALGORITHM.md times sigma^2 per layer: beta sum(1 / (y + lam)) / N_pop over the last dim of `inv_y`
+    (0 when beta is 0)."""
     if config.variance_weight == 0:
-        return 0.0
-    return config.variance_weight * float(inv_y.sum()) / config.population_size
+        return inv_y.new_zeros(inv_y.shape[:-1])
+    return config.variance_weight * inv_y.sum(-1) / config.population_size
 
 
 def check_sigma(sigma: float, layer: str) -> None:
@@ -168,14 +199,15 @@ def check_sigma(sigma: float, layer: str) -> None:
         raise LoraDAError(f"Layer {layer!r}: the gradient is exactly zero, so LoRA-DA has no direction to pick.")
 
 
-def subspace_ratio(
-    basis: torch.Tensor, projected: torch.Tensor, factor: InputFactor, variance: float, config: LoraDAConfig
-) -> float | None:
-    """tr(U^T (beta c K^{-1}) U) / tr(U^T (alpha D D^T) U) on the chosen U [n, r] (projected = D^T U [m, r])."""
-    if variance == 0 or config.bias_weight == 0:
+def subspace_ratio(basis: torch.Tensor, projected: torch.Tensor, solve: Callable[[torch.Tensor], torch.Tensor],
+                   variance: torch.Tensor | float, config: LoraDAConfig) -> torch.Tensor | None:
+    """tr(U^T (beta c K^{-1}) U) / tr(U^T (alpha D D^T) U) on each chosen U [..., n, r] (projected = D^T U
+    [..., m, r], `solve` applies K^{-1}); None without a variance or a bias term."""
+    if config.variance_weight == 0 or config.bias_weight == 0:
         return None
-    bias = config.bias_weight * float((projected * projected).sum())
-    return variance * float((basis * factor.solve(basis)).sum()) / bias if bias > 0 else math.inf
+    bias = config.bias_weight * (projected * projected).sum((-2, -1))
+    spread = variance * (basis * solve(basis)).sum((-2, -1))
+    return torch.where(bias > 0, spread / bias, math.inf)
 
 
 class ImplicitGuidance:
@@ -222,7 +254,7 @@ def solve_implicit(
     if not bool(g.any()):
         check_sigma(0.0, layer)
     m, n = g.shape
-    variance = variance_term(inv_y, config)
+    variance = float(variance_term(inv_y, config))
     operator = ImplicitGuidance(factor, g, inv_y, config.bias_weight, variance)
     block = block_size(rank, n)
     generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer))
@@ -247,6 +279,7 @@ def solve_implicit(
     def project(u: torch.Tensor) -> torch.Tensor:
         return operator.step_t(u) / scale
 
+    ratio = subspace_ratio(basis, project(basis), factor.solve, variance / scale**2, config)
     info = {
         "sigma": sigma,
         "eigenvalues": values[:rank].tolist(),
@@ -254,8 +287,7 @@ def solve_implicit(
         "eigensolver": "davidson",
         "residual": found.residual,
         "variance_bias_ratio": None,  # needs ||K^{-1}||_F: an n^3 inverse, which this path avoids
-        "variance_bias_ratio_on_subspace": subspace_ratio(basis, project(basis), factor, variance / scale**2,
-                                                           config),
+        "variance_bias_ratio_on_subspace": None if ratio is None else float(ratio),
         "iterations": found.iterations,
         "converged": found.converged,
         "block_size": block,

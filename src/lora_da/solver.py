@@ -16,15 +16,24 @@ from tqdm.auto import tqdm
 from .config import LoraDAConfig, check_ranks
 from .eigensolvers import fix_signs
 from .gram import PackedGram, packed_size
-from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input
-from .layer_solvers import Solved, block_size, dense_eigenvectors, finish_dense, form_dense, layer_seed, solve_implicit
+from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input, factor_inputs, stacked
+from .layer_solvers import (
+    Solved,
+    block_size,
+    dense_eigenvectors,
+    finish_dense,
+    form_dense,
+    layer_seed,
+    solve_implicit,
+)
 
 # "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: at n = 576
 # that takes ~15 ms where forming M and a dense float32 eigh take ~50 ms, and the gap grows like n^3 / n^2.
 AUTO_LOBPCG_MIN_SIZE = 384
 # "chebyshev" solves the formed M of narrow layers together, in chunks of up to this much solve memory (each
 # layer counted as `solve_working_bytes` counts a formed M); the memory plan keeps this much free for the solve.
-CHUNK_BYTES = 512 * 2**20
+# SmolLM2-135M's 210 layers then take 6 chunks (each a few batched calls and reads from the device), not 20.
+CHUNK_BYTES = 2 * 2**30
 # "chebyshev" (the default on CUDA) forms M only below this many inputs: at 11008 (a 7B down projection) the
 # formed n x n matrices take about 8 GiB, at 28672 (70B) 52 GiB against block Davidson's 12 GiB.
 CHEBYSHEV_MAX_SIZE = 16384
@@ -94,50 +103,59 @@ class _LayerInput:
 
 
 def _solve_layers(layers: list[_LayerInput], config: LoraDAConfig) -> list[LayerSolution]:
-    """Solve each layer; the dense eigenproblems of all of them at once (batched under "chebyshev"). A layer's
-    `seconds` are its own steps plus its share of the batched eigensolve."""
-    seconds, solved, weights = [0.0] * len(layers), [None] * len(layers), []
-    dense, problems = [], []
+    """Solve each layer: the wide ones iteratively one by one, the formed ones in batches of one shape (their
+    eigenproblems all at once under "chebyshev"). A formed layer's `seconds` are its share of the batched work."""
+    inverse_ys, medians, y_dampings = _output_weights([layer.output_factor for layer in layers], config)
+    solved: list[Solved | None] = [None] * len(layers)
+    seconds = [0.0] * len(layers)
     for index, layer in enumerate(layers):
-        start = time.perf_counter()
         n = layer.gradient.shape[1]
-        g = layer.gradient.to(torch.float64)
-        weights.append(_output_weights(layer.output_factor, config))
-        inv_y = weights[-1][0]
-        if uses_lobpcg(n, block_size(layer.rank, n), g.device, config):
-            solved[index] = solve_implicit(g, layer.factor, inv_y, layer.rank, config, layer.name)
+        if uses_lobpcg(n, block_size(layer.rank, n), layer.gradient.device, config):
+            start = time.perf_counter()
+            solved[index] = solve_implicit(layer.gradient.to(torch.float64), layer.factor, inverse_ys[index],
+                                           layer.rank, config, layer.name)
             if not solved[index].info["converged"] and config.eigensolver == "auto" and n < DENSE_MAX_SIZE:
                 solved[index] = None  # the dense path below is exact and still affordable at this size
-        if solved[index] is None:
-            dense.append(index)
-            problems.append(form_dense(g, layer.factor, inv_y, config, layer.name))
-        seconds[index] += time.perf_counter() - start
+            seconds[index] = time.perf_counter() - start
     start = time.perf_counter()
-    found = dense_eigenvectors(problems, [layers[index].rank for index in dense], config)
-    share = (time.perf_counter() - start) / max(len(dense), 1)
-    for index, problem, eigenvectors in zip(dense, problems, found, strict=True):
-        start = time.perf_counter()
-        solved[index] = finish_dense(problem, eigenvectors, config)
-        seconds[index] += share + time.perf_counter() - start
-    return [_solution(layer, answer, weight, config, elapsed)
-            for layer, answer, weight, elapsed in zip(layers, solved, weights, seconds, strict=True)]
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for index, layer in enumerate(layers):
+        if solved[index] is None:
+            shapes.setdefault((*layer.gradient.shape, layer.rank), []).append(index)
+    batches = [form_dense(stacked([layers[i].gradient for i in same]).to(torch.float64),
+                          [layers[i].factor for i in same], stacked([inverse_ys[i] for i in same]), config,
+                          [layers[i].name for i in same]) for same in shapes.values()]
+    found = dense_eigenvectors(batches, [rank for _, _, rank in shapes], config)
+    for same, batch, answers in zip(shapes.values(), batches, found, strict=True):
+        solved_batch = finish_dense(batch, answers, config)
+        for index, answer in zip(same, solved_batch, strict=True):
+            solved[index] = answer
+    del batches
+    dense = [index for same in shapes.values() for index in same]
+    for index in dense:
+        seconds[index] = (time.perf_counter() - start) / len(dense)
+    return [_solution(*row, config) for row in zip(layers, solved, medians, y_dampings, seconds, strict=True)]
 
 
-def _output_weights(output_factor: torch.Tensor, config: LoraDAConfig) -> tuple[torch.Tensor, float, float]:
-    """(1 / (y + lam) [m] in float64, median y, the damping lam of y)."""
-    y = output_factor.to(torch.float64)
+def _output_weights(output_factors: list[torch.Tensor], config: LoraDAConfig
+                    ) -> tuple[list[torch.Tensor], list[float], list[float]]:
+    """Per layer 1 / (y + lam) [m] in float64, median y and the damping lam of y (the medians read from the
+    device at once)."""
+    ys = [y.to(torch.float64) for y in output_factors]
     if config.fisher == "identity":
-        y = torch.ones_like(y)
-    median_y = float(y.median())
-    y_damping = config.damping * median_y if config.damping_mode == "relative" else config.damping
-    return 1.0 / (y + y_damping), median_y, y_damping
+        ys = [torch.ones_like(y) for y in ys]
+    medians = torch.stack([y.median() for y in ys]) if ys else torch.empty(0)
+    relative = config.damping_mode == "relative"
+    dampings = config.damping * medians if relative else torch.full_like(medians, config.damping)
+    inverses = [1.0 / (y + damping) for y, damping in zip(ys, dampings, strict=True)]
+    median_values = medians.tolist()
+    return inverses, median_values, [config.damping * value if relative else config.damping for value in median_values]
 
 
-def _solution(layer: _LayerInput, solved: Solved, weights: tuple[torch.Tensor, float, float], config: LoraDAConfig,
-              seconds: float) -> LayerSolution:
+def _solution(layer: _LayerInput, solved: Solved, median_y: float, y_damping: float, seconds: float,
+              config: LoraDAConfig) -> LayerSolution:
     """The factors (A, B) of a solved basis, with the report."""
     start = time.perf_counter()
-    _, median_y, y_damping = weights
     basis = fix_signs(solved.basis)
     a, b = _balance(basis.T.contiguous(), solved.project(basis), config)
     info = {
@@ -196,15 +214,18 @@ def solve_all(
 
     def solve_groups(chunk: list[list[str]], together: bool = False) -> dict[str, LayerSolution]:
         """Solve the groups of `chunk`: one layer at a time, or (`together`) all their layers at once."""
-        solved, batch = {}, []
+        solved, batch, inputs, means = {}, [], [], {}
         for members in chunk:
             if release:
-                input_factor, means = stats.pop_group(members)
+                input_factor, group_means = stats.pop_group(members)
             else:
                 input_factor = stats.packed_input_factor(members[0])
-                means = {name: (stats.gradient(name), stats.output_factor(name)) for name in members}
-            factor = factor_input(input_factor, config, members[0])
-            del input_factor  # only its Cholesky factor is needed from here on
+                group_means = {name: (stats.gradient(name), stats.output_factor(name)) for name in members}
+            inputs.append(input_factor)
+            means.update(group_means)
+        factors = factor_inputs(inputs, config, [members[0] for members in chunk])
+        del inputs, input_factor  # only their Cholesky factors are needed from here on
+        for members, factor in zip(chunk, factors, strict=True):
             for name in members:
                 gradient, output_factor = means.pop(name)
                 # the solve's dtype; the float32 mean is freed before its work

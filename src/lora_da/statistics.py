@@ -139,21 +139,20 @@ class LoraDAStatistics:
             bad = next(((k, v) for k, v in counts.items() if int(v) < 1), None)
             if bad is not None:
                 raise LoraDAError(f"{source} count {bad[1]} tokens for {bad[0]!r}; a positive count is needed.")
+        checks = []
         for name in self.layer_names:
             group = self.input_groups[name]
             width = self.gradient_sums[name].shape[1]
             if self.input_sums[group].numel() != packed_size(width):
                 raise LoraDAError(f"Layer {name!r}: its input factor Z in {source.lower()} does not have the size of "
                                   f"a packed {width} x {width} matrix.")
-            for what, tensor in (
-                ("gradient G", self.gradient_sums[name]),
-                ("output factor y", self.output_sq_sums[name]),
-                ("input factor Z", self.input_sums[group]),
-            ):
-                if not bool(tensor.sum().isfinite()):  # one read: a NaN or inf survives the sum
-                    raise LoraDAError(
-                        f"Layer {name!r}: its {what} in {source.lower()} is not finite (overflow or NaN)."
-                    )
+            checks += [(name, "gradient G", self.gradient_sums[name]),
+                       (name, "output factor y", self.output_sq_sums[name]),
+                       (name, "input factor Z", self.input_sums[group])]
+        finite = _all_finite([tensor for _, _, tensor in checks])
+        bad = next((check for check, ok in zip(checks, finite, strict=True) if not ok), None)
+        if bad is not None:
+            raise LoraDAError(f"Layer {bad[0]!r}: its {bad[1]} in {source.lower()} is not finite (overflow or NaN).")
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file atomically (a killed write never leaves a valid-looking file)."""
@@ -207,3 +206,16 @@ class LoraDAStatistics:
             ) from exc
         stats.check_valid(f"The statistics in {path!r}")
         return stats
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
+    """Whether each tensor is finite (a NaN or inf survives its sum), read once per device, not once per tensor."""
+    sums: dict[torch.device, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        sums.setdefault(tensor.device, []).append(index)
+    finite = [True] * len(tensors)
+    for indices in sums.values():
+        read = torch.stack([tensors[i].sum().isfinite() for i in indices]).tolist()
+        for index, ok in zip(indices, read, strict=True):
+            finite[index] = ok
+    return finite
