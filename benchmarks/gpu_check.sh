@@ -4,8 +4,8 @@
 # The machine has torch, transformers and accelerate but no network: lora-da is used from src/ as is; wheels in
 # .whl/ (e.g. `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl peft==0.21.2`, ignored by
 # git) are installed first; the authors' lora_da.py is used when it was copied (never committed) to
-# .released/lora_da.py. Writes gpu_check.{json,md,log}, solve_parts_gpu.{json,md}, host_profile.md and scale_gpu.{json,md}
-# to $OUT.
+# .released/lora_da.py. Writes 7 files to $OUT (the device tool brings back at most 8): gpu_check.{json,md},
+# solve_parts_gpu.{json,md}, host_profile.md and scale_gpu.{json,md}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD}"
@@ -17,7 +17,7 @@ export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}" PYTHONUN
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 released=()
 [ -f .released/lora_da.py ] && released=(--released .released/lora_da.py)
-timeout 180 python3 benchmarks/gpu_check.py --out "$OUT" "${released[@]}" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 180 python3 benchmarks/gpu_check.py --out "$OUT" "${released[@]}" 2>&1
 timeout 120 python3 benchmarks/solve_parts_gpu.py --wide --out "$OUT" > /dev/null 2>&1
 timeout 90 python3 benchmarks/host_profile.py --out "$OUT" > /dev/null 2>&1
 timeout 280 python3 benchmarks/scale_gpu.py --gpu-gib 80 --eigensolvers auto,lobpcg --out "$OUT" 2>&1 | grep -v "it/s\]\|batch/s\]\|layer/s\]"

@@ -15,6 +15,7 @@ from .config import LoraDAConfig, LoraDAError
 from .eigensolvers import (
     block_davidson,
     filtered_subspace,
+    seeded_normal,
     smallest_eigenvectors,
     top_eigenvalues,
     top_singular_value,
@@ -123,9 +124,9 @@ def _filtered(batches: Sequence[DenseBatch], n: int, rank: int, config: LoraDACo
     block = block_size(rank, n)
     starts = []
     for batch in batches:
-        omega = torch.stack([torch.randn(batch.step.shape[2], block, generator=torch.Generator().manual_seed(seed),
-                                         dtype=batch.step.dtype) for seed in batch.seeds])
-        starts.append(batch.step @ omega.to(batch.step.device))
+        omega = torch.stack([seeded_normal((batch.step.shape[2], block), seed, batch.step.dtype, batch.step.device)
+                             for seed in batch.seeds])
+        starts.append(batch.step @ omega)
     guidance = batches[0].guidance if len(batches) == 1 else torch.cat([batch.guidance for batch in batches])
     result = filtered_subspace(guidance, torch.cat(starts), rank, config.eigensolver_tol,
                                [seed for batch in batches for seed in batch.seeds])
