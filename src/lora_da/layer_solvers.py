@@ -158,10 +158,9 @@ def finish_dense(batch: DenseBatch, found: Sequence[Eigenvectors], config: LoraD
         sigmas.append(sigma)
     scale = [sigma if config.normalize else 1.0 for sigma in sigmas]
     to_m = [unit / value**2 for unit, value in zip(batch.units, scale, strict=True)]  # guidance * to_m is M
-    scales = torch.tensor(scale, dtype=basis.dtype).to(basis.device)
+    scales, to_m_factors = torch.tensor([scale, to_m], dtype=basis.dtype).to(basis.device)
     step = batch.step / scales[:, None, None]
-    eigenvalues = torch.stack([answer.values for answer in found]) * torch.tensor(to_m, dtype=basis.dtype).to(
-        basis.device)[:, None]
+    eigenvalues = torch.stack([answer.values for answer in found]) * to_m_factors[:, None]
     ratios = subspace_ratio(basis, step.mT @ basis, lambda u: torch.cholesky_solve(u, batch.cholesky),
                             batch.variance / scales**2, config)
     numbers = [eigenvalues, *(part[:, None] for part in (batch.variance_ratio, ratios) if part is not None)]

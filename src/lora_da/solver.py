@@ -17,15 +17,7 @@ from .config import LoraDAConfig, check_ranks
 from .eigensolvers import fix_signs
 from .gram import PackedGram, packed_size
 from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input, factor_inputs, stacked
-from .layer_solvers import (
-    Solved,
-    block_size,
-    dense_eigenvectors,
-    finish_dense,
-    form_dense,
-    layer_seed,
-    solve_implicit,
-)
+from .layer_solvers import Solved, block_size, dense_eigenvectors, finish_dense, form_dense, layer_seed, solve_implicit
 
 # "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: at n = 576
 # that takes ~15 ms where forming M and a dense float32 eigh take ~50 ms, and the gap grows like n^3 / n^2.
@@ -134,8 +126,9 @@ def _solve_layers(layers: list[_LayerInput], config: LoraDAConfig) -> list[Layer
             solved[index] = answer
     del batches
     dense = [index for same in shapes.values() for index in same]
+    share = (time.perf_counter() - start) / max(len(dense), 1)
     for index in dense:
-        seconds[index] = (time.perf_counter() - start) / len(dense)
+        seconds[index] = share
     return [_solution(*row, config) for row in zip(layers, solved, medians, y_dampings, seconds, strict=True)]
 
 
