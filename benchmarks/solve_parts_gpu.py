@@ -97,7 +97,7 @@ def wide_steps(m: int, n: int, tokens: int, device: torch.device) -> tuple[dict[
     factor = factor_input(z, config)
     inv_y = 1.0 / (y + config.damping)
     g = gradient.double()
-    operator = ImplicitGuidance(factor, g, inv_y, config.bias_weight, variance_term(inv_y, config))
+    operator = ImplicitGuidance(factor, g, inv_y, config.bias_weight, float(variance_term(inv_y, config)))
     block = torch.randn(n, 32, generator=gen, dtype=torch.float64).to(device)
     narrow = block[:, :9].contiguous()
     rayleigh = torch.randn(192, 192, generator=gen, dtype=torch.float64).to(device)

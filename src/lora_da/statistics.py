@@ -139,7 +139,7 @@ class LoraDAStatistics:
             bad = next(((k, v) for k, v in counts.items() if int(v) < 1), None)
             if bad is not None:
                 raise LoraDAError(f"{source} count {bad[1]} tokens for {bad[0]!r}; a positive count is needed.")
-        checks = []
+        checks, checked_groups = [], set()
         for name in self.layer_names:
             group = self.input_groups[name]
             width = self.gradient_sums[name].shape[1]
@@ -147,8 +147,10 @@ class LoraDAStatistics:
                 raise LoraDAError(f"Layer {name!r}: its input factor Z in {source.lower()} does not have the size of "
                                   f"a packed {width} x {width} matrix.")
             checks += [(name, "gradient G", self.gradient_sums[name]),
-                       (name, "output factor y", self.output_sq_sums[name]),
-                       (name, "input factor Z", self.input_sums[group])]
+                       (name, "output factor y", self.output_sq_sums[name])]
+            if group not in checked_groups:  # a Z shared by several layers is read once
+                checked_groups.add(group)
+                checks.append((name, "input factor Z", self.input_sums[group]))
         finite = _all_finite([tensor for _, _, tensor in checks])
         bad = next((check for check, ok in zip(checks, finite, strict=True) if not ok), None)
         if bad is not None:
@@ -210,11 +212,11 @@ class LoraDAStatistics:
 
 def _all_finite(tensors: list[torch.Tensor]) -> list[bool]:
     """Whether each tensor is finite (a NaN or inf survives its sum), read once per device, not once per tensor."""
-    sums: dict[torch.device, list[int]] = {}
+    by_device: dict[torch.device, list[int]] = {}
     for index, tensor in enumerate(tensors):
-        sums.setdefault(tensor.device, []).append(index)
+        by_device.setdefault(tensor.device, []).append(index)
     finite = [True] * len(tensors)
-    for indices in sums.values():
+    for indices in by_device.values():
         read = torch.stack([tensors[i].sum().isfinite() for i in indices]).tolist()
         for index, ok in zip(indices, read, strict=True):
             finite[index] = ok
