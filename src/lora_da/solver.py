@@ -143,8 +143,8 @@ def _output_weights(output_factors: list[torch.Tensor], config: LoraDAConfig
     relative = config.damping_mode == "relative"
     dampings = config.damping * medians if relative else torch.full_like(medians, config.damping)
     inverses = [1.0 / (y + damping) for y, damping in zip(ys, dampings, strict=True)]
-    median_values = medians.tolist()
-    return inverses, median_values, [config.damping * value if relative else config.damping for value in median_values]
+    median_values, damping_values = torch.stack([medians, dampings]).tolist()  # one read from the device
+    return inverses, median_values, damping_values
 
 
 def _solution(layer: _LayerInput, solved: Solved, median_y: float, y_damping: float, seconds: float,
