@@ -161,9 +161,14 @@ def ours_init(peft_model: nn.Module, batches: list[dict], population_size: int) 
     from lora_da import LoraDAConfig, initialize_lora_da
 
     report = initialize_lora_da(peft_model, batches, LoraDAConfig(population_size=population_size))
-    layers = report.layers.values()
-    return {"statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
-            "passes": report.passes, "layers": len(report.layers),
+    return init_summary(report.to_dict())
+
+
+def init_summary(report: dict) -> dict:
+    """Timings and solver summary of a LoRA-DA init's report (`LoraDAReport.to_dict()`)."""
+    layers = report["layers"].values()
+    return {"statistics_seconds": report["statistics_seconds"], "solve_seconds": report["solve_seconds"],
+            "passes": report["passes"], "layers": len(layers),
             "solvers_used": sorted({v["eigensolver"] for v in layers}),
             "max_residual": max(v["residual"] for v in layers)}
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
-from _harness import floor_pass, measured, profile_statistics, released_init
+from _harness import floor_pass, init_summary, measured, profile_statistics, released_init
 
 POPULATION = 100_000
 # SmolLM2-135M-Instruct's architecture, for a random-weight stand-in when its weights are not installed.
@@ -63,11 +63,7 @@ def registry_init(model: torch.nn.Module, batches: list[dict], method: str, eige
     _, info = create_adapted_model(model, method, rank=8, calibration_batches=batches, options=options)
     result = {"init_seconds": info.init_seconds}
     if method == "lora_da":
-        layers = info.report["layers"].values()
-        result.update(statistics_seconds=info.report["statistics_seconds"],
-                      solve_seconds=info.report["solve_seconds"],
-                      solvers_used=sorted({v["eigensolver"] for v in layers}),
-                      max_residual=max(v["residual"] for v in layers))
+        result.update(init_summary(info.report))
     return result
 
 

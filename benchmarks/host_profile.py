@@ -71,6 +71,7 @@ def main() -> None:
     lines = [f"# Host profile of one LoRA-DA init ({source}, eigensolver={args.eigensolver})", "",
              f"Timed: {timed}", "", f"Synchronizations: {sum(syncs.values())}, by line:", "",
              *(f"- {where}: {count}" for where, count in syncs.most_common(60)), "", "```", text.getvalue(), "```"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, "host_profile.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[:80]))
 
