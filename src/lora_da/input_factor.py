@@ -46,16 +46,12 @@ class InputFactor:
 
 def factor_inverses(factors: list[InputFactor]) -> list[torch.Tensor]:
     """K^{-1} of each factor, the missing ones of one size computed together (one batched call on a GPU)."""
-    missing = list({id(factor): factor for factor in factors if factor.inverse is None}.values())
     by_size: dict[int, list[InputFactor]] = {}
-    for factor in missing:
+    for factor in {id(factor): factor for factor in factors if factor.inverse is None}.values():  # each once
         by_size.setdefault(factor.cholesky.shape[0], []).append(factor)
     for same in by_size.values():
-        if len(same) == 1:
-            same[0].get_inverse()
-            continue
-        for factor, inverse in zip(same, torch.cholesky_inverse(torch.stack([f.cholesky for f in same])),
-                                   strict=True):
+        inverses = torch.cholesky_inverse(stacked([factor.cholesky for factor in same]))
+        for factor, inverse in zip(same, inverses, strict=True):
             factor.inverse = inverse
     return [factor.get_inverse() for factor in factors]
 
