@@ -1,5 +1,5 @@
 """What the library and the command do with bad inputs: one clear line, the right exit status, and nothing on
-disk that looks like a finished run. Future changes keep this matrix green (issue 22).
+disk that looks like a finished run. Every case stays in this matrix.
 
 The command cases are one table (`CLI_CASES`): each names its input, the one-line message, the exit status and
 what must be left on disk. Python API cases follow it.

@@ -228,7 +228,7 @@ def _add_eval_parser(sub) -> None:
 
 
 def _add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="LoRA vs LoRA-DA on SmolLM2-135M and the arith task (<= 10 min on 2 CPUs)",
+    p = sub.add_parser("demo", help="LoRA vs LoRA-DA on SmolLM2-135M and arith (about 5 min on 2 CPU cores)",
                        description="Compare initializations (default: standard LoRA vs LoRA-DA) with the same "
                        "rank, steps and learning rate on the embedded default (SmolLM2-135M-Instruct, arith "
                        "task). Prints a table and writes report.md, results.json and loss_curves.png. Raise "
