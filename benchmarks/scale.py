@@ -5,7 +5,7 @@ the environment) and each `layers_per_pass` (all, 5, 1), fresh workers load the 
 `initialize_lora_da`; a sampling thread records the peak resident memory of the init. The factors of every run are
 compared with the single-process all-at-once run.
 
-    python benchmarks/scale.py            # writes benchmarks/results/scale.{json,md}
+    python benchmarks/scale.py            # writes benchmarks/results/scale/{results.json,report.md}
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -22,10 +21,9 @@ import time
 from pathlib import Path
 
 import torch
+from _harness import command_line, hardware, results_dir, write_results
 
 from lora_da.bench import PeakRSS
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def parse_passes(value: str) -> list[int | None]:
@@ -129,6 +127,7 @@ def main() -> None:
     parser.add_argument("--processes", default="1,2")
     parser.add_argument("--worker", action="store_true", help="internal: run as one rank")
     parser.add_argument("--factors-dir", default=None, help="internal")
+    parser.add_argument("--out", type=Path, default=results_dir("scale"))
     args = parser.parse_args()
     if args.worker:
         worker(args)
@@ -136,8 +135,8 @@ def main() -> None:
     results = {"model": args.model, "examples": args.examples, "max_length": args.max_length,
                "batch_size": args.batch_size, "rank": args.rank, "target_modules": args.target_modules,
                "threads_per_process": args.threads or "cores / processes",
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores shared with other jobs, torch "
-               f"{torch.__version__}", "load_average_at_start": os.getloadavg()[0], "by_processes": {}}
+               "machine": hardware(), "command": command_line(sys.argv[1:]),
+               "load_average_at_start": os.getloadavg()[0], "by_processes": {}}
     with tempfile.TemporaryDirectory() as factors_dir:
         for nproc in (int(p) for p in args.processes.split(",")):
             entry = None
@@ -153,9 +152,7 @@ def main() -> None:
                 run["max_rel_error_vs_reference"] = relative_error(torch.load(Path(factors_dir) / run["factors"]),
                                                                    reference)
     results["load_average_at_end"] = os.getloadavg()[0]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    (RESULTS / "scale.md").write_text(render(results))
+    write_results(args.out, results, render(results))
     print(render(results))
 
 
@@ -164,9 +161,10 @@ def render(results: dict) -> str:
     lines = [
         "# LoRA-DA scale-out: layers per pass and processes",
         "",
-        f"`python benchmarks/scale.py` on {results['machine']} (load average {results['load_average_at_start']:.1f}"
-        f" at start, {results['load_average_at_end']:.1f} at the end: other engineers' jobs ran at the same time, "
-        f"so seconds are noisy). {results['model']}, {results['examples']} `arith` examples "
+        f"`{' '.join(['python benchmarks/scale.py', results.get('command', '')]).strip()}` on {results['machine']} "
+        f"(load average {results['load_average_at_start']:.1f} at start, {results['load_average_at_end']:.1f} at "
+        "the end: with a load above the cores, other jobs shared the machine and seconds are noisy). "
+        f"{results['model']}, {results['examples']} `arith` examples "
         f"({one['tokens']} tokens, max length {results['max_length']}, batch {results['batch_size']}), rank "
         f"{results['rank']}, target modules `{results['target_modules']}` ({one['runs'][0]['layers']} layers), "
         f"{results['threads_per_process']} torch thread(s) per process. "

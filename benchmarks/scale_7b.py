@@ -1,34 +1,37 @@
 """LoRA-DA on 7B-shaped Llama blocks (hidden 4096, intermediate 11008, 32 heads, random weights, small
-vocabulary), the stand-in for big models on this CPU: the floor (one forward+backward forming every target
+vocabulary), the stand-in for big models on a CPU: the floor (one forward+backward forming every target
 weight's gradient), our init (statistics / solve) and peak memory, each in a fresh process; optionally the
 authors' released implementation side by side (its `lora_da.py` given by path, never committed). From the
 measured per-block costs, a projection to 7B, 13B and 70B on 1 and 8 GPUs.
 
     python benchmarks/scale_7b.py [--blocks 1] [--released PATH/lora_da.py]
-writes benchmarks/results/scale_7b.{json,md}.
+writes benchmarks/results/scale_7b/{results.json,report.md}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from _harness import (
     MEMORY_NOTE,
-    RESULTS,
     add_common_arguments,
     best_runs,
+    command_line,
     floor_pass,
+    hardware,
     measured,
     ours_init,
     released_init,
     repeated,
+    results_dir,
     run_parts,
     step_rows,
+    write_results,
 )
 
 from lora_da.schedule import SOLVE_SHARE, STATISTICS_SHARE, pass_budget, pass_extra_bytes
@@ -114,7 +117,7 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
         for gpus, sharded in ((1, False), (8, False), (8, True)):
             held = per_block / gpus if sharded else per_block  # as planned by schedule.plan_memory
             free = GPU_BYTES - weights / gpus - ACTIVATION_BYTES
-            # the plan sees the memory free before the pass, the activations' too
+            # the plan sees the memory free when the pass starts, the activations' too
             budget = pass_budget(free + ACTIVATION_BYTES, solve, largest, gpus if sharded else 1)
             blocks_per_pass = int(budget // held) if budget > 0 else 0
             label = f"| {shape.name} | {gpus} | {'sharded' if sharded else 'all-reduced' if gpus > 1 else '-'} |"
@@ -139,7 +142,8 @@ def report(args, results: dict) -> str:
     lines = [
         "# LoRA-DA on 7B-shaped blocks",
         "",
-        f"`python benchmarks/scale_7b.py {results['command']}` on {results['machine']}: {args.blocks} Llama "
+        f"`{' '.join(['python benchmarks/scale_7b.py', results['command']]).strip()}` on {results['machine']}: "
+        f"{args.blocks} Llama "
         f"block(s) of hidden 4096, intermediate 11008, 32 heads (random weights, vocabulary 512), all 7 "
         f"projections at rank {args.rank}; {args.examples} examples x {args.tokens} tokens in batches of "
         f"{args.batch_size}. Each row is a fresh process"
@@ -163,7 +167,7 @@ def report(args, results: dict) -> str:
             "From the per-block costs above: the statistics pass keeps its ratio to the floor; solve time scales "
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
             "from this CPU. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
-            f"activations; one pass's statistics get {STATISTICS_SHARE:.0%} of the memory free before the pass, "
+            f"activations; one pass's statistics get {STATISTICS_SHARE:.0%} of the memory free when the pass starts, "
             f"and with the largest solve after it (chebyshev's, the default on CUDA) {SOLVE_SHARE:.0%} (the "
             "default automatic plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a "
             "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
@@ -185,26 +189,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs of the floor and of our init (fastest kept)")
     add_common_arguments(parser)
     parser.add_argument("--report-only", action="store_true",
-                        help="rewrite scale_7b.md (and its projection) from the measurements in scale_7b.json")
+                        help="rewrite report.md (and its projection) from the measurements in results.json")
+    parser.add_argument("--out", type=Path, default=results_dir("scale_7b"))
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
         return
     if args.report_only:
-        results = json.loads((RESULTS / "scale_7b.json").read_text())
+        results = json.loads((args.out / "results.json").read_text())
         for key in ("blocks", "examples", "tokens", "batch_size", "rank"):
             setattr(args, key, results[key])
     else:
         parts = repeated(["floor", "lora-da"], args.repeats) + (["released"] if args.released else [])
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens,
-                   "batch_size": args.batch_size, "rank": args.rank, "command": " ".join(sys.argv[1:]),
-                   "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                   "runs": run_parts(__file__, parts, sys.argv[1:])}
+                   "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),
+                   "machine": hardware(), "runs": run_parts(__file__, parts, sys.argv[1:])}
         results["parts"] = best_runs(results["runs"])
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "scale_7b.json").write_text(json.dumps(results, indent=2) + "\n")
     text = report(args, results)
-    (RESULTS / "scale_7b.md").write_text(text)
+    write_results(args.out, results, text)
     print(text)
 
 

@@ -6,7 +6,7 @@ value is one `initialize_lora_da` run (all linear layers of the blocks, rank 16)
 `torch.cuda.max_memory_allocated`, against the floor (one forward+backward over the same batches forming every
 target weight's gradient). Meant to finish in under 5 minutes on an H200:
 
-    python benchmarks/scale_gpu.py [--out DIR]           # writes DIR/scale_gpu.{json,md} (default benchmarks/results)
+    python benchmarks/scale_gpu.py --gpu-gib 80   # writes benchmarks/results/scale_gpu/{results.json,report.md}
     python benchmarks/scale_gpu.py --tiny --device cpu   # a seconds-long smoke test of the same code
 """
 
@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
-from _harness import RESULTS, floor_pass, measured
+from _harness import command_line, floor_pass, measured, results_dir, write_results
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
@@ -63,7 +64,7 @@ def main() -> None:
                         help="hold back all GPU memory beyond this many GiB, e.g. 80 to stand in for an 80 GB GPU")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 2-block model: smoke test of the script")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=results_dir("scale_gpu"))
     args = parser.parse_args()
     from peft import LoraConfig, get_peft_model
 
@@ -93,7 +94,8 @@ def main() -> None:
                "gpu_gib": args.gpu_gib,
                "dtype": "bfloat16", "examples": args.examples, "length": args.length, "batch_size": args.batch_size,
                "rank": args.rank, "device": torch.cuda.get_device_name(device) if cuda else str(device),
-               "torch": torch.__version__, "build_seconds": build_seconds, "floor": floor, "runs": runs}
+               "torch": torch.__version__, "command": command_line(sys.argv[1:]), "build_seconds": build_seconds,
+               "floor": floor, "runs": runs}
     plans = [(value, eigensolver) for eigensolver in args.eigensolvers.split(",")
              for value in args.layers_per_pass.split(",")]
     for value, eigensolver in plans:
@@ -122,18 +124,17 @@ def main() -> None:
         runs.append(run)
         print(json.dumps(run), flush=True)
         if not args.tiny:  # a smoke test writes nothing; each run is written as soon as it ends
-            write(args, results, held)
+            write(args, results, held, device)
     del ballast  # held back until every run was measured
 
 
-def write(args, results: dict, held: int) -> None:
-    """scale_gpu.{json,md} in args.out from the runs so far."""
+def write(args, results: dict, held: int, device: torch.device) -> None:
+    """results.json and report.md in args.out from the runs so far."""
     floor, runs = results["floor"], results["runs"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale_gpu.json").write_text(json.dumps(results, indent=2) + "\n")
     size = f", all but {args.gpu_gib:g} GiB of its memory held back" if held else ""
     lines = ["# LoRA-DA init on one GPU, random Llama-2-7B-shaped model (bf16)", "",
-             f"`python benchmarks/scale_gpu.py` on {results['device']}{size}: {args.blocks} blocks, "
+             f"`{' '.join(['python benchmarks/scale_gpu.py', results['command']]).strip()}` on "
+             f"{results['device']}{size}: {args.blocks} blocks, "
              f"{args.examples} random sequences of {args.length} tokens, batch {args.batch_size}, rank {args.rank}, "
              "all linear layers of the blocks.", "",
              f"Floor (forward+backward forming every target weight's gradient): {floor['seconds']:.2f} s, "
@@ -148,7 +149,7 @@ def write(args, results: dict, held: int) -> None:
                      f"{run['statistics_seconds']:.1f} | {run['solve_seconds']:.1f} | {run['statistics_gib']:.1f} "
                      f"({run['statistics_estimate_gib']:.1f}) | {run['peak_gpu_gib']:.1f} | "
                      f"{run['model_gpu_gib']:.1f} | {run['max_residual']:.1e} |")
-    (args.out / "scale_gpu.md").write_text("\n".join(lines) + "\n")
+    write_results(args.out, results, "\n".join(lines) + "\n", device)
     print("\n".join(lines))
 
 

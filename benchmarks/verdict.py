@@ -1,8 +1,9 @@
-"""Issue 23's verdict: per training regime, each method at its validation-chosen rate on both tasks, and whether it
-beats LoRA by more than one std on both (3 seeds each), read from the folders `grid.py merge` writes:
+"""The verdict of the other training regimes: per regime (LoRA-FA, LoRA+) and the short budget, each method at its
+validation-chosen rate on both tasks, and whether it beats LoRA by more than one std on both (3 seeds each), read
+from the folders `grid.py merge` writes:
 
-    python benchmarks/grid.py merge benchmarks/results/grid benchmarks/results
-    python benchmarks/verdict.py benchmarks/results > /tmp/verdict.md
+    python benchmarks/grid.py merge
+    python benchmarks/verdict.py               # reads benchmarks/results/grid/<task>-{lora-fa,lora-plus,short}
 
 A cell in brackets is partial: `(2/4 lrs)` of the sweep run so far, `[1 seed]` of 3 at the chosen rate.
 """
@@ -13,24 +14,24 @@ import argparse
 import json
 from pathlib import Path
 
-from grid import PROTOCOL, REGIME_METHODS, SHORT_METHODS, TASKS, task_folder
+from grid import GRID, PROTOCOL, REGIME_METHODS, SHORT_METHODS, TASKS, set_name, task_folder
 
 from lora_da.bench import fmt
 
-#: regime or budget -> (suffix of the merged folders, variants compared, title)
+#: regime or budget -> (set of the merged folders `<task>-<set>`, variants compared, title)
 STUDIES = {
-    "lora_fa": ("-lora_fa", REGIME_METHODS["lora_fa"], "LoRA-FA (A frozen, PEFT's create_lorafa_optimizer)"),
-    "lora_plus": ("-lora_plus", REGIME_METHODS["lora_plus"], "LoRA+ (PEFT's create_loraplus_optimizer)"),
-    "short": ("-short", SHORT_METHODS, "Short budget (25 steps)"),
+    "lora_fa": (set_name("lora_fa"), REGIME_METHODS["lora_fa"], "LoRA-FA (A frozen, PEFT's create_lorafa_optimizer)"),
+    "lora_plus": (set_name("lora_plus"), REGIME_METHODS["lora_plus"], "LoRA+ (PEFT's create_loraplus_optimizer)"),
+    "short": (set_name(budget="short"), SHORT_METHODS, "Short budget (25 steps)"),
 }
 SEEDS = len(PROTOCOL["seeds"])
 
 
-def summaries(results: Path, suffix: str) -> dict[str, dict[str, dict]]:
-    """task -> method -> summary row (rank 8) of the merged folder."""
+def summaries(results: Path, name: str) -> dict[str, dict[str, dict]]:
+    """task -> method -> summary row (rank 8) of the merged folder `<task>-<name>`."""
     found = {}
     for task in TASKS:
-        path = results / f"smollm2-135m-{task_folder(task)}{suffix}" / "results.json"
+        path = results / f"{task_folder(task)}-{name}" / "results.json"
         if path.exists():
             payload = json.loads(path.read_text())
             found[task] = {row["method"]: row for row in payload["summary"] if row["rank"] == 8}
@@ -82,10 +83,11 @@ def table(found: dict[str, dict[str, dict]], methods: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="the dest folder of `grid.py merge`")
+    parser.add_argument("results", type=Path, nargs="?", default=GRID,
+                        help="the dest folder of `grid.py merge` (default benchmarks/results/grid)")
     args = parser.parse_args()
-    for suffix, methods, title in STUDIES.values():
-        found = summaries(args.results, suffix)
+    for name, methods, title in STUDIES.values():
+        found = summaries(args.results, name)
         if not found:
             continue
         verdicts = {m: [compare(found.get(task, {}).get(m), found.get(task, {}).get("lora")) for task in TASKS]

@@ -356,11 +356,83 @@ def test_grid_merge_sweeps_every_rate_that_some_call_ran(tmp_path, tiny_model_di
                              steps=2)
         records = run_bench(shard, config, show_progress=False, plots=False)
     assert json.loads((shard / "results.json").read_text())["config"]["learning_rates"] == [3e-3]
-    grid.merge(argparse.Namespace(raw=str(tmp_path / "raw"), dest=str(tmp_path / "merged")))
-    merged = json.loads((tmp_path / "merged" / "smollm2-135m-arith" / "results.json").read_text())
+    written = grid.merge(argparse.Namespace(raw=str(tmp_path / "raw"), dest=str(tmp_path / "merged")))
+    assert [path.name for path in written] == ["arith-standard", "arith-lora-da-options"]  # <task>-<set>; lora in both
+    merged = json.loads((tmp_path / "merged" / "arith-standard" / "results.json").read_text())
     (row,) = merged["summary"]
     best = min(records, key=lambda r: r["val_loss"])
     assert sorted(float(lr) for lr in row["lr_sweep"]) == [1e-3, 3e-3] and row["best_lr"] == best["lr"]
+    lines = (tmp_path / "merged" / "arith-standard" / "report.md").read_text().splitlines()
+    assert lines[0].startswith("# ") and lines[2].startswith("Hardware: ")  # no invocation recorded: "not recorded"
+
+
+def test_grid_merged_folders_are_named_task_and_set():
+    grid = _grid_module()
+    assert list(grid.STUDIES) == ["standard", "lora-da-options"]
+    assert grid.set_name() == "standard" and grid.set_name(study="lora-da-options") == "lora-da-options"
+    assert grid.set_name("lora_fa") == "lora-fa" and grid.set_name("lora_plus") == "lora-plus"
+    assert grid.set_name(budget="short") == "short" and grid.set_name("lora_fa", "short") == "lora-fa-short"
+    assert grid.RUNS == grid.GRID / "runs" and grid.GRID.parts[-3:] == ("benchmarks", "results", "grid")
+
+
+def test_grid_report_names_hardware_versions_and_commits_of_its_invocations():
+    grid = _grid_module()
+    cpu = dict(python="3.11.7", torch="2.13", transformers="5.24", peft="0.21", device="cpu", hardware="CPU, 2 cores")
+    gpu = dict(python="3.12.3", torch="2.11", transformers="5.24", peft="0.21", device="cuda", gpu="NVIDIA H200")
+    line = grid.provenance_line([dict(gpu, committed_at="aaa1111"), dict(cpu, committed_at="bbb2222"),
+                                 dict(cpu, commit="ccc3333")])
+    assert line.startswith("Hardware: NVIDIA H200; CPU, 2 cores. Software: Python 3.12.3, torch 2.11")
+    assert "(NVIDIA H200); Python 3.11.7" in line
+    assert line.endswith("Commit: ccc3333; otherwise not recorded (run records committed at aaa1111 to bbb2222).")
+    assert grid.provenance_line([dict(cpu, commit="ccc3333")]).endswith("Commit: ccc3333.")
+    records = [{"device": "cpu"}, {"device": "cpu"}]
+    assert grid.on_devices([gpu, cpu], records) == [cpu]  # the H200 invocation ran none of these records
+    assert grid.on_devices([gpu, cpu], [{"device": "cuda (NVIDIA H200)"}]) == [gpu]
+    assert grid.with_line("# T\n\nHardware: old\n\nbody\n", "Hardware: new") == "# T\n\nHardware: new\n\nbody\n"
+
+
+def _harness_module():
+    """benchmarks/_harness.py, loaded by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_harness.py"
+    spec = importlib.util.spec_from_file_location("_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_results_name_hardware_versions_and_commit_without_machine_paths(tmp_path):
+    harness = _harness_module()
+    root = str(harness.ROOT)
+    results = {"command": harness.command_line(["--released", "/somewhere/else/lora_da.py", "--out",
+                                                 f"{root}/benchmarks/results/x"]),
+               "file": f"{root}/src/lora_da/solver.py", "site": f"{sys.prefix}/lib/x.py"}
+    harness.write_results(tmp_path / "bench", results, f"# Title\n\nran on {root}/src/lora_da/solver.py\n")
+    payload = json.loads((tmp_path / "bench" / "results.json").read_text())
+    record = payload["provenance"]
+    assert list(payload)[0] == "provenance" and record["python"] and record["torch"] and record["hardware"]
+    assert payload["command"] == "--released PATH/lora_da.py --out benchmarks/results/x"
+    assert payload["file"] == "src/lora_da/solver.py" and payload["site"] == "lib/x.py"
+    report = (tmp_path / "bench" / "report.md").read_text()
+    assert report.splitlines()[:3] == ["# Title", "", harness.provenance_line(record)]
+    assert root not in report and "ran on src/lora_da/solver.py" in report
+    line = harness.provenance_line({"hardware": "NVIDIA H200", "torch": "2.11", "committed_at": "abc1234"})
+    assert line == ("Hardware: NVIDIA H200. Software: torch 2.11; Python, transformers, peft not recorded. "
+                    "Commit: not recorded; committed at abc1234.")
+
+
+def test_every_committed_benchmark_report_names_hardware_versions_and_commit():
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    reports = sorted(results.glob("*/report.md")) + sorted(results.glob("grid/*/report.md"))
+    assert len(reports) >= 20
+    for report in reports:
+        head = report.read_text().splitlines()[:5]
+        assert any(line.startswith("Hardware: ") and " Software: " in line and " Commit: " in line
+                   for line in head), report
 
 
 def test_verdict_calls_a_gain_only_beyond_the_larger_std_over_every_seed():

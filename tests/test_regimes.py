@@ -144,8 +144,7 @@ def test_grid_merge_reports_each_regime_and_budget_apart(tmp_path, tiny_model_di
         run_bench(raw / folder, BenchConfig(**common, regime=regime, steps=steps), show_progress=False, plots=False)
     grid.merge(grid.build_parser().parse_args(["merge", str(tmp_path / "raw"), str(tmp_path / "out")]))
     merged = {p.name: json.loads((p / "results.json").read_text()) for p in (tmp_path / "out").iterdir()}
-    assert set(merged) == {"smollm2-135m-arith", "smollm2-135m-arith-lora-da-ablations", "smollm2-135m-arith-lora_fa",
-                           "smollm2-135m-arith-short"}
-    assert merged["smollm2-135m-arith-lora_fa"]["config"]["regime"] == "lora_fa"
-    assert merged["smollm2-135m-arith-short"]["config"]["steps"] == grid.SHORT_BUDGET["steps"]
-    assert [r["regime"] for r in merged["smollm2-135m-arith"]["records"]] == ["standard"]
+    assert set(merged) == {"arith-standard", "arith-lora-da-options", "arith-lora-fa", "arith-short"}
+    assert merged["arith-lora-fa"]["config"]["regime"] == "lora_fa"
+    assert merged["arith-short"]["config"]["steps"] == grid.SHORT_BUDGET["steps"]
+    assert [r["regime"] for r in merged["arith-standard"]["records"]] == ["standard"]
