@@ -1,6 +1,7 @@
 """LoRA-DA init overhead on the embedded SmolLM2-135M: our init (statistics + solve) against the floor, one
-forward+backward pass that forms every target layer's weight gradient, at several batch sizes; optionally the
-authors' released implementation side by side (its `lora_da.py` given by path, never committed).
+forward+backward pass that forms every target layer's weight gradient, and against PEFT's LoRA-GA (which needs
+a gradient pass too), at several batch sizes; optionally the authors' released implementation side by side (its
+`lora_da.py` given by path, never committed). Both inits are timed as PEFT's wrap plus the init.
 
 Each measurement runs in a fresh process, so that its peak memory is its own:
     python benchmarks/init_overhead.py [--released PATH/lora_da.py] [--device cuda]
@@ -61,21 +62,27 @@ def run_part(args) -> dict:
         result = measured(device, lambda: floor_pass(model, batches, head_rows=part == "floor-rows"))
     elif part == "released":
         result = measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
+    elif part == "lora-ga":
+        from lora_da.methods import create_adapted_model
+
+        def peft_lora_ga() -> None:
+            create_adapted_model(model, "lora_ga", rank=args.rank, calibration_batches=batches)
+
+        result = measured(device, peft_lora_ga)
     else:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
-        peft_model = get_peft_model(model, lora)
         if part == "profile":
-            return {"table": profile_statistics(peft_model, batches)}
-        result = measured(device, lambda: ours_init(peft_model, batches, POPULATION))
+            return {"table": profile_statistics(get_peft_model(model, lora), batches)}
+        result = measured(device, lambda: ours_init(get_peft_model(model, lora), batches, POPULATION))
     return {**result, "tokens": tokens}
 
 
 def parts_for(args) -> list[str]:
     parts = []
     for size in args.batch_sizes:
-        parts += repeated([f"floor@{size}", f"floor-rows@{size}", f"lora-da@{size}"], args.repeats)
+        parts += repeated([f"floor@{size}", f"floor-rows@{size}", f"lora-da@{size}", f"lora-ga@{size}"], args.repeats)
         parts += [f"released@{size}"] if args.released else []
     return parts + [f"profile@{args.batch_sizes[-1]}"]
 
@@ -90,8 +97,9 @@ def report(args, results: dict) -> str:
         f"{args.examples} `arith` examples, rank {args.rank}, all linear layers of the blocks. Floor: one "
         "forward+backward pass forming every target layer's weight gradient (what LoRA-DA's G needs), with "
         "the model's own loss, which projects every position onto the vocabulary; our statistics pass projects "
-        "only the positions that predict a supervised token, so a second floor does the same. Each "
-        f"row is a fresh process, the fastest of {args.repeats} for the floors and our init (the runs alternate; "
+        "only the positions that predict a supervised token, so a second floor does the same. Both inits are timed as "
+        "PEFT's wrap plus the init. Each "
+        f"row is a fresh process, the fastest of {args.repeats} for the floors and the inits (the runs alternate; "
         f"every run's seconds are in the JSON file); {MEMORY_NOTE}.",
         "",
         "| batch | step | seconds | x floor | memory grown (MiB) |",
@@ -100,7 +108,8 @@ def report(args, results: dict) -> str:
     for size in args.batch_sizes:
         floor = results["parts"][f"floor@{size}"]
         rows = [("floor", floor), ("floor, supervised positions projected", results["parts"][f"floor-rows@{size}"]),
-                ("LoRA-DA (ours)", results["parts"][f"lora-da@{size}"])]
+                ("LoRA-DA (ours)", results["parts"][f"lora-da@{size}"]),
+                ("PEFT LoRA-GA", results["parts"][f"lora-ga@{size}"])]
         if args.released:
             rows.append(("released implementation", results["parts"][f"released@{size}"]))
         for label, row in rows:
@@ -111,6 +120,9 @@ def report(args, results: dict) -> str:
             lines.append(f"| {size} | ours / floor with supervised positions projected: total "
                          f"{ours['seconds'] / tight['seconds']:.2f}x, statistics "
                          f"{ours['statistics_seconds'] / tight['seconds']:.2f}x | | |")
+        peer = results["parts"][f"lora-ga@{size}"]
+        if "seconds" in ours and "seconds" in peer:
+            lines.append(f"| {size} | ours / PEFT LoRA-GA | {ours['seconds'] / peer['seconds']:.2f}x | | |")
         if "seconds" in ours and "seconds" in released:
             lines.append(f"| {size} | released / ours | {released['seconds'] / ours['seconds']:.2f}x | | |")
     profile = results["parts"][f"profile@{args.batch_sizes[-1]}"]
