@@ -44,6 +44,8 @@ def test_init_writes_adapter_that_stock_peft_loads(capsys, tmp_path, tiny_model_
                                 "--method", "lora-da", "--num-calibration", 8, "--output", out)
     assert status == 0 and "lora_da" in stdout
     report = json.loads((out / "init_report.json").read_text())
+    weights = report["report"]["adapted_weights"]
+    assert weights > 0 and f"LoRA-DA factors for {weights} of {weights} adapted weights" in stdout
     assert report["method"] == "lora_da" and report["init_seconds"] > 0 and report["rank"] == 4
     assert report["report"]["layers"]
     saved = load_file(out / "adapter_model.safetensors")

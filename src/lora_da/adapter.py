@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -12,12 +13,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .cache import check_statistics
-from .collect import PerExampleLoss, collect_statistics, discover_input_groups
+from .collect import EXPERTS_NOT_SHARDED, PerExampleLoss, collect_statistics, discover_input_groups
 from .config import LoraDAConfig, LoraDAError, check_ranks
 from .distributed import (
     all_gather_objects,
@@ -29,10 +31,13 @@ from .distributed import (
     shard_batches,
 )
 from .layers import (
+    ParameterTarget,
     canonical_layer_name,
     check_supported_sharding,
-    find_lora_layers,
+    find_adapted_weights,
+    is_expert,
     layer_shape,
+    lora_module,
     model_device,
     set_master_copy,
     unwrap_model,
@@ -49,8 +54,10 @@ logger = logging.getLogger("lora_da")
 class LoraDAReport:
     """What `initialize_lora_da` did, per layer and in total."""
 
-    layers: dict[str, dict] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
+    layers: dict[str, dict] = field(default_factory=dict)  # every weight that got LoRA-DA factors
+    skipped: list[str] = field(default_factory=list)  # LoRA layers of kinds LoRA-DA cannot initialize
+    default_init: list[str] = field(default_factory=list)  # experts' weights that no calibration token reached
+    adapted_weights: int = 0  # weights the adapter adapts: layers, each expert of a stack, skipped layers
     num_examples: int = 0
     num_tokens: int = 0
     statistics_seconds: float = 0.0
@@ -67,9 +74,22 @@ class LoraDAReport:
     def total_seconds(self) -> float:
         return self.statistics_seconds + self.solve_seconds
 
+    @property
+    def initialized_weights(self) -> int:
+        """Adapted weights that got LoRA-DA factors."""
+        return len(self.layers)
+
+    def coverage(self) -> str:
+        """One line: how many adapted weights got LoRA-DA factors, and which were left at PEFT's default."""
+        return coverage_line(self.initialized_weights, self.adapted_weights, self.skipped, self.default_init)
+
     def to_dict(self) -> dict:
         """A JSON-ready dict."""
         return {
+            "initialized_weights": self.initialized_weights,
+            "adapted_weights": self.adapted_weights,
+            "coverage": self.coverage(),
+            "default_init": self.default_init,
             "num_examples": self.num_examples,
             "num_tokens": self.num_tokens,
             "statistics_seconds": self.statistics_seconds,
@@ -85,6 +105,17 @@ class LoraDAReport:
             "config": self.config,
             "layers": self.layers,
         }
+
+
+def coverage_line(initialized: int, adapted: int, skipped: list[str], default_init: list[str]) -> str:
+    """"LoRA-DA factors for 46 of 48 adapted weights; ..." with what was left at PEFT's default init."""
+    text = f"LoRA-DA factors for {initialized} of {adapted} adapted weights"
+    parts = []
+    if skipped:
+        parts.append(f"{len(skipped)} in layers LoRA-DA cannot initialize (e.g. {skipped[0]})")
+    if default_init:
+        parts.append(f"{len(default_init)} experts' weights no calibration token reached (e.g. {default_init[0]})")
+    return text + ("; at PEFT's default init: " + ", ".join(parts) if parts else "")
 
 
 def check_peft_model(model: nn.Module, adapter_name: str) -> None:
@@ -103,6 +134,36 @@ def check_peft_model(model: nn.Module, adapter_name: str) -> None:
         raise LoraDAError(f"Adapter {adapter_name!r} is a {config.peft_type} adapter, not LoRA.")
 
 
+# init_lora_weights values that change the base weights (they subtract their start from W or replace W), so that
+# the model would not start at W + s * B @ A once LoRA-DA's factors are written.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Options that are no variant of the forward but change how the adapter's input enters lora_A.
+_INPUT_CHANGING_OPTIONS = ("use_qalora",)
+
+
+def check_lora_options(config: LoraConfig, adapter_name: str) -> None:
+    """Refuse a LoRA config whose model would not start at `W + s * B @ A` with LoRA-DA's factors: a LoRA
+    variant other than DoRA (aLoRA, VeLoRA, MonteCLoRA, BD-LoRA, Arrow, KaSA, MiCA, ...: each changes how
+    `B @ A` enters the forward or is trained), QA-LoRA's pooled input, or an init that changes the base weights."""
+    refused = None
+    init = config.init_lora_weights
+    for option in dataclasses.fields(config):
+        value = getattr(config, option.name)
+        if option.name == "init_lora_weights":
+            if isinstance(init, str) and (init in option.metadata.get("lora_variants", ()) or
+                                          init.lower().startswith(_BASE_CHANGING_INITS)):
+                refused = (option.name, init)
+        elif (option.metadata.get("is_lora_variant") and option.name != "use_dora" and value) or (
+                option.name in _INPUT_CHANGING_OPTIONS and value):
+            refused = (option.name, value)
+        if refused is not None:
+            raise LoraDAError(
+                f"Adapter {adapter_name!r} has LoraConfig({refused[0]}={refused[1]!r}), with which the model would "
+                "not start at W + s * B @ A from LoRA-DA's factors; LoRA-DA supports plain LoRA, rsLoRA, DoRA, "
+                "rank/alpha patterns and target_parameters: remove that option."
+            )
+
+
 def initialize_lora_da(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]] | None,
@@ -117,6 +178,13 @@ def initialize_lora_da(
     shard_statistics: bool | None = None,
 ) -> LoraDAReport:
     """Set `lora_A`/`lora_B` of `adapter_name` in place from one pass over calibration `batches`.
+
+    Every weight the adapter adapts gets LoRA-DA factors and the model starts at `W + s * B @ A`: LoRA layers over
+    linear maps, and the weights of `LoraConfig(target_parameters=...)` (each expert of a mixture-of-experts stack
+    from the tokens routed to it, a router's weight); DoRA's magnitude is recomputed for the new factors. Layers of
+    other kinds (embeddings, convolutions) keep PEFT's init, with a warning; experts that no calibration token
+    reaches too (`report.default_init`); `report.coverage()` says how many adapted weights got factors. A config
+    with which the model would not start at that formula is refused (see `check_lora_options`).
 
     Base weights are not changed; on any error no weight is changed. Pass precomputed `statistics`
     (from `collect_statistics`, or a file written by `LoraDAStatistics.save` / `compute_and_save_statistics`)
@@ -142,21 +210,30 @@ def initialize_lora_da(
     model = unwrap_model(model)
     check_supported_sharding(model)
     check_peft_model(model, adapter_name)
-    layers, unsupported = find_lora_layers(model, adapter_name)
+    check_lora_options(model.peft_config[adapter_name], adapter_name)
+    layers, unsupported = find_adapted_weights(model, adapter_name)
     if not layers:
         raise LoraDAError(
-            f"Adapter {adapter_name!r} has no LoRA layer over a linear map; check `target_modules`."
+            f"Adapter {adapter_name!r} has no LoRA layer over a linear map and no weight of `target_parameters` "
+            f"(only {', '.join(unsupported) or 'nothing'}); check `target_modules` and `target_parameters`."
         )
+    experts = any(is_expert(target) for target in layers.values())
+    if experts and shard_statistics and get_world_size() > 1:
+        raise LoraDAError(EXPERTS_NOT_SHARDED)
+    if experts:
+        shard_statistics = False
+    check_dora_writable(layers, adapter_name)
     if unsupported and is_main_process():
         warnings.warn(
             f"LoRA-DA leaves {len(unsupported)} layer(s) of types it cannot handle at PEFT's default init: "
             + ", ".join(unsupported),
             stacklevel=2,
         )
-    ranks = {name: int(module.r[adapter_name]) for name, module in layers.items()}
-    check_ranks({name: layer_shape(module) for name, module in layers.items()}, ranks)
+    ranks = {name: int(lora_module(target).r[adapter_name]) for name, target in layers.items()}
+    check_ranks({name: layer_shape(target) for name, target in layers.items()}, ranks)
 
-    report = LoraDAReport(skipped=unsupported, config=config.to_dict(), world_size=get_world_size())
+    report = LoraDAReport(skipped=unsupported, config=config.to_dict(), world_size=get_world_size(),
+                          adapted_weights=len(layers) + len(unsupported))
     local = local_config(config)
     if statistics is not None:
         start = time.perf_counter()
@@ -166,7 +243,7 @@ def initialize_lora_da(
         report.data_hash = statistics.metadata.get("data_hash")
         start = time.perf_counter()
         shapes = {name: layer_shape(module) for name, module in layers.items()}
-        solutions = solve_layers(statistics, ranks, local, list(layers), shapes)
+        solutions = solve_layers(statistics, ranks, local, statistics.layer_names, shapes)
         report.solve_seconds = time.perf_counter() - start
     else:
         if batches is None:
@@ -175,16 +252,109 @@ def initialize_lora_da(
                                       layers_per_pass=layers_per_pass, memory_budget=memory_budget, shard=shard,
                                       shard_statistics=shard_statistics)
 
+    report.default_init = [name for name in layers if name not in solutions]
     # Every factor is solved before any is written: an error above leaves the model untouched.
-    written = [module.lora_A[adapter_name].weight for module in layers.values()]
-    written += [module.lora_B[adapter_name].weight for module in layers.values()]
-    with torch.no_grad(), writable_parameters(written):
-        for name, module in layers.items():
-            solution = solutions[name]
-            write_parameter(module.lora_A[adapter_name].weight, solution.A)
-            write_parameter(module.lora_B[adapter_name].weight, solution.B)
-            report.layers[name] = {**solution.info, "scaling": float(module.scaling[adapter_name])}
+    write_factors(layers, solutions, adapter_name)
+    for name, target in layers.items():
+        if name in solutions:
+            report.layers[name] = {**solutions[name].info, "scaling": float(lora_module(target).scaling[adapter_name])}
+    if is_main_process():
+        logger.info(report.coverage())
+        if config.show_progress:
+            print(report.coverage(), file=sys.stderr, flush=True)
     return report
+
+
+def _adapter_parameters(module: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The parameters of one LoRA layer that LoRA-DA writes: lora_A, lora_B (with its bias) and DoRA's
+    magnitude."""
+    parameters = {"A": module.lora_A[adapter_name].weight, "B": module.lora_B[adapter_name].weight}
+    if module.lora_B[adapter_name].bias is not None:
+        parameters["B bias"] = module.lora_B[adapter_name].bias
+    if adapter_name in getattr(module, "lora_magnitude_vector", {}):
+        parameters["magnitude"] = module.lora_magnitude_vector[adapter_name].weight
+    return parameters
+
+
+def check_dora_writable(layers: Mapping[str, nn.Module | ParameterTarget], adapter_name: str) -> None:
+    """Refuse DoRA on a ZeRO-3 model: its magnitude is recomputed from the full base weight, which ZeRO-3
+    partitions (FSDP2's DTensor weights are gathered for it)."""
+    for name, target in layers.items():
+        module = lora_module(target)
+        if adapter_name not in getattr(module, "lora_magnitude_vector", {}):
+            continue
+        parameters = {**_adapter_parameters(module, adapter_name), "base weight": module.get_base_layer().weight}
+        partitioned = next((key for key, parameter in parameters.items() if hasattr(parameter, "ds_id")), None)
+        if partitioned is not None:
+            raise LoraDAError(
+                f"Layer {name!r} uses DoRA, whose magnitude LoRA-DA recomputes from the full base weight, but its "
+                f"{partitioned} is partitioned by DeepSpeed ZeRO-3: initialize before wrapping the model in DeepSpeed."
+            )
+
+
+def write_factors(layers: Mapping[str, nn.Module | ParameterTarget], solutions: Mapping, adapter_name: str) -> None:
+    """Write each solved weight's factors into its LoRA layer, so that the model starts at `W + s * B @ A`.
+
+    A `ParamWrapper` keeps the rank-r factors of its E experts in one `lora_A` [E * r, in] (expert e's rows
+    e * r ... (e + 1) * r - 1) and one `lora_B` [out, E * r] (expert e's columns e, e + E, ...: PEFT reads it as
+    [out, r, E]); experts without a solution keep their factors. `lora_B`'s bias is zeroed and DoRA's magnitude
+    is set to the norms of `W + s * B @ A`, as PEFT sets it when it creates a DoRA layer."""
+    by_module: dict[int, tuple[nn.Module, list[tuple[str, nn.Module | ParameterTarget]]]] = {}
+    for name, target in layers.items():
+        if name in solutions:
+            module = lora_module(target)
+            by_module.setdefault(id(module), (module, []))[1].append((name, target))
+    written = [p for module, _ in by_module.values() for p in _adapter_parameters(module, adapter_name).values()]
+    with torch.no_grad(), writable_parameters(written):
+        for module, members in by_module.values():
+            parameters = _adapter_parameters(module, adapter_name)
+            if len(members) == 1 and not isinstance(members[0][1], ParameterTarget):
+                solution = solutions[members[0][0]]
+                A, B = solution.A, solution.B
+            else:
+                A, B = _stacked_factors(module, parameters, [(t, solutions[name]) for name, t in members],
+                                        int(module.r[adapter_name]))
+            write_parameter(parameters["A"], A)
+            write_parameter(parameters["B"], B)
+            if "B bias" in parameters:
+                write_parameter(parameters["B bias"], torch.zeros(parameters["B bias"].shape))
+            if "magnitude" in parameters:
+                write_parameter(parameters["magnitude"], _dora_magnitude(module, adapter_name, A, B))
+
+
+def _full_value(parameter: torch.Tensor) -> torch.Tensor:
+    """A copy of the full value of a (possibly FSDP2-sharded) parameter."""
+    value = parameter.full_tensor() if isinstance(parameter, DTensor) else parameter.detach()
+    return value.clone()
+
+
+def _stacked_factors(module: nn.Module, parameters: Mapping[str, torch.Tensor], solved: list, rank: int):
+    """The full `lora_A`, `lora_B` of a `ParamWrapper` with the solved experts' factors in PEFT's layout."""
+    A, B = _full_value(parameters["A"]), _full_value(parameters["B"])
+    experts = A.shape[0] // rank
+    B_by_expert = B.view(B.shape[0], rank, experts)
+    for target, solution in solved:
+        expert = target.expert or 0
+        A[expert * rank : (expert + 1) * rank] = solution.A.to(device=A.device, dtype=A.dtype)
+        B_by_expert[:, :, expert] = solution.B.to(device=B.device, dtype=B.dtype)
+    return A, B
+
+
+def _dora_magnitude(module: nn.Module, adapter_name: str, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """DoRA's magnitude for the factors `A`, `B` now in `module`: the per-output norms of `W + s * B @ A`,
+    computed with PEFT's own DoRA layer as its forward computes them (so that the forward starts at exactly that
+    weight); on an FSDP2-sharded layer from the full values, which every rank holds."""
+    dora = module.lora_magnitude_vector[adapter_name]
+    base = module.get_base_layer()
+    if isinstance(base.weight, DTensor):
+        dtype = module.lora_A[adapter_name].weight.dtype
+        lora_weight = B.to(dtype) @ A.to(dtype)
+        weight = base.weight.full_tensor()
+    else:
+        lora_weight = dora.get_lora_weight(lora_A=module.lora_A[adapter_name], lora_B=module.lora_B[adapter_name])
+        weight = dequantize_module_weight(base)
+    weight = weight.to(device=lora_weight.device, dtype=lora_weight.dtype)
+    return dora.get_weight_norm(weight=weight, lora_weight=lora_weight, scaling=module.scaling[adapter_name])
 
 
 def write_parameter(parameter: torch.Tensor, value: torch.Tensor) -> None:
@@ -284,7 +454,8 @@ def _gather_and_solve(
             )
         report.data_hash = data_hash
         start = time.perf_counter()
-        solutions.update(solve_layers(stats, ranks, config, group, shapes, release=True))
+        solved = [name for name in group if name in stats.output_token_counts]  # not the experts no token reached
+        solutions.update(solve_layers(stats, ranks, config, solved, shapes, release=True))
         report.solve_seconds += time.perf_counter() - start
         del stats  # freed before the next group is gathered
     return solutions
@@ -350,4 +521,5 @@ def _statistics_for(
     shapes = {canonical_layer_name(name): layer_shape(module) for name, module in layers.items()}
     check_statistics(statistics, model, shapes, config, source=source)
     stored = set(statistics.layer_names)
-    return statistics.select({name: name if name in stored else canonical_layer_name(name) for name in layers})
+    present = {name: name if name in stored else canonical_layer_name(name) for name in layers}
+    return statistics.select({name: key for name, key in present.items() if key in stored})

@@ -21,12 +21,13 @@ from torch import nn
 from .collect import PerExampleLoss, collect_statistics
 from .config import LoraDAConfig, LoraDAError
 from .distributed import barrier, get_world_size, is_main_process
+from .hooks import UNROUTED_KEY
 from .layers import (
     base_model_of,
     canonical_layer_name,
-    layer_shape,
     model_device,
     target_layer_names,
+    target_shapes,
     unwrap_model,
 )
 from .statistics import LoraDAStatistics
@@ -203,7 +204,8 @@ def check_statistics(
     `layer_shapes` maps canonical layer names to (out, in).
     """
     names = {canonical_layer_name(k) for k in stats.layer_names}
-    missing = [name for name in layer_shapes if name not in names]
+    unrouted = {canonical_layer_name(k) for k in json.loads(stats.metadata.get(UNROUTED_KEY, "[]"))}
+    missing = [name for name in layer_shapes if name not in names and name not in unrouted]
     if missing:
         raise LoraDAError(
             f"{source} do not cover layer {missing[0]!r} ({len(missing)} layer(s) missing): they were gathered "
@@ -211,7 +213,7 @@ def check_statistics(
         )
     shapes = {canonical_layer_name(k): tuple(v.shape) for k, v in stats.gradient_sums.items()}
     for name, shape in layer_shapes.items():
-        if shapes[name] != tuple(shape):
+        if name in shapes and shapes[name] != tuple(shape):
             raise LoraDAError(
                 f"Layer {name!r}: {source.lower()} have shape {shapes[name]}, the model's layer {tuple(shape)}: "
                 "they come from another model."
@@ -259,8 +261,7 @@ def load_statistics(
     stats = LoraDAStatistics.load(path, device=device)
     if model is not None:
         base = base_model_of(model)
-        names = target_layer_names(model, target_modules, adapter_name)
-        shapes = {name: layer_shape(base.get_submodule(name)) for name in names}
+        shapes = target_shapes(base, target_layer_names(model, target_modules, adapter_name))
         check_statistics(stats, model, shapes, config, source=f"The statistics in {os.fspath(path)!r}")
     return stats
 
@@ -300,7 +301,7 @@ def cached_statistics(
     path = Path(cache_dir) / f"statistics-{key}.safetensors"
     if path.is_file():
         stats = LoraDAStatistics.load(path, device=model_device(model))
-        shapes = {canonical_layer_name(name): layer_shape(model.get_submodule(name)) for name in layer_names}
+        shapes = {canonical_layer_name(name): shape for name, shape in target_shapes(model, layer_names).items()}
         check_statistics(stats, model, shapes, config, source=f"The cached statistics in {str(path)!r}")
         return stats, float(stats.metadata.get(GATHERED_SECONDS_KEY, 0.0))
     start = time.perf_counter()

@@ -7,6 +7,9 @@ For every target layer `y = W x` it sums (precisions: see `statistics.py` and `h
 - `y`: `g_t * g_t`.
 Under `torch.distributed` every rank passes over its own batches and the sums are all-reduced, or, sharded, each
 layer's sums are reduced to the one rank that solves it.
+Weights adapted through PEFT's `target_parameters` (mixture-of-experts stacks, routers) are seen where the model
+applies them as linear maps (see `hooks.ParameterObserver`): each expert gets its own statistics, from the tokens
+routed to it, with the routing weight in its output gradient.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from .distributed import (
     shard_batches,
 )
 from .gram import packed_size
-from .hooks import Collector
-from .layers import layer_shape, model_device, resolve_layers, unwrap_model
+from .hooks import Collector, unrouted_metadata
+from .layers import is_expert, layer_shape, model_device, resolve_layers, unwrap_model
 from .model_tasks import ModelTask, output_head, output_head_rows
 from .statistics import GRADIENT_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
@@ -61,7 +64,11 @@ def collect_statistics(
         model: a transformers model (or a PEFT model wrapping one, or either inside DDP); its weights are not
             changed and its `requires_grad` flags, train/eval mode and hooks are restored afterwards.
         batches: dicts with `input_ids`, `attention_mask` and optional `labels` (-100 = ignored), any size.
-        target_modules: names of the layers (`nn.Linear`, GPT-2 `Conv1D`, or PEFT LoRA layers around them).
+        target_modules: names of the layers (`nn.Linear`, GPT-2 `Conv1D`, or PEFT LoRA layers around them), or of
+            weights inside parameters (`layers.ParameterTarget`): an expert's slice of a 3-D stack of experts'
+            weights, e.g. "model.layers.0.mlp.experts.gate_up_proj[3]", or a 2-D weight such as a router's,
+            "model.layers.0.mlp.gate.weight". An expert that no calibration token reaches has no statistics (it is
+            listed in the metadata under `hooks.UNROUTED_KEY`).
         config: token mask and output scaling are read from it.
         loss_fn: optional `(outputs, batch) -> (per-example losses [B], supervised counts [B])`; the default
             is the model's usual loss per example (shifted cross-entropy for causal LMs).
@@ -77,6 +84,8 @@ def collect_statistics(
         batches = shard_batches(batches)
     config = local_config(config)
     modules = resolve_layers(model, target_modules)
+    if shard_statistics and distributed and any(is_expert(target) for target in modules.values()):
+        raise LoraDAError(EXPERTS_NOT_SHARDED)
     if shard_statistics and distributed:
         collector = Collector(modules, config, sharded=True)
         _run_sharded_pass(model, batches, collector, config, loss_fn)
@@ -116,6 +125,10 @@ def discover_input_groups(
     return collector.input_groups
 
 
+EXPERTS_NOT_SHARDED = (
+    "Statistics of experts' weights cannot be sharded over ranks (each rank routes its tokens to other experts, "
+    "so the ranks' per-expert reductions cannot run in step); pass shard_statistics=False."
+)
 _NO_EXAMPLE = (
     "No calibration example has a supervised token: the data is empty, or every label is -100 "
     "(e.g. prompts longer than max_length leave no completion)."
@@ -144,7 +157,8 @@ def _forward(
     # the vocabulary projection only where the loss reads it, unless a loss of the caller's or a hook on the head
     # needs every position
     head = output_head(model)
-    hooked = head is not None and any(m is module for m in head.modules() for module in collector.modules.values())
+    hooked = head is not None and any(m is getattr(target, "owner", target) for m in head.modules()
+                                      for target in collector.modules.values())
     rows = task.head_rows(labels) if loss_fn is None and not hooked else None
     with output_head_rows(model, rows) as selected:
         outputs = model(**task.model_inputs(batch, labels))
@@ -180,6 +194,7 @@ def _run_pass(
             total.backward()
             collector.num_examples += int(valid.sum())
             bar.set_postfix(examples=collector.num_examples)
+    collector.check_observed()
 
 
 def _run_sharded_pass(
@@ -261,6 +276,11 @@ def _sharded_result(collector: Collector, device: torch.device) -> LoraDAStatist
         error = LoraDAError(
             f"Layer {unreached!r} received no gradient: it does not influence the loss of any calibration token."
         )
+    if error is None:
+        try:
+            collector.check_observed()
+        except LoraDAError as exc:
+            error = exc
     if error is not None:
         raise_if_any_rank_failed(error)
     collector.fold_all()
@@ -318,11 +338,8 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
     hash_counts = all_reduce_counts([collector.num_examples, *collector.data_hash_sums], communication_device(device))
     if groups is None or hash_counts[0] == 0:
         raise LoraDAError(_NO_EXAMPLE)
-    unreached = [name for name in names if name not in shapes]
-    if unreached:
-        raise LoraDAError(
-            f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any calibration token."
-        )
+    unrouted = set(collector.unrouted(shapes))
+    names = [name for name in names if name not in unrouted]
     leaders = list(dict.fromkeys(groups[name] for name in names))
 
     def local(sums: dict[str, torch.Tensor], key: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -349,6 +366,7 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
         input_sums=input_sums,
         input_token_counts=dict(zip(leaders, counts[len(names) :], strict=True)),
         num_examples=hash_counts[0],
+        metadata=unrouted_metadata(unrouted),
     )
 
 

@@ -5,19 +5,24 @@ see `gram.py`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .config import LoraDAConfig, LoraDAError
 from .distributed import get_rank, get_world_size, reduce_sum_to
 from .gram import add_gram, float32_product, multiplies_half_into_float32, new_packed
-from .layers import layer_shape
+from .layers import ParameterTarget, base_model_of, is_expert, layer_shape
 from .schedule import group_owners
 from .statistics import INPUT_CHUNK_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics
 
+# Metadata key of the statistics: the experts' weights that no calibration token reached (a JSON list).
+UNROUTED_KEY = "lora_da_unrouted_experts"
 # Z is summed in float32 over chunks of at least this many tokens (about what one large batch's product sums
 # over anyway), then folded into its float64 total, so its precision does not fall with the number of batches.
 FOLD_TOKENS = 1024
@@ -52,15 +57,28 @@ class Collector:
         self._chunk_tokens: dict[str, int] = {}
         self._input_keys: dict[str, tuple] = {}
         self._masks: dict[tuple[int, ...], tuple[torch.Tensor, ...]] = {}
+        self._flat_masks: dict[int, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}
+        self._selects_all = True
+        self.parameter_targets = {name: t for name, t in modules.items() if isinstance(t, ParameterTarget)}
+        self.observer: ParameterObserver | None = None
 
     @contextmanager
     def attached(self, model: nn.Module):
-        handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
-        try:
+        """The hooks on the target layers and, for weights adapted through `target_parameters`, an observer of
+        the linear maps that apply them (with mixture-of-experts blocks run one expert at a time)."""
+        modules = {name: m for name, m in self.modules.items() if name not in self.parameter_targets}
+        with ExitStack() as stack:
+            for name, module in modules.items():
+                stack.callback(module.register_forward_hook(self._forward_hook(name)).remove)
+            if self.parameter_targets:
+                self.observer = ParameterObserver(self, self.parameter_targets)
+                for owner in self.observer.owners:
+                    hook = owner.register_forward_pre_hook(self.observer.owner_called, with_kwargs=True)
+                    stack.callback(hook.remove)
+                if any(is_expert(target) for target in self.parameter_targets.values()):
+                    stack.enter_context(experts_one_at_a_time(model))
+                stack.enter_context(self.observer)
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def set_masks(self, masks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]], counts: torch.Tensor) -> None:
         """(example mask, token mask) by shape of the hooked inputs' leading dims, with per-token counts.
@@ -69,11 +87,17 @@ class Collector:
         would wait for the GPU (to learn the result's size) hundreds of times per batch.
         """
         self._masks = {}
+        self._flat_masks = {}
         for shape, (example_mask, token_mask) in masks.items():
             per_token = counts.reshape(-1, *([1] * (len(shape) - 1))).expand(shape).reshape(-1).float()
             example_rows = _selected_rows(example_mask)
             token_rows = example_rows if token_mask is example_mask else _selected_rows(token_mask)
             self._masks[shape] = (example_rows, token_rows, _rows(per_token, token_rows))
+            # by token count: MoE blocks route the flattened [batch * length] tokens
+            self._flat_masks.setdefault(example_mask.numel(), (example_mask.reshape(-1),
+                                                               None if token_mask is example_mask
+                                                               else token_mask.reshape(-1), per_token))
+        self._selects_all = all(rows[0] is None and rows[1] is None for rows in self._masks.values())
 
     def discard_batch(self) -> None:
         self._input_keys.clear()
@@ -110,11 +134,16 @@ class Collector:
         """After the first forward: layers that read the same tensor (same parent) share one `Z`."""
         if self.input_groups is not None:
             return
-        missing = [name for name in self.modules if name not in self._input_keys]
+        missing = [name for name in self.modules if name not in self._input_keys and name not in
+                   self.parameter_targets]
         if missing:
             raise LoraDAError(f"Target layer {missing[0]!r} was not called in the forward pass.")
+        if self.observer is not None:
+            self.observer.check_owners_called()
         leaders: dict[tuple, str] = {}
-        self.input_groups = {name: leaders.setdefault(self._input_keys[name], name) for name in self.modules}
+        # a weight adapted through `target_parameters` has an input factor of its own: an expert's tokens vary
+        self.input_groups = {name: name if name in self.parameter_targets else
+                             leaders.setdefault(self._input_keys[name], name) for name in self.modules}
         if self.sharded:
             shapes = {name: layer_shape(module) for name, module in self.modules.items()}
             self.owners = group_owners(shapes, self.input_groups, get_world_size())
@@ -134,16 +163,48 @@ class Collector:
                 output.requires_grad_(True)  # a leaf here: the layer's inputs and weight need no grad
             x = x.detach()
             # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
-            output.register_hook(lambda grad: self._accumulate(name, x, grad))
+            output.register_hook(lambda grad: self._accumulate(name, x, grad, self._masks.get(tuple(x.shape[:-1]))))
 
         return hook
 
-    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor) -> None:
+    def observe(self, name: str, x: torch.Tensor, output: torch.Tensor, rows: tuple[torch.Tensor, int] | None) -> None:
+        """Accumulate weight `name` (a `ParameterTarget`) from the linear map `output = x w^T` once the output's
+        gradient arrives; `rows`: (which rows of its block's flattened [batch * length] tokens `x` holds, their
+        count), or None when `x` holds every token."""
+        if not torch.is_grad_enabled():
+            return
+        masks = self._row_masks(name, tuple(x.shape[:-1]), rows)
+        if not output.requires_grad:
+            output.requires_grad_(True)  # a leaf here: the input and the weight need no grad
+        x = x.detach()
+        output.register_hook(lambda grad: self._accumulate(name, x, grad, masks))
+
+    def _row_masks(self, name: str, leading: tuple[int, ...], rows: tuple[torch.Tensor, int] | None):
+        """The (example rows, token rows, per-token counts) of an input with leading dims `leading` that holds
+        `rows` of its block's tokens (None: every token, in order)."""
+        if rows is None:
+            masks = self._masks.get(leading)
+            if masks is None and len(leading) == 1 and leading[0] in self._flat_masks:
+                example, token, per_token = self._flat_masks[leading[0]]
+                masks = _masks_of(example, token, per_token, None)
+            if masks is None and is_expert(self.modules[name]) and not self._selects_all:
+                raise LoraDAError(
+                    f"Cannot tell which calibration tokens expert weight {name!r} reads (its block does not pick "
+                    "them by indexing its input), so the token mask cannot be applied; pass unpadded batches with "
+                    "token_mask='attention'."
+                )
+            return masks
+        index, count = rows
+        if count not in self._flat_masks:
+            return None
+        example, token, per_token = self._flat_masks[count]
+        return _masks_of(example, token, per_token, index)
+
+    def _accumulate(self, name: str, x: torch.Tensor, grad: torch.Tensor, masks: tuple | None) -> None:
         n, m = x.shape[-1], grad.shape[-1]
         xs, gs = x.reshape(-1, n), grad.reshape(-1, m)
         if not (x.dtype == grad.dtype and multiplies_half_into_float32(x.device.type, x.dtype)):
             xs, gs = xs.float(), gs.float()  # else the GEMMs below take the half-precision rows as they are
-        masks = self._masks.get(tuple(x.shape[:-1]))
         if self.joining_only:  # no row counts: zero contributions of the right shapes
             xs, gs, masks = xs[:0], gs[:0], None
         if masks is not None:
@@ -213,15 +274,26 @@ class Collector:
                 self._fold(group)
         self._input_chunks.clear()
 
+    def check_observed(self) -> None:
+        """After a pass with examples: every weight adapted through `target_parameters` was seen at work."""
+        if self.observer is not None and self.num_examples > 0:
+            self.observer.check_observed()
+
+    def unrouted(self, reached) -> list[str]:
+        """Experts' weights among the targets that are not in `reached` (no calibration token was routed to
+        them); raise for any other target not in `reached`."""
+        unreached = [name for name in self.modules if name not in reached]
+        other = next((name for name in unreached if not is_expert(self.modules[name])), None)
+        if other is not None:
+            raise LoraDAError(
+                f"Layer {other!r} received no gradient: it does not influence the loss of any calibration token."
+            )
+        return unreached
+
     def result(self) -> LoraDAStatistics:
         self.fold_all()
-        unreached = [name for name in self.modules if name not in self.gradient_sums]
-        if unreached:
-            raise LoraDAError(
-                f"Layer {unreached[0]!r} received no gradient: it does not influence the loss of any "
-                "calibration token."
-            )
-        names = list(self.modules)  # the given order, not the backward order in which the sums were created
+        unrouted = set(self.unrouted(self.gradient_sums))
+        names = [name for name in self.modules if name not in unrouted]  # the given order, not the backward's
         leaders = list(dict.fromkeys(self.input_groups[name] for name in names))
         return LoraDAStatistics(
             gradient_sums={name: self.gradient_sums[name] for name in names},
@@ -231,7 +303,25 @@ class Collector:
             input_sums={group: self.input_sums[group] for group in leaders},
             input_token_counts={group: self.input_token_counts[group] for group in leaders},
             num_examples=self.num_examples,
+            metadata=unrouted_metadata(unrouted),
         )
+
+
+def unrouted_metadata(unrouted) -> dict[str, str]:
+    """The statistics' record of the experts' weights that no calibration token reached."""
+    return {UNROUTED_KEY: json.dumps(sorted(unrouted))}
+
+
+def _masks_of(example: torch.Tensor, token: torch.Tensor | None, per_token: torch.Tensor,
+              index: torch.Tensor | None) -> tuple:
+    """(example rows, token rows, per-token counts) of the flattened tokens `index` (None: all) of a block whose
+    flat example mask is `example` (token mask `token`, None: the same)."""
+    if index is not None:
+        example, per_token = example[index], per_token[index]
+        token = None if token is None else token[index]
+    example_rows = _selected_rows(example)
+    token_rows = example_rows if token is None else _selected_rows(token)
+    return example_rows, token_rows, _rows(per_token, token_rows)
 
 
 def _selected_rows(mask: torch.Tensor) -> torch.Tensor | None:
@@ -262,3 +352,132 @@ def _add_product(sums: dict[str, torch.Tensor], key: str, left: torch.Tensor, ri
         sums[key].addmm_(left, right)
     else:
         sums[key] += float32_product(left, right)
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+
+
+class ParameterObserver(TorchFunctionMode):
+    """Sees the weights adapted through `target_parameters` at work, for the collector: every `F.linear(x, w)`
+    or `x @ w` whose `w` is a targeted 2-D parameter or one expert's slice `p[e]` of a targeted 3-D stack (how
+    transformers' eager experts loop applies them) hands `x` and a hook on the output to `Collector.observe`. The
+    output's gradient then carries whatever the model multiplies the expert's output by (its routing weight).
+    Which of its block's tokens an expert reads comes from the block's `hidden_states[token_idx]`."""
+
+    def __init__(self, collector: Collector, targets: Mapping[str, ParameterTarget]):
+        super().__init__()
+        self.collector = collector
+        self.names: dict[int, tuple[torch.Tensor, dict[int | None, str]]] = {}  # id(parameter) -> names by expert
+        for name, target in targets.items():
+            parameter = target.parameter
+            self.names.setdefault(id(parameter), (parameter, {}))[1][target.expert] = name
+        self.owners = list({id(t.owner): t.owner for t in targets.values()}.values())
+        # every expert stack of the owners: an expert's first projection tells its rows, targeted in this pass or not
+        self.stacks = {id(p): p for owner in self.owners for p in owner.parameters(recurse=False) if p.dim() == 3}
+        self.stacks.update({key: parameter for key, (parameter, _) in self.names.items() if parameter.dim() == 3})
+        self.called: set[int] = set()  # id of each owner module that ran
+        self.applied: set[int] = set()  # id of each targeted parameter seen in a linear map
+        self._input: torch.Tensor | None = None  # the input of the owner module that runs now
+        self._slices: dict[int, tuple[torch.Tensor, int, int]] = {}  # id(slice) -> (slice, id(parameter), expert)
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(rows of the input) -> (them, indices)
+        self._expert_rows: dict[int, tuple[torch.Tensor, int]] = {}  # expert -> its rows in the running block
+
+    def owner_called(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of each module that holds a targeted parameter: a new block call begins."""
+        self.called.add(id(module))
+        inputs = args[0] if args else kwargs.get("hidden_states")
+        self._input = inputs if isinstance(inputs, torch.Tensor) and inputs.dim() == 2 else None
+        self._slices.clear()
+        self._rows.clear()
+        self._expert_rows.clear()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            self._indexed(args[0], args[1], result)
+        elif func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            self._applied(args[0] if args else kwargs.get("input"), weight, result)
+        elif func in _MATMULS and len(args) == 2:
+            self._applied(args[0], args[1], result)
+        return result
+
+    def _indexed(self, source, index, result) -> None:
+        """Tag `result = source[index]`: an expert's slice of a targeted stack, or rows of the block's input."""
+        if self.stacks.get(id(source)) is source:
+            expert = _single_index(index)
+            if expert is not None:
+                self._slices[id(result)] = (result, id(source), expert)
+        elif self._input is not None and source is self._input:
+            rows = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+            if isinstance(rows, torch.Tensor) and rows.dim() == 1 and not rows.is_floating_point():
+                self._rows[id(result)] = (result, rows if rows.dtype != torch.bool else rows.nonzero().squeeze(1))
+
+    def _applied(self, x, weight, output) -> None:
+        """Hand a linear map of a targeted weight to the collector."""
+        if not isinstance(x, torch.Tensor) or not isinstance(output, torch.Tensor):
+            return
+        sliced = self._slices.get(id(weight))
+        if sliced is not None and sliced[0] is weight:
+            parameter, expert = sliced[1], sliced[2]
+        elif id(weight) in self.names and self.names[id(weight)][0] is weight:
+            parameter, expert = id(weight), None
+        else:
+            return
+        rows = None
+        if expert is not None:  # the expert's rows, from its first projection, hold for its later ones
+            tagged = self._rows.get(id(x))
+            if tagged is not None and tagged[0] is x:
+                self._expert_rows[expert] = (tagged[1], self._input.shape[0])
+            rows = self._expert_rows.get(expert)
+            if rows is not None and rows[0].numel() != x.reshape(-1, x.shape[-1]).shape[0]:
+                rows = None
+        if parameter not in self.names:
+            return
+        self.applied.add(parameter)
+        name = self.names[parameter][1].get(expert)
+        if name is not None:  # else an expert whose weights are not in this pass
+            self.collector.observe(name, x, output, rows)
+
+    def check_owners_called(self) -> None:
+        """Every module that holds a targeted parameter ran in the first forward."""
+        for name, target in self.collector.parameter_targets.items():
+            if id(target.owner) not in self.called:
+                raise LoraDAError(f"Target weight {name!r} was not used in the forward pass.")
+
+    def check_observed(self) -> None:
+        """Each targeted parameter was seen in a linear map (an expert stack: for at least one expert)."""
+        for name, target in self.collector.parameter_targets.items():
+            if id(target.parameter) not in self.applied:
+                kind = "expert weights run one expert at a time" if is_expert(target) else "a linear map"
+                raise LoraDAError(
+                    f"LoRA-DA cannot see {type(target.owner).__name__}.{target.parameter_name} ({name!r}) used as "
+                    f"{kind} (F.linear or a matmul of it), so it cannot gather its statistics; leave it out of "
+                    "`target_parameters`."
+                )
+
+
+def _single_index(index) -> int | None:
+    """The integer that `index` (an int or a 0-D integer tensor) selects along the first dim, else None."""
+    if isinstance(index, int) and not isinstance(index, bool):
+        return index
+    if isinstance(index, torch.Tensor) and index.dim() == 0 and not index.is_floating_point():
+        return int(index)
+    return None
+
+
+@contextmanager
+def experts_one_at_a_time(model: nn.Module):
+    """Within it, a transformers model's mixture-of-experts blocks run their eager loop over the experts (the
+    one that `ParameterObserver` sees), whatever implementation (grouped or batched GEMMs) the model uses."""
+    base = base_model_of(model)
+    if not hasattr(base, "set_experts_implementation"):
+        yield
+        return
+    saved = base.get_experts_implementation()
+    base.set_experts_implementation("eager")
+    try:
+        yield
+    finally:
+        base.set_experts_implementation(saved)

@@ -86,7 +86,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     model, info = _adapt(base, tokenizer, features, init)
     _save_initialized(model, info, tokenizer, output, args)
     print(f"{info.method}: initialized rank {args.rank} in {info.init_seconds:.2f} s; saved to {args.output}")
+    _print_coverage(info)
     return 0
+
+
+def _print_coverage(info: InitInfo) -> None:
+    """LoRA-DA's line on how many adapted weights got its factors (and which kept PEFT's default init)."""
+    if isinstance(info.report, dict) and "coverage" in info.report:
+        print(info.report["coverage"])
 
 
 def _init_from_statistics(args: argparse.Namespace, init, output: Path) -> int:
@@ -105,6 +112,7 @@ def _init_from_statistics(args: argparse.Namespace, init, output: Path) -> int:
     info = InitInfo("lora_da", time.perf_counter() - start, False, report.to_dict())
     _save_initialized(model, info, tokenizer, output, args)
     print(f"lora_da: solved rank {args.rank} from {args.stats} in {info.init_seconds:.2f} s; saved to {args.output}")
+    _print_coverage(info)
     return 0
 
 
