@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
 from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da
-from lora_da.integrations import REPORT_FILE, LoraDACallback, calibration_batches
+from lora_da.integrations import REPORT_FILE, LoraDACallback, first_batches
 
 LORA = dict(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
 PAIRS = [(f"say {c}{i % 3}", f" {c * (2 + i % 3)} ok") for i, c in enumerate("abcdefghijklmnop")]
@@ -162,14 +162,14 @@ class TestTrainerCallback:
 
     def test_calibration_batches_take_the_first_examples_in_order(self, features, tiny_tokenizer):
         collate = DataCollatorForSeq2Seq(tiny_tokenizer, padding=True)
-        from_list = list(calibration_batches(features, collate, 7, 3))
-        from_stream = list(calibration_batches(iter(features), collate, 7, 3))
+        from_list = list(first_batches(features, collate, 7, 3))
+        from_stream = list(first_batches(iter(features), collate, 7, 3))
         assert [b["input_ids"].shape[0] for b in from_list] == [3, 3, 1]
         for one, two in zip(from_list, from_stream, strict=True):
             assert torch.equal(one["input_ids"], two["input_ids"]) and torch.equal(one["labels"], two["labels"])
         assert torch.equal(from_list[0]["input_ids"], collate(features[:3])["input_ids"])
         with pytest.raises(LoraDAError, match="empty"):
-            list(calibration_batches([], collate, 7, 3))
+            list(first_batches([], collate, 7, 3))
 
 
 def test_sft_trainer(tmp_path, tiny_model_and_tokenizer):

@@ -113,7 +113,7 @@ class TestSolveLayer:
         assert not uses_lobpcg(11008, 16, gpu, LoraDAConfig(eigensolver="chebyshev", population_size=100))
         forced = LoraDAConfig(eigensolver="lobpcg", population_size=100)
         assert uses_lobpcg(1536, 16, gpu, forced)
-        # on CUDA "auto" is "chebyshev" (measured faster on an H200); elsewhere, and when set, as set
+        # on CUDA "auto" is "chebyshev"; elsewhere, and when set, as set
         assert auto.eigensolver_on("cuda") == "chebyshev" and auto.eigensolver_on("cpu") == "auto"
         assert forced.eigensolver_on("cuda") == "lobpcg"
         assert not uses_lobpcg(90, 16, cpu, forced)  # the search space holds 6 blocks

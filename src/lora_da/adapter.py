@@ -259,10 +259,16 @@ def initialize_lora_da(
         if name in solutions:
             report.layers[name] = {**solutions[name].info, "scaling": float(lora_module(target).scaling[adapter_name])}
     if is_main_process():
-        logger.info(report.coverage())
-        if config.show_progress:
-            print(report.coverage(), file=sys.stderr, flush=True)
+        _announce(report.coverage(), config)
     return report
+
+
+def _announce(line: str, config: LoraDAConfig) -> None:
+    """A line for the user: on the terminal with the progress bars, else to the `lora_da` logger (not both)."""
+    if config.show_progress:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        logger.info(line)
 
 
 def _adapter_parameters(module: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -416,9 +422,7 @@ def _gather_and_solve(
     report.passes = len(passes)
     report.statistics_bytes_estimate = max(plan.pass_bytes)
     if is_main_process():
-        logger.info(plan.describe())
-        if config.show_progress:
-            print(plan.describe(), file=sys.stderr, flush=True)
+        _announce(plan.describe(), config)
         too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
         if too_big:
             warnings.warn(

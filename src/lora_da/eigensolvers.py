@@ -92,8 +92,8 @@ def orthonormal_complement(
 
 
 def seeded_normal(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Standard normal entries from `seed`, drawn on `device` itself (drawn on the host, a GPU's start vectors
-    took 0.2 ms each: 15% of SmolLM2's solve on an H200)."""
+    """Standard normal entries from `seed`, drawn on `device` itself (a host draw and copy per layer would be a
+    noticeable share of a GPU's batched solve)."""
     return torch.randn(shape, generator=torch.Generator(device=device).manual_seed(seed), dtype=dtype, device=device)
 
 
@@ -122,8 +122,7 @@ def top_eigenvalues(matrices: torch.Tensor, starts: torch.Tensor, tol: float, bl
     the block Krylov space of (at most 8 columns of) its start [b, n, k] and one seeded random column (so that no
     start lies in an invariant subspace without the top eigenvector); None where the top Ritz pair's residual is
     not within `tol` of the value (else the value is exact to about tol^2). From a block near the top eigenvectors
-    this is a few products and one small QR, where a dense `eigvalsh` costs a whole eigendecomposition (5 ms at
-    n = 576 on an H200, as long as `eigh`)."""
+    this is a few products and one small QR, where a dense `eigvalsh` costs a whole eigendecomposition."""
     count, n, _ = matrices.shape
     random = seeded_normal((n, 1), 0, matrices.dtype, matrices.device)
     block = torch.cat([starts[..., : min(starts.shape[2], 8)], random.expand(count, n, 1)], dim=2)

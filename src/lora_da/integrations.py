@@ -86,7 +86,7 @@ class LoraDACallback(TrainerCallback):
         dataset, collate = train_dataloader.dataset, train_dataloader.collate_fn
         config = self.resolve_config(dataset, show_progress=state.is_world_process_zero)
         batch_size = self.batch_size or args.per_device_train_batch_size
-        batches = list(calibration_batches(dataset, collate, self.num_samples, batch_size))
+        batches = list(first_batches(dataset, collate, self.num_samples, batch_size))
         adapter_name = self.adapter_name or _active_adapter(model)
         # Every rank builds the same batches; `shard` gives each rank every world_size-th one and the
         # statistics are all-reduced, so all ranks end with the same factors.
@@ -125,7 +125,7 @@ class LoraDACallback(TrainerCallback):
                 json.dump(report.to_dict(), handle, indent=1, default=float)
 
 
-def calibration_batches(dataset, collate, num_samples: int, batch_size: int) -> Iterable[dict]:
+def first_batches(dataset, collate, num_samples: int, batch_size: int) -> Iterable[dict]:
     """The first `num_samples` examples of `dataset`, collated by `collate` in batches of `batch_size`."""
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
         examples = [dataset[i] for i in range(min(num_samples, len(dataset)))]

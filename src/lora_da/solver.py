@@ -19,8 +19,8 @@ from .gram import PackedGram, packed_size
 from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input, factor_inputs, stacked
 from .layer_solvers import Solved, block_size, dense_eigenvectors, finish_dense, form_dense, layer_seed, solve_implicit
 
-# "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: at n = 576
-# that takes ~15 ms where forming M and a dense float32 eigh take ~50 ms, and the gap grows like n^3 / n^2.
+# "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: from about
+# this size that beats forming M and a dense eigh, and the gap grows like n^3 / n^2.
 AUTO_LOBPCG_MIN_SIZE = 384
 # "chebyshev" solves the formed M of narrow layers together, in chunks of up to this much solve memory (each
 # layer counted as `solve_working_bytes` counts a formed M); the memory plan keeps this much free for the solve.

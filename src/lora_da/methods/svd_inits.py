@@ -68,8 +68,7 @@ def lora_one_factors(
     """LoRA-One from G [m, n]: -G = U S V^T, B = U_r S_r^1/2 / sqrt(s1 g), A = S_r^1/2 V_r^T / sqrt(s1 g); and s1.
 
     The top r singular triplets come from `eigh` of the smaller Gram matrix in float64 (exact to far below
-    float32 for the leading ones): with `torch.linalg.svd` of every layer, mostly those SVDs, this init took 12x
-    a forward+backward pass on an H200."""
+    float32 for the leading ones), far cheaper than a full `torch.linalg.svd` of every layer."""
     g = -gradient.double()
     left = g.shape[0] <= g.shape[1]  # the [m, m] Gram is the smaller one
     values, vectors = torch.linalg.eigh(g @ g.T if left else g.T @ g)
