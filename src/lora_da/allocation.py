@@ -45,30 +45,51 @@ def lora_da_gains(info: Mapping, normalize: bool = True) -> list[float]:
     return [-scale * float(value) for value in info["eigenvalues"]]
 
 
-def uniform_budget(shapes: Mapping[str, tuple[int, int]], rank: int) -> int:
-    """Trainable parameters of LoRA at `rank` on every weight: `sum(rank * (m + n))`."""
-    return sum(rank * (m + n) for m, n in shapes.values())
+def gradient_gains(scores: Mapping[str, float], shapes: Mapping[str, tuple[int, int]], budget: int,
+                   count: int) -> dict[str, list[float]]:
+    """Gains of `count` directions per weight that lead `allocate_ranks` to ranks in proportion to `scores`
+    (e.g. gradient sensitivities, the mean of |W * G|): weight l's share of the budget is `budget * s_l / sum(s)`,
+    so its target rank is `t_l = share / (m + n)`. Each direction's gain is the rise of `-(m + n) (r - t_l)^2`,
+    which falls with the rank and is the same per parameter for every weight at its target."""
+    total = sum(scores.values())
+    if not (math.isfinite(total) and total > 0) or any(v < 0 or not math.isfinite(v) for v in scores.values()):
+        raise LoraDAError("Gradient sensitivities must be finite, >= 0 and not all 0.")
+    gains = {}
+    for name, (m, n) in shapes.items():
+        target = budget * scores[name] / total / (m + n)
+        gains[name] = [(m + n) * (2 * target - 2 * k + 1) for k in range(1, count + 1)]
+    return gains
+
+
+def uniform_budget(shapes: Mapping[str, tuple[int, int]], rank: int | Mapping[str, int]) -> int:
+    """Trainable parameters of LoRA at `rank` (one for every weight, or one per weight): `sum(r * (m + n))`."""
+    return sum(_rank_of(rank, name) * (m + n) for name, (m, n) in shapes.items())
+
+
+def _rank_of(rank: int | Mapping[str, int], name: str) -> int:
+    return rank if isinstance(rank, int) else int(rank[name])
 
 
 def allocate_ranks(
     gains: Mapping[str, Sequence[float]],
     shapes: Mapping[str, tuple[int, int]],
-    rank: int,
+    rank: int | Mapping[str, int],
     *,
     min_rank: int = 1,
     max_rank: int | None = None,
 ) -> RankAllocation:
-    """Ranks per weight that maximize the summed gain within the parameters of `rank` on every weight.
+    """Ranks per weight that maximize the summed gain within the trainable parameters of the ranks `rank` (one
+    for every weight, or one per weight, e.g. a `rank_pattern`).
 
     Args:
         gains: per weight, the gain of its 1st, 2nd, ... direction; non-increasing; at least `min_rank` of them.
             A weight's rank never exceeds the number of gains given.
         shapes: per weight, `(m, n)`.
-        rank: the uniform rank whose trainable parameters are the budget.
+        rank: the ranks whose trainable parameters are the budget.
         min_rank, max_rank: bounds of every weight's rank (`max_rank` None: no bound but `min(m, n)`).
 
-    Deterministic. Where every weight's gain per parameter is equal, the result is the uniform rank; where the
-    budget cannot be met exactly within the bounds, the most of it that can be is used.
+    Deterministic. Where every weight's gain per parameter is equal, the result is `rank` itself; where the budget
+    cannot be met exactly within the bounds, the most of it that can be is used.
     """
     names = sorted(shapes)
     if set(gains) != set(names):
@@ -87,7 +108,7 @@ def allocate_ranks(
     budget = uniform_budget(shapes, rank)
     spare = budget - sum(min_rank * costs[name] for name in names)
     if spare < 0:
-        raise LoraDAError(f"min_rank={min_rank} on every weight exceeds the budget of rank {rank}.")
+        raise LoraDAError(f"min_rank={min_rank} on every weight exceeds the budget of {budget} trainable parameters.")
 
     # Within one cost the best n directions are the n largest gains (each weight's gains fall with its rank).
     by_cost: dict[int, list[tuple[float, int, str]]] = {}
@@ -107,10 +128,10 @@ def allocate_ranks(
     return RankAllocation(ranks=ranks, budget=budget, used=used, gains=chosen)
 
 
-def _uniform_count(names: list[str], costs: Mapping[str, int], cost: int, rank: int, min_rank: int,
-                   tops: Mapping[str, int]) -> int:
+def _uniform_count(names: list[str], costs: Mapping[str, int], cost: int, rank: int | Mapping[str, int],
+                   min_rank: int, tops: Mapping[str, int]) -> int:
     """Directions above `min_rank` that the uniform rank gives the weights of one cost."""
-    return sum(max(0, min(rank, tops[name]) - min_rank) for name in names if costs[name] == cost)
+    return sum(max(0, min(_rank_of(rank, name), tops[name]) - min_rank) for name in names if costs[name] == cost)
 
 
 def _split_budget(by_cost: Mapping[int, list[tuple[float, int, str]]], spare: int,

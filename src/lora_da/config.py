@@ -13,6 +13,7 @@ FISHERS = ("kfac", "identity")
 FACTOR_BALANCES = ("released", "kaiming", "svd")
 OUTPUT_SCALINGS = ("mean", "token")
 DAMPING_MODES = ("absolute", "relative")
+RANK_ALLOCATIONS = ("uniform", "lora_da", "gradient")
 
 
 class LoraDAError(ValueError):
@@ -49,6 +50,13 @@ class LoraDAConfig:
             scaled by the example's supervised token count: the Fisher of the per-token loss).
         damping_mode: "absolute" (lambda as given) or "relative" (lambda times median(y) for the output
             factor and times mean(diag(Z)) for the input factor).
+        rank_allocation: how the adapter's trainable parameters are spread over its weights: "uniform" (each
+            weight keeps the rank of its `LoraConfig`), "lora_da" (the budget goes to the directions that lower
+            LoRA-DA's objective most: each weight's rank from the eigenvalues its solve computes) or "gradient"
+            (ranks in proportion to each weight's gradient sensitivity, the mean of |W * G|). Both keep the
+            adapter's trainable parameters `sum(r * (m + n))` and write the ranks as PEFT's `rank_pattern`.
+        min_rank, max_rank: bounds of each weight's rank under a rank allocation (`max_rank` None: four times the
+            adapter's largest rank; never above `min(m, n)`).
         show_progress: show tqdm progress bars.
     """
 
@@ -66,6 +74,9 @@ class LoraDAConfig:
     factor_balance: Literal["released", "kaiming", "svd"] = "released"
     output_scaling: Literal["mean", "token"] = "mean"
     damping_mode: Literal["absolute", "relative"] = "absolute"
+    rank_allocation: Literal["uniform", "lora_da", "gradient"] = "uniform"
+    min_rank: int = 1
+    max_rank: int | None = None
     show_progress: bool = True
 
     def __post_init__(self) -> None:
@@ -75,6 +86,13 @@ class LoraDAConfig:
         _check_choice("factor_balance", self.factor_balance, FACTOR_BALANCES)
         _check_choice("output_scaling", self.output_scaling, OUTPUT_SCALINGS)
         _check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        _check_choice("rank_allocation", self.rank_allocation, RANK_ALLOCATIONS)
+        for name in ("min_rank", "max_rank"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise LoraDAError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.max_rank is not None and self.max_rank < self.min_rank:
+            raise LoraDAError(f"`max_rank` ({self.max_rank}) must be at least `min_rank` ({self.min_rank}).")
         for name in ("bias_weight", "variance_weight", "damping"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

@@ -64,6 +64,12 @@ class LoraDACallback(TrainerCallback):
             if unknown:
                 raise LoraDAError(f"Unknown LoraDAConfig field(s) in `config`: {', '.join(unknown)}.")
             LoraDAConfig(**{"population_size": 1, **config})  # bad values fail now, not at train time
+        settings = config if isinstance(config, Mapping) else vars(config) if config is not None else {}
+        if settings.get("rank_allocation", "uniform") != "uniform":
+            raise LoraDAError(
+                "A rank allocation resizes the adapter, which the trainer's optimizer already holds: call "
+                "initialize_lora_da with it before building the trainer, and this callback not at all."
+            )
         self.num_samples = int(num_samples)
         self.config = config
         self.batch_size = batch_size

@@ -334,6 +334,19 @@ def uses_lobpcg(n: int, want: int, device: torch.device, config: LoraDAConfig) -
     )
 
 
+def truncate_solution(solution: LayerSolution, rank: int, config: LoraDAConfig) -> LayerSolution:
+    """The factors of the `rank` smallest eigenvectors of a layer solved at a larger rank with
+    `factor_balance="released"` (`A = U^T / sqrt(gamma)`, `B = D^T U / sqrt(gamma)`, whose columns are
+    independent), split per `config.factor_balance`: the same factors as a solve at `rank`."""
+    root = math.sqrt(config.gamma)
+    a, b = _balance(solution.A[:rank].double() * root, solution.B[:, :rank].double() * root, config)
+    values = solution.info["eigenvalues"]
+    info = {**solution.info, "rank": rank, "eigenvalues": values[:rank],
+            "eigengap": values[rank] - values[rank - 1] if len(values) > rank else solution.info["eigengap"],
+            "variance_bias_ratio_on_subspace": None}  # measured on the larger subspace
+    return LayerSolution(A=a.to(torch.float32), B=b.to(torch.float32), info=info)
+
+
 def _balance(basis_t: torch.Tensor, projected: torch.Tensor, config: LoraDAConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Split `projected @ basis_t / gamma` ([m, n], rank r) into B [m, r] @ A [r, n] per `factor_balance`."""
     root = math.sqrt(config.gamma)

@@ -15,7 +15,8 @@ from lora_da.train import TrainConfig
 
 PROG = "lora-da"
 #: LoRA-DA option flags (dest names are LoraDAConfig fields); None = not given.
-LORA_DA_FLAGS = ("gamma", "variance_weight", "bias_weight", "token_mask", "population_size")
+LORA_DA_FLAGS = ("gamma", "variance_weight", "bias_weight", "token_mask", "population_size", "rank_allocation",
+                 "min_rank", "max_rank")
 
 
 def status(message: str, since: float | None = None) -> None:

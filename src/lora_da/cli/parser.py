@@ -10,6 +10,7 @@ from lora_da.bench import BenchConfig
 from lora_da.cli.commands import cmd_bench, cmd_eval, cmd_init, cmd_methods, cmd_stats, cmd_train
 from lora_da.cli.common import PROG
 from lora_da.cli.demo import DEMO_DEFAULTS, DEMO_METHODS, DEMO_OUTPUT, cmd_demo
+from lora_da.config import RANK_ALLOCATIONS
 from lora_da.data import BUILTIN_TASKS
 from lora_da.evaluate import EvalConfig
 from lora_da.methods import InitConfig
@@ -53,6 +54,14 @@ def _add_lora_da_args(group) -> None:
                        help=f"LoRA-DA alpha (default: {LoraDAConfig.bias_weight:g})")
     group.add_argument("--token-mask", choices=["attention", "labels"], default=None,
                        help=f"LoRA-DA calibration tokens (default: {LoraDAConfig.token_mask})")
+    group.add_argument("--rank-allocation", choices=list(RANK_ALLOCATIONS), default=None,
+                       help="spread the adapter's trainable parameters over its weights: uniform (--rank "
+                       "everywhere), lora_da (by LoRA-DA's objective) or gradient (by |W * G|); the total stays "
+                       f"that of --rank (default: {LoraDAConfig.rank_allocation})")
+    group.add_argument("--min-rank", type=int, default=None,
+                       help=f"smallest rank of a weight under a rank allocation (default: {LoraDAConfig.min_rank})")
+    group.add_argument("--max-rank", type=int, default=None,
+                       help="largest rank of a weight under a rank allocation (default: 4 x --rank)")
 
 
 def _add_init_args(parser: argparse.ArgumentParser, method_flag: str | None) -> None:

@@ -10,6 +10,7 @@ from peft import get_peft_model
 from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
+from lora_da.config import LoraDAError
 from lora_da.layers import canonical_layer_name, find_lora_layers
 from lora_da.methods.peft_inits import build_lora_config
 
@@ -85,6 +86,8 @@ def lora_one_factors(
 
 def init_lora_one(ctx):
     """LoRA-One: factors from the SVD of the negative averaged gradient (core statistics); base unchanged."""
+    if ctx.options.rank_allocation != "uniform":
+        raise LoraDAError("lora_one takes the adapter's ranks as they are: rank_allocation is a lora_da option.")
     # Only G is used; variance_weight=0 keeps the config valid without a population size.
     stats_config = dataclasses.replace(ctx.options, variance_weight=0.0)
     gamma = float(stats_config.gamma)
