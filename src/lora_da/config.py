@@ -55,8 +55,9 @@ class LoraDAConfig:
             LoRA-DA's objective most: each weight's rank from the eigenvalues its solve computes) or "gradient"
             (ranks in proportion to each weight's gradient sensitivity, the mean of |W * G|). Both keep the
             adapter's trainable parameters `sum(r * (m + n))` and write the ranks as PEFT's `rank_pattern`.
-        min_rank, max_rank: bounds of each weight's rank under a rank allocation (`max_rank` None: four times the
-            adapter's largest rank; never above `min(m, n)`).
+        min_rank: the smallest rank of a weight under a rank allocation.
+        max_rank: the largest rank of a weight under a rank allocation (None: four times the adapter's largest
+            rank); never above `min(m, n)`.
         show_progress: show tqdm progress bars.
     """
 
