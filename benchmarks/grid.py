@@ -7,8 +7,9 @@ in its own folder, so several worker processes can share one device and a stoppe
     python benchmarks/grid.py merge                           # results.json, report.md, plots per task and set
 
 `merge` writes benchmarks/results/grid/<task>-<set>/, task `arith` or `stdlib-code-py3.X`, set `standard` (the
-method comparison and rank sweep), `lora-da-options` (LoRA-DA's options and ablations), `lora-fa`, `lora-plus`
-(other training regimes) or `short` (the 25-step budget).
+method comparison and rank sweep), `lora-da-options` (LoRA-DA's options and ablations), `ranks` (data-aware rank
+allocations against uniform ranks at the same trainable parameters), `lora-fa`, `lora-plus` (other training
+regimes) or `short` (the 25-step budget).
 
 `run --device cpu --workers 1` runs the same grid on a CPU (13-15 minutes per arith run on 2 cores). Two 1-thread
 workers train 1.38x faster in total; on stdlib-code each run then takes 20-28 minutes and peaks at 9-12 GB of RSS,
@@ -17,7 +18,8 @@ so two of them fit in 24 GB.
 `--regime lora_fa|lora_plus` trains every shard that way, in folders of their own (`<variant>-r8-lora_fa`);
 `merge` reports each regime apart (`arith-lora-fa`, ...); other regimes run the variants of
 REGIME_METHODS. `--budget short` runs SHORT_METHODS at 25 steps (`<variant>-r8-short`).
-Shards run in priority order: the method comparison first, then LoRA-DA's options, the rank sweep, ablations.
+Shards run in priority order: the method comparison first, then the rank allocations, LoRA-DA's options, the rank
+sweep, ablations.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ ABLATIONS = [
     "lora_da@variance_weight=0.3",
 ]
 MORE_METHODS = ["olora", "gaussian", "corda"]
+#: Data-aware ranks at the trainable parameters of ranks 8 and 32: LoRA-DA's own allocation, the gradient
+#: sensitivity allocation (GoRA-style) with LoRA-DA's factors and with PEFT's default init.
+RANK_ALLOCATION = ["lora_da@rank_allocation=lora_da", "lora_da@rank_allocation=gradient", "lora_gradient_ranks"]
+ALLOCATION_RANKS = (8, 32)
 #: Where a data-aware start may pay off: the variants compared in another regime, or at the short budget.
 #: With A frozen, LoRA-DA's Fisher-preconditioned row space sees little of the inputs (benchmarks/results/
 #: frozen_subspace/); `fisher=identity` gives it LoRA-One's row space (top right singular vectors of G), here at
@@ -68,7 +74,7 @@ MORE_METHODS = ["olora", "gaussian", "corda"]
 REGIME_METHODS = {
     "lora_fa": ["lora", "lora_da", "lora_da@factor_balance=kaiming", "lora_da@factor_balance=kaiming,fisher=identity",
                 "pissa", "lora_one", "lora_ga"],
-    "lora_plus": ["lora", "lora_da"],
+    "lora_plus": ["lora", "lora_da"] + RANK_ALLOCATION,
 }
 SHORT_METHODS = ["lora", "lora_da", "pissa", "lora_one"]
 
@@ -77,6 +83,7 @@ SHORT_METHODS = ["lora", "lora_da", "pissa", "lora_one"]
 STUDIES = {
     "standard": METHODS + MORE_METHODS,
     "lora-da-options": ["lora", "lora_da"] + LORA_DA_OPTIONS + ABLATIONS,
+    "ranks": ["lora", "lora_da"] + RANK_ALLOCATION,
 }
 GRID = Path(__file__).resolve().parent / "results" / "grid"
 #: Where `run` keeps the resumable shards (and environment.json) and `merge` reads them by default.
@@ -154,8 +161,11 @@ def jobs(regime: str = "standard", budget: str = "full") -> list[Shard]:
         groups = [[(v, (8,)) for v in SHORT_METHODS]]
     elif regime in REGIME_METHODS:
         groups = [[(v, (8,)) for v in REGIME_METHODS[regime]]]
+        if regime == "lora_plus":  # the larger budget of the rank allocations, for them and their references
+            groups.append([(v, ALLOCATION_RANKS[1:]) for v in ["lora", "lora_da"] + RANK_ALLOCATION])
     else:
-        groups = [[(v, (8,)) for v in METHODS], [(v, (8,)) for v in LORA_DA_OPTIONS],
+        groups = [[(v, (8,)) for v in METHODS], [(v, ALLOCATION_RANKS) for v in RANK_ALLOCATION],
+                  [(v, (8,)) for v in LORA_DA_OPTIONS],
                   [(v, tuple(RANK_SWEEP[1])) for v in RANK_SWEEP[0]], [(v, (8,)) for v in ABLATIONS],
                   [(v, (8,)) for v in MORE_METHODS]]
     return [Shard(task, variant, ranks, regime, budget)
@@ -293,8 +303,9 @@ def merge(args: argparse.Namespace) -> list[Path]:
             for study, variants in studies.items():
                 chosen = [r for r in records if r["method"] in variants]
                 present = [v for v in variants if v in {r["method"] for r in chosen}]
-                if not present:
-                    continue
+                if not present or (study in STUDIES and study != "standard"
+                                   and set(present) <= set(STUDIES["standard"])):
+                    continue  # a study beside the method comparison needs a variant of its own
                 names = [name for name in group if any(r["method"] in variants for r in shards[name]["records"])]
                 dest = Path(args.dest) / f"{task_dir.name}-{set_name(regime, budget, study)}"
                 write_study(dest, chosen, BenchConfig(**{**protocol, "methods": present,

@@ -1,9 +1,10 @@
-"""The verdict of the other training regimes: per regime (LoRA-FA, LoRA+) and the short budget, each method at its
-validation-chosen rate on both tasks, and whether it beats LoRA by more than one std on both (3 seeds each), read
-from the folders `grid.py merge` writes:
+"""The verdicts of the grid's comparisons beside the method table: per training regime (LoRA-FA, LoRA+), the short
+budget and the rank allocations, each method at its validation-chosen rate on both tasks, and whether it beats LoRA
+at the same rank (the same trainable parameters) by more than one std on both (3 seeds each), read from the folders
+`grid.py merge` writes:
 
     python benchmarks/grid.py merge
-    python benchmarks/verdict.py               # reads benchmarks/results/grid/<task>-{lora-fa,lora-plus,short}
+    python benchmarks/verdict.py    # reads benchmarks/results/grid/<task>-{lora-fa,lora-plus,short,ranks}
 
 A cell in brackets is partial: `(2/4 lrs)` of the sweep run so far, `[1 seed]` of 3 at the chosen rate.
 """
@@ -14,27 +15,43 @@ import argparse
 import json
 from pathlib import Path
 
-from grid import GRID, PROTOCOL, REGIME_METHODS, SHORT_METHODS, TASKS, set_name, task_folder
+from grid import (
+    ALLOCATION_RANKS,
+    GRID,
+    PROTOCOL,
+    REGIME_METHODS,
+    SHORT_METHODS,
+    TASKS,
+    set_name,
+    task_folder,
+)
+from grid import (
+    STUDIES as GRID_STUDIES,
+)
 
 from lora_da.bench import fmt
 
-#: regime or budget -> (set of the merged folders `<task>-<set>`, variants compared, title)
+#: comparison -> (set of the merged folders `<task>-<set>`, variants compared, title, ranks)
 STUDIES = {
-    "lora_fa": (set_name("lora_fa"), REGIME_METHODS["lora_fa"], "LoRA-FA (A frozen, PEFT's create_lorafa_optimizer)"),
-    "lora_plus": (set_name("lora_plus"), REGIME_METHODS["lora_plus"], "LoRA+ (PEFT's create_loraplus_optimizer)"),
-    "short": (set_name(budget="short"), SHORT_METHODS, "Short budget (25 steps)"),
+    "lora_fa": (set_name("lora_fa"), REGIME_METHODS["lora_fa"], "LoRA-FA (A frozen, PEFT's create_lorafa_optimizer)",
+                (8,)),
+    "lora_plus": (set_name("lora_plus"), REGIME_METHODS["lora_plus"], "LoRA+ (PEFT's create_loraplus_optimizer)",
+                  ALLOCATION_RANKS),
+    "short": (set_name(budget="short"), SHORT_METHODS, "Short budget (25 steps)", (8,)),
+    "ranks": ("ranks", GRID_STUDIES["ranks"], "Rank allocations (standard training)", ALLOCATION_RANKS),
 }
 SEEDS = len(PROTOCOL["seeds"])
 
 
-def summaries(results: Path, name: str) -> dict[str, dict[str, dict]]:
-    """task -> method -> summary row (rank 8) of the merged folder `<task>-<name>`."""
+def summaries(results: Path, name: str, rank: int = 8) -> dict[str, dict[str, dict]]:
+    """task -> method -> summary row at `rank` of the merged folder `<task>-<name>` (tasks without one left out)."""
     found = {}
     for task in TASKS:
         path = results / f"{task_folder(task)}-{name}" / "results.json"
         if path.exists():
-            payload = json.loads(path.read_text())
-            found[task] = {row["method"]: row for row in payload["summary"] if row["rank"] == 8}
+            rows = {row["method"]: row for row in json.loads(path.read_text())["summary"] if row["rank"] == rank}
+            if rows:
+                found[task] = rows
     return found
 
 
@@ -86,16 +103,21 @@ def main() -> None:
     parser.add_argument("results", type=Path, nargs="?", default=GRID,
                         help="the dest folder of `grid.py merge` (default benchmarks/results/grid)")
     args = parser.parse_args()
-    for name, methods, title in STUDIES.values():
-        found = summaries(args.results, name)
-        if not found:
-            continue
-        verdicts = {m: [compare(found.get(task, {}).get(m), found.get(task, {}).get("lora")) for task in TASKS]
-                    for m in methods if m != "lora"}
-        winners = [m for m, seen in verdicts.items() if all(v == "better" for v in seen)]
-        none = "none so far" if any("pending" in seen for seen in verdicts.values()) else "none"
-        print(f"#### {title}\n\n{table(found, methods)}\n\nBeats LoRA by more than one std on both tasks: "
-              f"{', '.join(f'`{m}`' for m in winners) or none}.\n")
+    for name, methods, title, ranks in STUDIES.values():
+        for rank in ranks:
+            found = summaries(args.results, name, rank)
+            if found:
+                print(verdict(found, methods, title if len(ranks) == 1 else f"{title}, rank {rank}"))
+
+
+def verdict(found: dict[str, dict[str, dict]], methods: list[str], title: str) -> str:
+    """The table of one comparison and which methods beat LoRA by more than one std on both tasks."""
+    verdicts = {m: [compare(found.get(task, {}).get(m), found.get(task, {}).get("lora")) for task in TASKS]
+                for m in methods if m != "lora"}
+    winners = [m for m, seen in verdicts.items() if all(v == "better" for v in seen)]
+    none = "none so far" if any("pending" in seen for seen in verdicts.values()) else "none"
+    return (f"#### {title}\n\n{table(found, methods)}\n\nBeats LoRA by more than one std on both tasks: "
+            f"{', '.join(f'`{m}`' for m in winners) or none}.\n")
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def test_parse_variant_named_ablations_and_options():
     assert parse_variant("LoRA-DA").method == "lora_da"
     with pytest.raises(ValueError, match="unknown"):
         parse_variant("lora_da@nonsense=1")
-    with pytest.raises(ValueError, match="only lora_da/lora_one"):
+    with pytest.raises(ValueError, match="only lora_da/lora_gradient_ranks/lora_one"):
         parse_variant("pissa@gamma=4")
     with pytest.raises(ValueError, match="unknown init method"):
         parse_variant("nope")
@@ -357,7 +357,7 @@ def test_grid_merge_sweeps_every_rate_that_some_call_ran(tmp_path, tiny_model_di
         records = run_bench(shard, config, show_progress=False, plots=False)
     assert json.loads((shard / "results.json").read_text())["config"]["learning_rates"] == [3e-3]
     written = grid.merge(argparse.Namespace(raw=str(tmp_path / "raw"), dest=str(tmp_path / "merged")))
-    assert [path.name for path in written] == ["arith-standard", "arith-lora-da-options"]  # <task>-<set>; lora in both
+    assert [path.name for path in written] == ["arith-standard"]  # <task>-<set>; the other studies have no own run
     merged = json.loads((tmp_path / "merged" / "arith-standard" / "results.json").read_text())
     (row,) = merged["summary"]
     best = min(records, key=lambda r: r["val_loss"])
@@ -368,7 +368,7 @@ def test_grid_merge_sweeps_every_rate_that_some_call_ran(tmp_path, tiny_model_di
 
 def test_grid_merged_folders_are_named_task_and_set():
     grid = _grid_module()
-    assert list(grid.STUDIES) == ["standard", "lora-da-options"]
+    assert list(grid.STUDIES) == ["standard", "lora-da-options", "ranks"]
     assert grid.set_name() == "standard" and grid.set_name(study="lora-da-options") == "lora-da-options"
     assert grid.set_name("lora_fa") == "lora-fa" and grid.set_name("lora_plus") == "lora-plus"
     assert grid.set_name(budget="short") == "short" and grid.set_name("lora_fa", "short") == "lora-fa-short"

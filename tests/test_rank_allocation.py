@@ -130,3 +130,17 @@ class TestCommandLine:
         assert allocation["used"] == allocation["budget"] and len(set(allocation["ranks"].values())) > 1
         pattern = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
         assert sorted(pattern.values()) == sorted(allocation["ranks"].values())
+
+
+class TestGradientRanksWithPeftInit:
+    def test_same_ranks_as_lora_da_with_gradient_allocation_and_peft_factors(self):
+        from lora_da.methods import create_adapted_model
+
+        peft_init, info = create_adapted_model(tiny_llama(), "lora_gradient_ranks", rank=4, calibration_batches=data(),
+                                               options=LoraDAConfig(variance_weight=0, max_rank=8, **CONFIG))
+        ranked = wrap(tiny_llama(), rank=4)
+        report = initialize_lora_da(ranked, data(), LoraDAConfig(rank_allocation="gradient", max_rank=8, **CONFIG))
+        assert info.report["rank_allocation"]["ranks"] == {canonical_layer_name(name): rank for name, rank
+                                                           in report.rank_allocation.ranks.items()}
+        assert trainable_lora_parameters(peft_init) == report.rank_allocation.budget
+        assert all(not module.lora_B["default"].weight.any() for module in find_lora_layers(peft_init)[0].values())

@@ -38,6 +38,7 @@ from .layers import (
     canonical_layer_name,
     check_supported_sharding,
     find_adapted_weights,
+    innermost_base_layer,
     is_expert,
     layer_shape,
     lora_module,
@@ -314,11 +315,12 @@ def _largest_ranks(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, in
 
 
 def gradient_sensitivities(stats: LoraDAStatistics, layers: Mapping[str, nn.Module]) -> dict[str, float]:
-    """Mean of |W * G| per weight whose statistics `stats` holds (W the base weight, G the mean gradient)."""
+    """Mean of |W * G| per weight whose statistics `stats` holds (W the base weight of the LoRA layer or linear
+    layer in `layers`, G the mean gradient)."""
     found = {}
     for name in stats.gradient_sums:  # sharded statistics: the weights this rank holds
         gradient = stats.gradient(name)
-        base = lora_module(layers[name]).get_base_layer()
+        base = innermost_base_layer(layers[name])
         weight = dequantize_module_weight(base)
         if type(base).__name__ == "Conv1D":  # GPT-2 stores [in, out]
             weight = weight.T
@@ -352,14 +354,19 @@ def resize_lora_layers(model: nn.Module, layers: Mapping[str, nn.Module], ranks:
     saved adapter reloads with them in stock PEFT."""
     config = model.peft_config[adapter_name]
     layer_config = dataclasses.replace(config, init_lora_weights=True)
-    pattern = {}
     for name, module in layers.items():
         if int(module.r[adapter_name]) != ranks[name]:
             module.update_layer(adapter_name, ranks[name], lora_alpha=module.lora_alpha[adapter_name],
                                 config=layer_config)
-        pattern[re.escape(canonical_layer_name(name))] = ranks[name]
+    pattern = rank_pattern({canonical_layer_name(name): rank for name, rank in ranks.items()})
     # exact names first: PEFT takes the first pattern that matches a layer
     config.rank_pattern = {**pattern, **{k: v for k, v in (config.rank_pattern or {}).items() if k not in pattern}}
+
+
+def rank_pattern(ranks: Mapping[str, int]) -> dict[str, int]:
+    """PEFT's `rank_pattern` for ranks by layer name: each key matches that layer's name alone (PEFT reads the
+    keys as regular expressions)."""
+    return {re.escape(name): int(rank) for name, rank in ranks.items()}
 
 
 def _announce(line: str, config: LoraDAConfig) -> None:

@@ -1,11 +1,17 @@
-"""LoRA-DA through the core API, and the full fine-tuning reference."""
+"""LoRA-DA through the core API, PEFT's LoRA at ranks spread by gradient sensitivity, and the full fine-tuning
+reference."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from peft import get_peft_model
 
 from lora_da import initialize_lora_da
+from lora_da.adapter import gradient_sensitivities, rank_pattern
+from lora_da.allocation import allocate_ranks, gradient_gains, uniform_budget
+from lora_da.layers import layer_shape
 from lora_da.methods.peft_inits import build_lora_config
 
 
@@ -17,6 +23,20 @@ def init_lora_da(ctx):
     batches = ctx.batches if statistics is None else None
     report = initialize_lora_da(model, batches, ctx.options, adapter_name="default", statistics=statistics)
     return model, report.to_dict()
+
+
+def init_lora_gradient_ranks(ctx):
+    """PEFT's default LoRA at ranks spread by gradient sensitivity (the mean of |W * G| per weight, as GoRA
+    allocates them) within the trainable parameters of the uniform rank; the base unchanged."""
+    options = ctx.options
+    stats = ctx.statistics(dataclasses.replace(options, variance_weight=0.0))  # only G is read
+    layers = {name: ctx.base_model.get_submodule(name) for name in ctx.targets}
+    shapes = {name: layer_shape(module) for name, module in layers.items()}
+    bound = options.max_rank or 4 * ctx.rank
+    gains = gradient_gains(gradient_sensitivities(stats, layers), shapes, uniform_budget(shapes, ctx.rank), bound)
+    allocation = allocate_ranks(gains, shapes, ctx.rank, min_rank=options.min_rank, max_rank=bound)
+    config = build_lora_config(ctx, True, rank_pattern=rank_pattern(allocation.ranks))
+    return get_peft_model(ctx.base_model, config), {"rank_allocation": allocation.to_dict()}
 
 
 def init_full(ctx):

@@ -40,7 +40,7 @@ class MethodSpec:
 
 
 def _lora_one_defaults() -> LoraDAConfig:
-    """LoRA-One reads only the mean gradient, so no population size is needed."""
+    """LoRA-One (and the gradient-sensitivity ranks) read only the mean gradient: no population size is needed."""
     return LoraDAConfig(variance_weight=0.0)
 
 
@@ -66,6 +66,9 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("lora_da", "LoRA-DA: Fisher-aware bias/variance-optimal subspace, base unchanged",
                    data_aware.init_lora_da, needs_calibration=True, options_type=LoraDAConfig,
                    default_options=LoraDAConfig),
+        MethodSpec("lora_gradient_ranks", "PEFT default init at ranks spread by gradient sensitivity |W * G| "
+                   "(GoRA-style), same trainable parameters", data_aware.init_lora_gradient_ranks,
+                   needs_calibration=True, options_type=LoraDAConfig, default_options=_lora_one_defaults),
         MethodSpec("full", "full fine-tuning reference, no adapter", data_aware.init_full, modifies_base=True),
     ]
 }
