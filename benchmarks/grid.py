@@ -64,7 +64,8 @@ ABLATIONS = [
 ]
 MORE_METHODS = ["olora", "gaussian", "corda"]
 #: Data-aware ranks at the trainable parameters of ranks 8 and 32: LoRA-DA's own allocation, the gradient
-#: sensitivity allocation (GoRA-style) with LoRA-DA's factors and with PEFT's default init.
+#: sensitivity allocation (GoRA-style) with LoRA-DA's factors and with PEFT's default init; in standard training
+#: also PEFT's AdaLoRA, which re-allocates during training (an SVD-form adapter, not a LoRA for LoRA+).
 RANK_ALLOCATION = ["lora_da@rank_allocation=lora_da", "lora_da@rank_allocation=gradient", "lora_gradient_ranks"]
 ALLOCATION_RANKS = (8, 32)
 #: Where a data-aware start may pay off: the variants compared in another regime, or at the short budget.
@@ -83,7 +84,7 @@ SHORT_METHODS = ["lora", "lora_da", "pissa", "lora_one"]
 STUDIES = {
     "standard": METHODS + MORE_METHODS,
     "lora-da-options": ["lora", "lora_da"] + LORA_DA_OPTIONS + ABLATIONS,
-    "ranks": ["lora", "lora_da"] + RANK_ALLOCATION,
+    "ranks": ["lora", "lora_da"] + RANK_ALLOCATION + ["adalora"],
 }
 GRID = Path(__file__).resolve().parent / "results" / "grid"
 #: Where `run` keeps the resumable shards (and environment.json) and `merge` reads them by default.
@@ -164,7 +165,7 @@ def jobs(regime: str = "standard", budget: str = "full") -> list[Shard]:
         if regime == "lora_plus":  # the larger budget of the rank allocations, for them and their references
             groups.append([(v, ALLOCATION_RANKS[1:]) for v in ["lora", "lora_da"] + RANK_ALLOCATION])
     else:
-        groups = [[(v, (8,)) for v in METHODS], [(v, ALLOCATION_RANKS) for v in RANK_ALLOCATION],
+        groups = [[(v, (8,)) for v in METHODS], [(v, ALLOCATION_RANKS) for v in RANK_ALLOCATION + ["adalora"]],
                   [(v, (8,)) for v in LORA_DA_OPTIONS],
                   [(v, tuple(RANK_SWEEP[1])) for v in RANK_SWEEP[0]], [(v, (8,)) for v in ABLATIONS],
                   [(v, (8,)) for v in MORE_METHODS]]

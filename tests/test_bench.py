@@ -472,3 +472,12 @@ def test_a_rate_past_the_sweep_equals_the_written_rate_and_old_unrounded_records
     assert [r["lr"] for r in resumed] == [3e-4]  # found, not run again
     choice = select_learning_rate(resumed, "lora", 4, dataclasses.replace(screen, learning_rates=[3e-4]))
     assert choice is not None and choice["lr"] == 3e-4
+
+
+def test_rank_allocation_methods_run_in_the_bench(tmp_path, tiny_model_dir, sums_jsonl):
+    """The grid's rank-allocation variants go through the whole bench: init, training (AdaLoRA's schedule),
+    evaluation and the report."""
+    methods = ["lora_da@rank_allocation=lora_da", "lora_gradient_ranks", "adalora"]
+    config = tiny_config(tiny_model_dir, sums_jsonl, methods=methods, learning_rates=[HIGH_LR], num_accuracy=0)
+    records = run_bench(tmp_path / "out", config, show_progress=False, plots=False)
+    assert {r["method"]: r["status"] for r in records} == dict.fromkeys(methods, "ok")

@@ -144,3 +144,20 @@ class TestGradientRanksWithPeftInit:
                                                            in report.rank_allocation.ranks.items()}
         assert trainable_lora_parameters(peft_init) == report.rank_allocation.budget
         assert all(not module.lora_B["default"].weight.any() for module in find_lora_layers(peft_init)[0].values())
+
+
+class TestAdaLoRA:
+    def test_ends_at_the_budget_of_the_rank(self):
+        from lora_da.methods import create_adapted_model
+        from lora_da.train import TrainConfig, adalora_model, adalora_penalty, train
+
+        model, _ = create_adapted_model(tiny_llama(), "adalora", rank=4)
+        adalora = adalora_model(model)
+        penalty = adalora_penalty(adalora)
+        assert penalty > 0 and penalty.requires_grad  # PEFT's random start is not orthogonal
+        features = [{"input_ids": e["input_ids"].tolist(), "labels": e["labels"].tolist()} for e in examples(16)]
+        train(model, features, TrainConfig(steps=20, batch_size=4, lr=1e-3, show_progress=False), pad_token_id=0)
+        config = model.peft_config["default"]
+        assert (config.total_step, config.tinit, config.tfinal) == (20, 2, 4)
+        kept = {name: sum(mask) for name, mask in config.rank_pattern.items()}
+        assert sum(kept.values()) == 4 * len(kept) and len(set(kept.values())) > 1

@@ -120,6 +120,36 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
                                      loraplus_weight_decay=config.weight_decay)
 
 
+def adalora_model(model: nn.Module) -> nn.Module | None:
+    """PEFT's AdaLoRA model inside `model` (the one that re-allocates ranks during training), else None."""
+    base = getattr(model, "base_model", None) if isinstance(model, PeftModel) else None
+    return base if hasattr(base, "update_and_allocate") else None
+
+
+def set_adalora_schedule(adalora: nn.Module, steps: int) -> None:
+    """AdaLoRA's budget schedule for a run of `steps` optimizer steps: its ranks start at `init_r`, shrink (cubic)
+    from 10% of the run to 80%, every 5% of it, and stay at `target_r` for the last 20%."""
+    config = adalora.peft_config[adalora.trainable_adapter_name]
+    config.total_step, config.tinit, config.tfinal = steps, steps // 10, steps // 5
+    config.deltaT = max(1, steps // 20)
+
+
+def adalora_penalty(adalora: nn.Module) -> torch.Tensor:
+    """AdaLoRA's orthogonality penalty on its singular vectors, which its forward adds to a loss it computes itself:
+    `orth_reg_weight` times the mean over the adapter's `lora_A` [r, n] and `lora_B` [m, r] of
+    ||P P^T - I||_F (P the rows of A, or the columns of B)."""
+    name = adalora.trainable_adapter_name
+    norms = []
+    for module in adalora.model.modules():
+        if isinstance(getattr(module, "lora_E", None), nn.ParameterDict) and name in module.lora_E:
+            for rows in (module.lora_A[name], module.lora_B[name].T):
+                gram = rows @ rows.T
+                eye = torch.eye(len(gram), device=gram.device, dtype=gram.dtype)
+                norms.append(torch.linalg.matrix_norm(gram - eye))
+    weight = adalora.peft_config[name].orth_reg_weight
+    return weight * torch.stack(norms).mean() if norms else torch.zeros(())
+
+
 def _first_non_finite(params: Sequence[tuple[str, torch.Tensor]]) -> str | None:
     """Name of the first parameter holding a NaN or an infinity, else None (one reduction per tensor)."""
     for name, param in params:
@@ -157,6 +187,9 @@ def train(
     named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # lora_fa froze lora_A
     params = [p for _, p in named_params]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    adalora = adalora_model(model)
+    if adalora is not None:
+        set_adalora_schedule(adalora, config.steps)
     per_step = config.batch_size * config.grad_accum
     order = _example_order(len(train_features), config.steps * per_step, config.seed)
     log = None
@@ -178,7 +211,8 @@ def train(
                     logits, targets = supervised_logits(model, batch)
                 total, count = supervised_loss_sum(logits, targets)
                 loss = total / max(count, 1)
-                (loss / config.grad_accum).backward()
+                objective = loss if adalora is None else loss + adalora_penalty(adalora).to(loss)
+                (objective / config.grad_accum).backward()
                 losses.append(float(loss.detach()))
                 if not math.isfinite(losses[-1]):
                     raise _diverged(step + 1, "the training loss", losses[-1])
@@ -188,6 +222,8 @@ def train(
                     raise _diverged(step + 1, "the gradient norm", grad_norm)
             optimizer.step()
             scheduler.step()
+            if adalora is not None:  # reads the gradients: between the step and zero_grad
+                adalora.update_and_allocate(step)
             optimizer.zero_grad(set_to_none=True)
             record = {"step": step + 1, "loss": sum(losses) / len(losses), "lr": lr}
             last = step + 1 == config.steps

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
-from peft import EvaConfig, LoraConfig, LoraGAConfig, get_peft_model, initialize_lora_eva_weights
+from peft import AdaLoraConfig, EvaConfig, LoraConfig, LoraGAConfig, get_peft_model, initialize_lora_eva_weights
 from peft.tuners.lora.config import CordaConfig
 from torch import nn
 from tqdm.auto import tqdm
@@ -84,3 +85,14 @@ def init_lora_ga(ctx):
     with torch.no_grad():
         model = get_peft_model(ctx.base_model, config)
     return model, None
+
+
+def init_adalora(ctx):
+    """PEFT's AdaLoRA: an SVD-form adapter (P diag(E) Q) that starts at 1.5x the rank and prunes its singular values
+    to an average of the rank during training, where its sensitivities say (`lora_da.train` runs its schedule).
+    Its final budget is the uniform rank's (plus one singular value per kept direction)."""
+    task_type = "CAUSAL_LM" if hasattr(ctx.base_model, "generate") else None
+    config = AdaLoraConfig(r=ctx.rank, init_r=math.ceil(1.5 * ctx.rank), target_r=ctx.rank, lora_alpha=ctx.lora_alpha,
+                           target_modules=list(ctx.targets), lora_dropout=0.0, task_type=task_type,
+                           total_step=1)  # the training loop sets the schedule of the run it trains
+    return get_peft_model(ctx.base_model, config), {"init_r": config.init_r, "target_r": config.target_r}

@@ -66,6 +66,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("lora_da", "LoRA-DA: Fisher-aware bias/variance-optimal subspace, base unchanged",
                    data_aware.init_lora_da, needs_calibration=True, options_type=LoraDAConfig,
                    default_options=LoraDAConfig),
+        MethodSpec("adalora", "PEFT AdaLoRA: SVD-form adapter from 1.5x the rank, pruned to the rank in training",
+                   peft_inits.init_adalora),
         MethodSpec("lora_gradient_ranks", "PEFT default init at ranks spread by gradient sensitivity |W * G| "
                    "(GoRA-style), same trainable parameters", data_aware.init_lora_gradient_ranks,
                    needs_calibration=True, options_type=LoraDAConfig, default_options=_lora_one_defaults),
