@@ -120,7 +120,9 @@ def test_grid_reports_list_only_the_invocations_of_their_regime():
 def test_grid_regimes_and_the_short_budget_run_their_own_comparison():
     grid = _grid_module()
     assert [s.variant for s in grid.jobs("lora_fa") if s.task == "arith"] == grid.REGIME_METHODS["lora_fa"]
-    assert {s.variant for s in grid.jobs("lora_plus")} == {"lora", "lora_da"}
+    plus = grid.jobs("lora_plus")
+    assert {s.variant for s in plus} == {"lora", "lora_da", *grid.RANK_ALLOCATION}
+    assert {s.ranks for s in plus} == {(8,), (32,)}  # the rank allocations' larger budget, with its references
     short = grid.jobs(budget="short")
     assert {s.variant for s in short} == set(grid.SHORT_METHODS) and short[0].folder == "arith/lora-r8-short"
     assert grid.bench_config("arith", ["lora"], [8], budget="short").steps == 25
@@ -144,7 +146,7 @@ def test_grid_merge_reports_each_regime_and_budget_apart(tmp_path, tiny_model_di
         run_bench(raw / folder, BenchConfig(**common, regime=regime, steps=steps), show_progress=False, plots=False)
     grid.merge(grid.build_parser().parse_args(["merge", str(tmp_path / "raw"), str(tmp_path / "out")]))
     merged = {p.name: json.loads((p / "results.json").read_text()) for p in (tmp_path / "out").iterdir()}
-    assert set(merged) == {"arith-standard", "arith-lora-da-options", "arith-lora-fa", "arith-short"}
+    assert set(merged) == {"arith-standard", "arith-lora-fa", "arith-short"}  # no LoRA-DA option ran
     assert merged["arith-lora-fa"]["config"]["regime"] == "lora_fa"
     assert merged["arith-short"]["config"]["steps"] == grid.SHORT_BUDGET["steps"]
     assert [r["regime"] for r in merged["arith-standard"]["records"]] == ["standard"]

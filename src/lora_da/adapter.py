@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import logging
 import os
-import re
 import sys
 import time
 import warnings
@@ -20,7 +18,7 @@ from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .allocation import RankAllocation, allocate_ranks, gradient_gains, lora_da_gains, uniform_budget
+from .allocation import RankAllocation
 from .cache import check_statistics
 from .collect import EXPERTS_NOT_SHARDED, PerExampleLoss, collect_statistics, discover_input_groups
 from .config import LoraDAConfig, LoraDAError, check_ranks
@@ -38,7 +36,6 @@ from .layers import (
     canonical_layer_name,
     check_supported_sharding,
     find_adapted_weights,
-    innermost_base_layer,
     is_expert,
     layer_shape,
     lora_module,
@@ -47,8 +44,15 @@ from .layers import (
     unwrap_model,
     writable_parameters,
 )
+from .ranks import (
+    allocate_from_solutions,
+    check_rank_allocation,
+    gradient_sensitivities,
+    largest_ranks,
+    resize_lora_layers,
+)
 from .schedule import plan_memory, solve_layers
-from .solver import LayerSolution, solve_working_bytes, truncate_solution
+from .solver import solve_working_bytes, truncate_solution
 from .statistics import LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")
@@ -240,13 +244,13 @@ def initialize_lora_da(
     check_ranks(shapes, ranks)
     allocating = config.rank_allocation != "uniform"
     if allocating:
-        check_rank_allocation(wrapped, layers, adapter_name)
+        check_rank_allocation(wrapped, layers)
 
     report = LoraDAReport(skipped=unsupported, config=config.to_dict(), world_size=get_world_size(),
                           adapted_weights=len(layers) + len(unsupported))
     local = local_config(config)
     # Under a rank allocation every weight is solved at its largest allowed rank and cut to the rank it gets.
-    solve_ranks = _largest_ranks(shapes, ranks, config) if allocating else ranks
+    solve_ranks = largest_ranks(shapes, ranks, config) if allocating else ranks
     solve_config = dataclasses.replace(local, factor_balance="released") if allocating else local
     sensitivities = {} if config.rank_allocation == "gradient" else None
     if statistics is not None:
@@ -267,7 +271,7 @@ def initialize_lora_da(
                                       layers_per_pass=layers_per_pass, memory_budget=memory_budget, shard=shard,
                                       shard_statistics=shard_statistics, sensitivities=sensitivities)
     if allocating:
-        report.rank_allocation = _allocate(solutions, shapes, ranks, config, sensitivities)
+        report.rank_allocation = allocate_from_solutions(solutions, shapes, ranks, config, sensitivities)
         solutions = {name: truncate_solution(solution, report.rank_allocation.ranks[name], local)
                      for name, solution in solutions.items()}
 
@@ -282,91 +286,6 @@ def initialize_lora_da(
     if is_main_process():
         _announce(report.coverage(), config)
     return report
-
-
-def check_rank_allocation(model: nn.Module, layers: Mapping[str, nn.Module | ParameterTarget], adapter_name: str
-                          ) -> None:
-    """Refuse a rank allocation where the adapter's layers cannot be given ranks of their own: the experts of a
-    `target_parameters` stack share one rank, and a model wrapped for training (DDP, FSDP2, DeepSpeed) holds its
-    parameters in buffers, shards or an optimizer that a resized factor would not be in."""
-    expert = next((name for name, target in layers.items() if isinstance(target, ParameterTarget)), None)
-    if expert is not None:
-        raise LoraDAError(
-            f"A rank allocation gives each weight a rank of its own, but {expert!r} is a weight of "
-            "`target_parameters`, whose weights share one rank; use rank_allocation='uniform' for this adapter."
-        )
-    sharded = any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in model.parameters())
-    if unwrap_model(model) is not model or sharded:
-        raise LoraDAError(
-            "A rank allocation resizes the adapter's factors, which a model wrapped in DDP, FSDP2 or DeepSpeed "
-            "cannot follow: allocate the ranks on the PeftModel before wrapping it (every rank gets the same)."
-        )
-    module = next(iter(layers.values()))
-    if "config" not in inspect.signature(module.update_layer).parameters:
-        raise LoraDAError("A rank allocation needs peft >= 0.18 (LoraLayer.update_layer with a config): "
-                          "upgrade peft, or use rank_allocation='uniform'.")
-
-
-def _largest_ranks(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int], config: LoraDAConfig
-                   ) -> dict[str, int]:
-    """The rank each weight is solved at under a rank allocation: its upper bound."""
-    bound = config.max_rank or 4 * max(ranks.values())
-    return {name: min(bound, m, n) for name, (m, n) in shapes.items()}
-
-
-def gradient_sensitivities(stats: LoraDAStatistics, layers: Mapping[str, nn.Module]) -> dict[str, float]:
-    """Mean of |W * G| per weight whose statistics `stats` holds (W the base weight of the LoRA layer or linear
-    layer in `layers`, G the mean gradient)."""
-    found = {}
-    for name in stats.gradient_sums:  # sharded statistics: the weights this rank holds
-        gradient = stats.gradient(name)
-        base = innermost_base_layer(layers[name])
-        weight = dequantize_module_weight(base)
-        if type(base).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-            weight = weight.T
-        found[name] = float((weight.to(gradient) * gradient).abs().mean())
-    return found
-
-
-def _allocate(solutions: Mapping[str, LayerSolution], shapes: Mapping[str, tuple[int, int]],
-              ranks: Mapping[str, int], config: LoraDAConfig, sensitivities: dict[str, float] | None
-              ) -> RankAllocation:
-    """The ranks of `config.rank_allocation` within the parameters of `ranks`."""
-    shapes = {name: shapes[name] for name in solutions}
-    ranks = {name: ranks[name] for name in solutions}
-    if sensitivities is None:
-        gains = {name: lora_da_gains(solution.info, config.normalize) for name, solution in solutions.items()}
-    else:
-        if is_distributed():  # sharded statistics: each rank scored the weights it held
-            for scores in all_gather_objects(sensitivities):
-                sensitivities.update(scores)
-        count = max(solution.A.shape[0] for solution in solutions.values())
-        gains = gradient_gains({name: sensitivities[name] for name in solutions}, shapes,
-                               uniform_budget(shapes, ranks), count)
-        gains = {name: values[: solutions[name].A.shape[0]] for name, values in gains.items()}
-    return allocate_ranks(gains, shapes, ranks, min_rank=config.min_rank, max_rank=config.max_rank)
-
-
-def resize_lora_layers(model: nn.Module, layers: Mapping[str, nn.Module], ranks: Mapping[str, int],
-                       adapter_name: str) -> None:
-    """Give each LoRA layer of `adapter_name` its rank in `ranks` (PEFT's own `update_layer`: new factors at PEFT's
-    default init, the scaling of the new rank) and record the ranks as the adapter's `rank_pattern`, so that the
-    saved adapter reloads with them in stock PEFT."""
-    config = model.peft_config[adapter_name]
-    layer_config = dataclasses.replace(config, init_lora_weights=True)
-    for name, module in layers.items():
-        if int(module.r[adapter_name]) != ranks[name]:
-            module.update_layer(adapter_name, ranks[name], lora_alpha=module.lora_alpha[adapter_name],
-                                config=layer_config)
-    pattern = rank_pattern({canonical_layer_name(name): rank for name, rank in ranks.items()})
-    # exact names first: PEFT takes the first pattern that matches a layer
-    config.rank_pattern = {**pattern, **{k: v for k, v in (config.rank_pattern or {}).items() if k not in pattern}}
-
-
-def rank_pattern(ranks: Mapping[str, int]) -> dict[str, int]:
-    """PEFT's `rank_pattern` for ranks by layer name: each key matches that layer's name alone (PEFT reads the
-    keys as regular expressions)."""
-    return {re.escape(name): int(rank) for name, rank in ranks.items()}
 
 
 def _announce(line: str, config: LoraDAConfig) -> None:

@@ -86,7 +86,8 @@ def allocate_ranks(
             A weight's rank never exceeds the number of gains given.
         shapes: per weight, `(m, n)`.
         rank: the ranks whose trainable parameters are the budget.
-        min_rank, max_rank: bounds of every weight's rank (`max_rank` None: no bound but `min(m, n)`).
+        min_rank: the smallest rank of every weight.
+        max_rank: the largest rank of every weight (None: no bound but `min(m, n)`).
 
     Deterministic. Where every weight's gain per parameter is equal, the result is `rank` itself; where the budget
     cannot be met exactly within the bounds, the most of it that can be is used.

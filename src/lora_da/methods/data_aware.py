@@ -9,10 +9,10 @@ import torch
 from peft import get_peft_model
 
 from lora_da import initialize_lora_da
-from lora_da.adapter import gradient_sensitivities, rank_pattern
 from lora_da.allocation import allocate_ranks, gradient_gains, uniform_budget
 from lora_da.layers import layer_shape
 from lora_da.methods.peft_inits import build_lora_config
+from lora_da.ranks import gradient_sensitivities, rank_pattern
 
 
 def init_lora_da(ctx):
