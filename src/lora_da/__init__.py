@@ -9,7 +9,7 @@ from .layers import find_lora_layers
 from .solver import LayerSolution, solve_all, solve_factors, solve_layer
 from .statistics import LoraDAStatistics
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "LayerSolution",
