@@ -161,3 +161,14 @@ class TestAdaLoRA:
         assert (config.total_step, config.tinit, config.tfinal) == (20, 2, 4)
         kept = {name: sum(mask) for name, mask in config.rank_pattern.items()}
         assert sum(kept.values()) == 4 * len(kept) and len(set(kept.values())) > 1
+
+    def test_train_fine_tunes_the_allocated_adapter(self, capsys, tmp_path, tiny_model_dir, tiny_jsonl):
+        out = tmp_path / "run"
+        status = main(["train", "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "4",
+                       "--max-length", "64", "--data", str(tiny_jsonl), "--eval-data", str(tiny_jsonl),
+                       "--num-eval", "4", "--rank", "4", "--num-calibration", "8", "--steps", "2",
+                       "--rank-allocation", "gradient", "--max-rank", "8", "--output", str(out)])
+        assert status == 0, capsys.readouterr().err
+        ranks = json.loads((out / "init_report.json").read_text())["report"]["rank_allocation"]["ranks"]
+        assert json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+        assert len(set(ranks.values())) > 1

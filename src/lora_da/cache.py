@@ -172,6 +172,9 @@ def compute_and_save_statistics(
 ) -> LoraDAStatistics:
     """Gather statistics of the base model (adapters disabled) and write them with a manifest to `path`.
 
+    The layers are those of `target_modules` on a bare model; on a `PeftModel`, every weight that adapter
+    `adapter_name` adapts (its `target_modules` and `target_parameters`), and `target_modules` is not read.
+
     Under `torch.distributed` every rank gathers its shard, the sums are all-reduced and rank 0 writes the
     file (atomically); every rank returns the statistics.
     """
