@@ -8,6 +8,7 @@ import inspect
 import re
 from collections.abc import Mapping
 
+import torch
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from torch.distributed.tensor import DTensor
@@ -53,13 +54,14 @@ def gradient_sensitivities(stats: LoraDAStatistics, layers: Mapping[str, nn.Modu
     """Mean of |W * G| per weight whose statistics `stats` holds (W the base weight of the LoRA layer or linear
     layer in `layers`, G the mean gradient)."""
     found = {}
-    for name in stats.gradient_sums:  # sharded statistics: the weights this rank holds
-        gradient = stats.gradient(name)
-        base = innermost_base_layer(layers[name])
-        weight = dequantize_module_weight(base)
-        if type(base).__name__ == "Conv1D":  # GPT-2 stores [in, out]
-            weight = weight.T
-        found[name] = float((weight.to(gradient) * gradient).abs().mean())
+    with torch.no_grad():
+        for name in stats.gradient_sums:  # sharded statistics: the weights this rank holds
+            gradient = stats.gradient(name)
+            base = innermost_base_layer(layers[name])
+            weight = dequantize_module_weight(base)
+            if type(base).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+                weight = weight.T
+            found[name] = float((weight.to(gradient) * gradient).abs().mean())
     return found
 
 
