@@ -119,16 +119,16 @@ def command_line(argv: Sequence[str]) -> str:
     return " ".join(words)
 
 
-def with_provenance(report: str, record: dict) -> str:
-    """`report` with its provenance line under the title (replacing one already there)."""
+def with_line(report: str, line: str) -> str:
+    """`report` with `line` (a provenance line) under its title, replacing one already there."""
     lines = report.splitlines()
-    lines = [line for i, line in enumerate(lines) if i > 3 or not line.startswith("Hardware: ")]
+    lines = [text for i, text in enumerate(lines) if i > 3 or not text.startswith("Hardware: ")]
     at = 1 if lines and lines[0].startswith("# ") else 0
     body = lines[at:]
     while body and not body[0].strip():
         body = body[1:]
     head = lines[:at] + ([""] if at else [])
-    return "\n".join([*head, provenance_line(record), "", *body]) + "\n"
+    return "\n".join([*head, line, "", *body]) + "\n"
 
 
 def write_results(out: str | os.PathLike, results: dict, report: str, device: str | torch.device = "cpu") -> Path:
@@ -138,7 +138,7 @@ def write_results(out: str | os.PathLike, results: dict, report: str, device: st
     out.mkdir(parents=True, exist_ok=True)
     results = {"provenance": results.get("provenance") or provenance(device), **results}
     (out / "results.json").write_text(machine_free(json.dumps(results, indent=2)) + "\n")
-    (out / "report.md").write_text(machine_free(with_provenance(report, results["provenance"])))
+    (out / "report.md").write_text(machine_free(with_line(report, provenance_line(results["provenance"]))))
     return out
 
 

@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _harness import with_line
+
 #: Training and evaluation budget shared by every run (BenchConfig fields).
 PROTOCOL = dict(
     model="smollm2-135m", steps=100, batch_size=8, max_length=128, num_train=800, num_val=64, num_test=128,
@@ -342,13 +344,6 @@ def provenance_line(invocations: list[dict]) -> str:
     versions = "; ".join(f"{text} ({machine})" if len(machines) > 1 else text for text, machine in software)
     return (f"Hardware: {'; '.join(machines) or 'not recorded'}. Software: {versions or 'not recorded'}. "
             f"Commit: {commits or 'not recorded'}.")
-
-
-def with_line(text: str, line: str) -> str:
-    """A report's text with `line` under its title (replacing a provenance line already there)."""
-    title, _, body = text.partition("\n")
-    body = "\n".join(x for i, x in enumerate(body.split("\n")) if i > 3 or not x.startswith("Hardware: "))
-    return f"{title}\n\n{line}\n\n{body.lstrip(chr(10))}"
 
 
 def label_shard(raw: Path, shard_dir: Path) -> None:

@@ -230,6 +230,8 @@ def _grid_module():
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "grid.py"
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # its own imports: _harness, as when run as a script
     spec = importlib.util.spec_from_file_location("grid", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["grid"] = module  # its dataclasses look their module up there

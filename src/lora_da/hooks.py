@@ -93,10 +93,10 @@ class Collector:
             example_rows = _selected_rows(example_mask)
             token_rows = example_rows if token_mask is example_mask else _selected_rows(token_mask)
             self._masks[shape] = (example_rows, token_rows, _rows(per_token, token_rows))
-            # by token count: MoE blocks route the flattened [batch * length] tokens
-            self._flat_masks.setdefault(example_mask.numel(), (example_mask.reshape(-1),
-                                                               None if token_mask is example_mask
-                                                               else token_mask.reshape(-1), per_token))
+            if self.parameter_targets:  # by token count: MoE blocks route the flattened [batch * length] tokens
+                self._flat_masks.setdefault(example_mask.numel(), (example_mask.reshape(-1),
+                                                                   None if token_mask is example_mask
+                                                                   else token_mask.reshape(-1), per_token))
         self._selects_all = all(rows[0] is None and rows[1] is None for rows in self._masks.values())
 
     def discard_batch(self) -> None:

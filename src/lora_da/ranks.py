@@ -77,11 +77,18 @@ def allocate_from_solutions(solutions: Mapping[str, LayerSolution], shapes: Mapp
         if is_distributed():  # sharded statistics: each rank scored the weights it held
             for scores in all_gather_objects(sensitivities):
                 sensitivities.update(scores)
-        count = max(solution.A.shape[0] for solution in solutions.values())
-        gains = gradient_gains({name: sensitivities[name] for name in solutions}, shapes,
-                               uniform_budget(shapes, ranks), count)
-        gains = {name: values[: solutions[name].A.shape[0]] for name, values in gains.items()}
+        gains = sensitivity_gains(sensitivities, shapes, ranks, config)
     return allocate_ranks(gains, shapes, ranks, min_rank=config.min_rank, max_rank=config.max_rank)
+
+
+def sensitivity_gains(sensitivities: Mapping[str, float], shapes: Mapping[str, tuple[int, int]],
+                      ranks: Mapping[str, int], config: LoraDAConfig) -> dict[str, list[float]]:
+    """Per weight, the gains (see `allocation.gradient_gains`) of the directions up to its largest allowed rank
+    that spread the parameters of `ranks` in proportion to the gradient sensitivities."""
+    tops = largest_ranks(shapes, ranks, config)
+    gains = gradient_gains({name: sensitivities[name] for name in shapes}, shapes, uniform_budget(shapes, ranks),
+                           max(tops.values()))
+    return {name: values[: tops[name]] for name, values in gains.items()}
 
 
 def resize_lora_layers(model: nn.Module, layers: Mapping[str, nn.Module], ranks: Mapping[str, int],

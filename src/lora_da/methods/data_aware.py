@@ -9,10 +9,10 @@ import torch
 from peft import get_peft_model
 
 from lora_da import initialize_lora_da
-from lora_da.allocation import allocate_ranks, gradient_gains, uniform_budget
+from lora_da.allocation import allocate_ranks
 from lora_da.layers import layer_shape
 from lora_da.methods.peft_inits import build_lora_config
-from lora_da.ranks import gradient_sensitivities, rank_pattern
+from lora_da.ranks import gradient_sensitivities, rank_pattern, sensitivity_gains
 
 
 def init_lora_da(ctx):
@@ -32,9 +32,9 @@ def init_lora_gradient_ranks(ctx):
     stats = ctx.statistics(dataclasses.replace(options, variance_weight=0.0))  # only G is read
     layers = {name: ctx.base_model.get_submodule(name) for name in ctx.targets}
     shapes = {name: layer_shape(module) for name, module in layers.items()}
-    bound = options.max_rank or 4 * ctx.rank
-    gains = gradient_gains(gradient_sensitivities(stats, layers), shapes, uniform_budget(shapes, ctx.rank), bound)
-    allocation = allocate_ranks(gains, shapes, ctx.rank, min_rank=options.min_rank, max_rank=bound)
+    ranks = dict.fromkeys(shapes, ctx.rank)
+    gains = sensitivity_gains(gradient_sensitivities(stats, layers), shapes, ranks, options)
+    allocation = allocate_ranks(gains, shapes, ranks, min_rank=options.min_rank, max_rank=options.max_rank)
     config = build_lora_config(ctx, True, rank_pattern=rank_pattern(allocation.ranks))
     return get_peft_model(ctx.base_model, config), {"rank_allocation": allocation.to_dict()}
 
