@@ -1,8 +1,9 @@
 """LoRA-DA on 7B-shaped Llama blocks (hidden 4096, intermediate 11008, 32 heads, random weights, small
 vocabulary), the stand-in for big models on a CPU: the floor (one forward+backward forming every target
-weight's gradient), our init (statistics / solve) and peak memory, each in a fresh process; optionally the
-authors' released implementation side by side (its `lora_da.py` given by path, never committed). From the
-measured per-block costs, a projection to 7B, 13B and 70B on 1 and 8 GPUs.
+weight's gradient), our init (statistics / solve) and peak memory, each in a fresh process, with the memory the
+init is planned to add and a profile of its statistics pass; optionally the authors' released implementation
+side by side (its `lora_da.py` given by path, never committed). From the measured per-block costs, a projection
+to 7B, 13B and 70B on 1 and 8 GPUs.
 
     python benchmarks/scale_7b.py [--blocks 1] [--released PATH/lora_da.py]
 writes benchmarks/results/scale_7b/{results.json,report.md}.
@@ -26,6 +27,7 @@ from _harness import (
     hardware,
     measured,
     ours_init,
+    profile_statistics,
     released_init,
     repeated,
     results_dir,
@@ -34,9 +36,17 @@ from _harness import (
     write_results,
 )
 
+from lora_da.gram import packed_size
+from lora_da.hooks import FOLD_TOKENS
 from lora_da.schedule import SOLVE_SHARE, STATISTICS_SHARE, pass_budget, pass_extra_bytes
 from lora_da.solver import solve_working_bytes
-from lora_da.statistics import statistics_bytes
+from lora_da.statistics import (
+    GRADIENT_DTYPE,
+    INPUT_CHUNK_DTYPE,
+    INPUT_DTYPE,
+    OUTPUT_DTYPE,
+    statistics_bytes,
+)
 
 POPULATION = 100_000
 GPU_BYTES = 80 * 2**30
@@ -93,12 +103,46 @@ def run_part(args) -> dict:
     device = torch.device("cpu")
     floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
     part = args.part.split("#")[0]
-    if part == "floor":
-        return measured(device, lambda: floor_pass(model, batches))
+    if part in ("floor", "floor-rows"):
+        return measured(device, lambda: floor_pass(model, batches, head_rows=part == "floor-rows"))
     if part == "released":
         return measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
     peft_model = get_peft_model(model, lora)
+    if part == "profile":
+        return {"table": profile_statistics(peft_model, batches)}
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
+
+
+def memory_account(floor: dict, ours: dict, args) -> list[str]:
+    """Rows: what the init holds during its pass (the floor's activations, its statistics in place of the weight
+    gradients) and after it (solving the layers of one input together, narrowest first, releasing each group's
+    statistics: the group's working set beside the statistics not yet solved), against its measured growth."""
+    mib = 2**20
+    q, k, v, o, gate, up, down = MEASURED.layers()
+    groups = [[q, k, v], [o], [gate, up], [down]] * args.blocks  # the layers reading one input, in solve order
+    chunked = args.batch_size * args.tokens < FOLD_TOKENS  # else each batch's Z goes straight into its total
+    z_itemsize = INPUT_DTYPE.itemsize + (INPUT_CHUNK_DTYPE.itemsize if chunked else 0)
+
+    def held(group: list[tuple[int, int]]) -> int:
+        return (sum(GRADIENT_DTYPE.itemsize * m * n + OUTPUT_DTYPE.itemsize * m for m, n in group)
+                + z_itemsize * packed_size(group[0][1]))
+
+    def working(group: list[tuple[int, int]]) -> int:  # the layers iterate in step, each with a float64 G
+        return max(solve_working_bytes(m, n) - 8 * m * n for m, n in group) + sum(8 * m * n for m, n in group)
+
+    weight_gradients = sum(GRADIENT_DTYPE.itemsize * m * n for group in groups for m, n in group)
+    statistics = sum(map(held, groups))
+    during = floor["grown_mib"] * mib - weight_gradients + statistics
+    after = max(working(group) + sum(map(held, groups[index + 1:])) for index, group in enumerate(groups))
+    return [
+        "| memory | MiB |",
+        "| --- | ---: |",
+        f"| floor, grown: activations + weight gradients ({weight_gradients / mib:.0f}) | {floor['grown_mib']:.0f} |",
+        f"| statistics: G and y per layer, Z per input (packed float64) | {statistics / mib:.0f} |",
+        f"| during the pass: the floor's activations + statistics | {during / mib:.0f} |",
+        f"| after it: a group's solve beside the statistics not yet solved, at most | {after / mib:.0f} |",
+        f"| LoRA-DA init, grown (measured) | {ours['grown_mib']:.0f} |",
+    ]
 
 
 def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int) -> list[str]:
@@ -154,11 +198,28 @@ def report(args, results: dict) -> str:
         "| step | seconds | x floor | memory grown (MiB) |",
         "| --- | ---: | ---: | ---: |",
     ]
-    rows = [("floor: forward+backward with target-weight gradients", floor), ("LoRA-DA init (ours), total", ours)]
+    rows = [("floor: forward+backward with target-weight gradients", floor)]
+    if "floor-rows" in parts:
+        rows.append(("floor, only supervised positions projected (as our statistics pass)", parts["floor-rows"]))
+    rows.append(("LoRA-DA init (ours), total", ours))
     if "released" in parts:
         rows.append(("released implementation, total", parts["released"]))
     for label, row in rows:
         lines += step_rows("", label, row, floor)
+    tight = parts.get("floor-rows", {})
+    if "seconds" in tight and "statistics_seconds" in ours:
+        lines += ["", f"The statistics pass against the floor that projects only supervised positions: "
+                      f"{ours['statistics_seconds'] / tight['seconds']:.2f}x."]
+    if "error" not in ours and "error" not in floor:
+        lines += ["", "## Memory", "",
+                  "The init holds the floor's activations with its statistics in place of the weight gradients, "
+                  "then solves the layers of one input at a time, each group's statistics released as it is solved "
+                  "(`lora_da.solver.solve_working_bytes` bounds a solve's working set).", "",
+                  *memory_account(floor, ours, args)]
+    if "profile" in parts:
+        profile = parts["profile"]
+        lines += ["", f"Our statistics pass under torch.profiler (top ops by self time, batch {args.batch_size}):", "",
+                  "```", profile.get("table", profile.get("error", "")).rstrip(), "```"]
     if "error" not in ours and "error" not in floor:
         lines += [
             "",
@@ -200,7 +261,8 @@ def main() -> None:
         for key in ("blocks", "examples", "tokens", "batch_size", "rank"):
             setattr(args, key, results[key])
     else:
-        parts = repeated(["floor", "lora-da"], args.repeats) + (["released"] if args.released else [])
+        parts = repeated(["floor", "floor-rows", "lora-da"], args.repeats) + ["profile"]
+        parts += ["released"] if args.released else []
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens,
                    "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),
                    "machine": hardware(), "runs": run_parts(__file__, parts, sys.argv[1:])}

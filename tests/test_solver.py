@@ -342,6 +342,38 @@ class TestImplicitSolver:
             torch.set_num_threads(previous)
         assert seen["down"] == 2 and seen["q"] == 1  # down_proj has n = 40 inputs
 
+    def test_layers_sharing_an_input_solve_in_step_as_each_alone(self, monkeypatch):
+        """q/k/v-like layers (one Z) iterate together, each triangular solve with L taken once for all of them:
+        the same factors as each layer solved alone, in fewer solves than the layers alone take."""
+        monkeypatch.setattr(solver, "DENSE_MAX_SIZE", 256)
+        monkeypatch.setattr(input_factor, "DENSE_MAX_SIZE", 256)
+        _, z, _ = wide_problem(m=8, n=300, tokens=100, seed=16)
+        problems = {name: wide_problem(m=m, n=300, tokens=100, seed=seed)
+                    for name, m, seed in (("q", 120, 17), ("k", 40, 18), ("v", 40, 19))}
+        stats = LoraDAStatistics(
+            gradient_sums={name: g for name, (g, _, _) in problems.items()},
+            output_sq_sums={name: y for name, (_, _, y) in problems.items()},
+            output_token_counts=dict.fromkeys(problems, 1), input_groups=dict.fromkeys(problems, "q"),
+            input_sums={"q": z}, input_token_counts={"q": 1}, num_examples=1)
+        cfg = LoraDAConfig(variance_weight=0.03, population_size=1000, show_progress=False)
+        solves = []
+        original = input_factor.InputFactor.solve
+
+        def counted(self, rhs):
+            solves.append(rhs.shape[1])
+            return original(self, rhs)
+
+        monkeypatch.setattr(input_factor.InputFactor, "solve", counted)
+        together = solve_all(stats, 4, cfg)
+        in_step = len(solves)
+        solves.clear()
+        for name, (g, _, y) in problems.items():
+            alone = solve_layer(g, z, y, 4, cfg, layer=name)
+            assert together[name].info["eigensolver"] == "davidson" and together[name].info["converged"]
+            assert together[name].info["iterations"] == alone.info["iterations"], name
+            torch.testing.assert_close(together[name].B @ together[name].A, alone.B @ alone.A, rtol=1e-6, atol=1e-9)
+        assert in_step < 0.7 * len(solves)
+
 
 def known_spectrum(count: int, n: int, seed: int) -> torch.Tensor:
     """A batch [count, n, n] of symmetric matrices with a crowded negative end and a long positive tail (like M)."""

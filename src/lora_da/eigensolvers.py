@@ -5,7 +5,7 @@ iteration on a batch of formed matrices (`filtered_subspace`), and the top eigen
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,16 +33,31 @@ def block_davidson(
     generator: torch.Generator,
     precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Eigenpairs:
-    """The `rank` smallest eigenpairs of the symmetric operator `apply` ([n, k] -> [n, k]) by block Davidson:
-    Rayleigh-Ritz on a basis grown by the residuals of the current Ritz vectors (the block Krylov space, without
-    its breakdowns), restarted from the Ritz vectors when it reaches 6 blocks. Converged when the residual of the
-    wanted pairs, relative to the size of the wanted end of the spectrum (not ||M||, which a stiff variance
-    term can make 1e6 times larger), is <= tol. `precondition` (K) joins the expansion while the spectrum is
-    stiff: it maps the huge eigenvalues of K^{-1} back to order one."""
+    """The `rank` smallest eigenpairs of the symmetric operator `apply` ([n, k] -> [n, k]) by block Davidson (see
+    `davidson_steps`)."""
+    return run_in_step([davidson_steps(start, rank, tol, max_iterations, generator, precondition)],
+                       lambda _, blocks: [apply(block) for block in blocks])[0]
+
+
+def davidson_steps(
+    start: torch.Tensor,
+    rank: int,
+    tol: float,
+    max_iterations: int,
+    generator: torch.Generator,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Generator[torch.Tensor, torch.Tensor, Eigenpairs]:
+    """Block Davidson for the `rank` smallest eigenpairs of a symmetric operator, as a generator that yields each
+    block [n, k] the operator must be applied to and is sent its image (`run_in_step` drives it, so that several
+    such solves can share their applications). Rayleigh-Ritz on a basis grown by the residuals of the current
+    Ritz vectors (the block Krylov space, without its breakdowns), restarted from the Ritz vectors when it reaches
+    6 blocks. Converged when the residual of the wanted pairs, relative to the size of the wanted end of the
+    spectrum (not ||M||, which a stiff variance term can make 1e6 times larger), is <= tol. `precondition` (K)
+    joins the expansion while the spectrum is stiff: it maps the huge eigenvalues of K^{-1} back to order one."""
     n, block = start.shape
     max_basis = min(6 * block, n)
     basis = orthonormal_complement(start, None, generator)
-    image = apply(basis)
+    image = yield basis
     residual = first = math.inf
     for iteration in range(1, max_iterations + 1):
         gram = basis.T @ image
@@ -63,8 +78,27 @@ def block_davidson(
         fresh = orthonormal_complement(expansion, basis, generator)[:, : n - basis.shape[1]]
         if fresh.shape[1] == 0:
             return Eigenpairs(vectors, values[:kept], residual, first, iteration, residual <= tol)
-        basis, image = torch.cat([basis, fresh], dim=1), torch.cat([image, apply(fresh)], dim=1)
+        fresh_image = yield fresh
+        basis, image = torch.cat([basis, fresh], dim=1), torch.cat([image, fresh_image], dim=1)
     return Eigenpairs(vectors, values[:kept], residual, first, max_iterations, False)
+
+
+def run_in_step(solves: Sequence[Generator[torch.Tensor, torch.Tensor, Eigenpairs]],
+                apply_all: Callable[[list[int], list[torch.Tensor]], list[torch.Tensor]]) -> list[Eigenpairs]:
+    """Drive solves such as `davidson_steps` in step: each round, the blocks that the unfinished ones ask for go to
+    one `apply_all(indices, blocks) -> images` call (`indices`: which of `solves` asked; e.g. one triangular solve
+    with a shared factor for all of them)."""
+    results: list[Eigenpairs | None] = [None] * len(solves)
+    pending = {index: next(solve) for index, solve in enumerate(solves)}
+    while pending:
+        images = apply_all(list(pending), list(pending.values()))
+        for (index, _), image in zip(list(pending.items()), images, strict=True):
+            try:
+                pending[index] = solves[index].send(image)
+            except StopIteration as done:
+                results[index] = done.value
+                del pending[index]
+    return results
 
 
 def orthonormal_complement(

@@ -13,8 +13,10 @@ import torch
 
 from .config import LoraDAConfig, LoraDAError
 from .eigensolvers import (
-    block_davidson,
+    Eigenpairs,
+    davidson_steps,
     filtered_subspace,
+    run_in_step,
     seeded_normal,
     smallest_eigenvectors,
     top_eigenvalues,
@@ -231,55 +233,100 @@ class ImplicitGuidance:
         """D0^T v for v [n, k] -> [m, k]."""
         return -((self.factor.solve(v).T @ self.g.T) * self.w).T
 
-    def _pull(self, v: torch.Tensor) -> torch.Tensor:
-        """G^T diag(w^2) G K^{-1} v for v [n, k] -> [n, k], so that D0 D0^T v = K^{-1} pull(v)."""
-        return (((self.factor.solve(v).T @ self.g.T) * self.w2) @ self.g).T
-
-    def guidance(self, v: torch.Tensor) -> torch.Tensor:
-        """(-alpha D0 D0^T + variance K^{-1}) v for v [n, k], as K^{-1} (variance v - alpha pull(v))."""
-        return self.factor.solve(self.variance * v - self.alpha * self._pull(v))
-
-    def bias(self, v: torch.Tensor) -> torch.Tensor:
-        """-D0 D0^T v for v [n, k]: its smallest eigenvalue is -sigma^2."""
-        return -self.factor.solve(self._pull(v))
+    def pull(self, solved: torch.Tensor) -> torch.Tensor:
+        """G^T diag(w^2) G s for s = K^{-1} v [n, k] -> [n, k], so that D0 D0^T v = K^{-1} pull(K^{-1} v)."""
+        return (((solved.T @ self.g.T) * self.w2) @ self.g).T
 
 
-def solve_implicit(
-    g: torch.Tensor, factor: InputFactor, inv_y: torch.Tensor, rank: int, config: LoraDAConfig, layer: str
-) -> Solved:
-    """The smallest eigenvectors of M by block Davidson on the implicit operator, then sigma from the same
-    operator without the variance term, started from the converged block."""
-    if not (bool(g.sum().isfinite()) and bool(inv_y.sum().isfinite())):  # NaN or inf survives a sum; no m x n mask
-        check_sigma(math.nan, layer)
-    if not bool(g.any()):
-        check_sigma(0.0, layer)
-    m, n = g.shape
-    variance = float(variance_term(inv_y, config))
-    operator = ImplicitGuidance(factor, g, inv_y, config.bias_weight, variance)
-    block = block_size(rank, n)
-    generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer))
-    omega = torch.randn(m, block, generator=generator, dtype=torch.float64).to(g.device)
-    # D0 omega spans roughly the top left singular vectors of D0: the answer when the bias term dominates
-    found = block_davidson(operator.guidance, operator.step(omega), rank, config.eigensolver_tol,
-                            LOBPCG_MAX_ITERATIONS, generator, factor.apply if variance else None)
-    if variance == 0 and config.bias_weight != 0 and found.first_residual <= SIGMA_TOL:
-        sigma_sq = -float(found.values[0]) / config.bias_weight  # M0 is -alpha D0 D0^T itself
-    else:
-        # A wide layer's triangular solves cost about the same for 9 or 16 columns (bound by reading L), and the
-        # wider start needs fewer of them (a 7B-shaped block's 7 layers on 2 CPU cores: 5.8 s -> 4.3 s for sigma).
-        width = rank + 1 if n < DENSE_MAX_SIZE else max(rank + 1, min(2 * rank, block))
-        top = block_davidson(operator.bias, found.vectors[:, :width], 1, SIGMA_TOL, LOBPCG_MAX_ITERATIONS, generator)
-        sigma_sq = -float(top.values[0])
+def guidance_together(operators: Sequence[ImplicitGuidance], blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """(-alpha D0 D0^T + variance K^{-1}) v of each operator's block v [n, k_i], as K^{-1} (variance v - alpha
+    pull(K^{-1} v)); the operators share one input factor, so each of its two solves is one call for all blocks
+    (a wide L is read once, not once per layer)."""
+    solved = _solved_together(operators[0].factor, blocks)
+    return _solved_together(operators[0].factor, [op.variance * v - op.alpha * op.pull(s)
+                                                  for op, v, s in zip(operators, blocks, solved, strict=True)])
+
+
+def bias_together(operators: Sequence[ImplicitGuidance], blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """-D0 D0^T v of each operator's block v (see `guidance_together`): its smallest eigenvalue is -sigma^2."""
+    solved = _solved_together(operators[0].factor, blocks)
+    return [-image for image in _solved_together(operators[0].factor, [op.pull(s) for op, s in
+                                                                       zip(operators, solved, strict=True)])]
+
+
+def _solved_together(factor: InputFactor, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """K^{-1} v of each block v [n, k_i], by one solve of their columns side by side."""
+    if len(blocks) == 1:
+        return [factor.solve(blocks[0])]
+    return list(factor.solve(torch.cat(list(blocks), dim=1)).split([v.shape[1] for v in blocks], dim=1))
+
+
+@dataclass
+class ImplicitLayer:
+    """What `solve_implicit` reads of one layer: G [m, n], 1 / (y + lam) [m], its rank and name."""
+
+    gradient: torch.Tensor
+    inv_y: torch.Tensor
+    rank: int
+    name: str
+
+
+def solve_implicit(layers: Sequence[ImplicitLayer], factor: InputFactor, config: LoraDAConfig) -> list[Solved]:
+    """Per layer (all reading the input whose factor is `factor`), the smallest eigenvectors of M by block
+    Davidson on the implicit operator, then sigma from the same operator without the variance term, started
+    from the converged block. The layers' iterations run in step, sharing each triangular solve with L."""
+    operators, starts, generators = [], [], []
+    for layer in layers:
+        g, inv_y = layer.gradient, layer.inv_y
+        if not (bool(g.sum().isfinite()) and bool(inv_y.sum().isfinite())):  # NaN or inf survives a sum
+            check_sigma(math.nan, layer.name)
+        if not bool(g.any()):
+            check_sigma(0.0, layer.name)
+        operators.append(ImplicitGuidance(factor, g, inv_y, config.bias_weight,
+                                          float(variance_term(inv_y, config))))
+        generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer.name))
+        omega = torch.randn(g.shape[0], block_size(layer.rank, g.shape[1]), generator=generator,
+                            dtype=torch.float64).to(g.device)
+        starts.append(operators[-1].step(omega))  # roughly the top left singular vectors of D0: the answer when
+        generators.append(generator)              # the bias term dominates
+    found = run_in_step([davidson_steps(start, layer.rank, config.eigensolver_tol, LOBPCG_MAX_ITERATIONS, generator,
+                                        factor.apply if op.variance else None)
+                         for layer, op, start, generator in zip(layers, operators, starts, generators, strict=True)],
+                        lambda indices, blocks: guidance_together([operators[i] for i in indices], blocks))
+    sigma_squares: list[float | None] = [None] * len(layers)
+    sigma_solves = {}
+    for index, (layer, op, answer) in enumerate(zip(layers, operators, found, strict=True)):
+        if op.variance == 0 and config.bias_weight != 0 and answer.first_residual <= SIGMA_TOL:
+            sigma_squares[index] = -float(answer.values[0]) / config.bias_weight  # M0 is -alpha D0 D0^T itself
+        else:
+            # A wide layer's triangular solves cost about the same for 9 or 16 columns (bound by reading L), and
+            # the wider start needs fewer of them.
+            n, block = layer.gradient.shape[1], block_size(layer.rank, layer.gradient.shape[1])
+            width = layer.rank + 1 if n < DENSE_MAX_SIZE else max(layer.rank + 1, min(2 * layer.rank, block))
+            sigma_solves[index] = davidson_steps(answer.vectors[:, :width], 1, SIGMA_TOL, LOBPCG_MAX_ITERATIONS,
+                                                 generators[index])
+    tops = run_in_step(list(sigma_solves.values()), lambda indices, blocks: bias_together(
+        [operators[list(sigma_solves)[i]] for i in indices], blocks))
+    for index, top in zip(sigma_solves, tops, strict=True):
+        sigma_squares[index] = -float(top.values[0])
+    return [_implicit_solved(layer, op, answer, sigma_sq, config)
+            for layer, op, answer, sigma_sq in zip(layers, operators, found, sigma_squares, strict=True)]
+
+
+def _implicit_solved(layer: ImplicitLayer, operator: ImplicitGuidance, found: Eigenpairs, sigma_sq: float,
+                     config: LoraDAConfig) -> Solved:
+    """The basis, its projection and the report of one layer solved by `solve_implicit`."""
     sigma = math.sqrt(max(sigma_sq, 0.0))
-    check_sigma(sigma, layer)
+    check_sigma(sigma, layer.name)
     scale = sigma if config.normalize else 1.0
     values = found.values / scale**2
+    rank = layer.rank
     basis = found.vectors[:, :rank]
 
     def project(u: torch.Tensor) -> torch.Tensor:
         return operator.step_t(u) / scale
 
-    ratio = subspace_ratio(basis, project(basis), factor.solve, variance / scale**2, config)
+    ratio = subspace_ratio(basis, project(basis), operator.factor.solve, operator.variance / scale**2, config)
     info = {
         "sigma": sigma,
         "eigenvalues": values[:rank].tolist(),
@@ -290,7 +337,7 @@ def solve_implicit(
         "variance_bias_ratio_on_subspace": None if ratio is None else float(ratio),
         "iterations": found.iterations,
         "converged": found.converged,
-        "block_size": block,
+        "block_size": block_size(rank, layer.gradient.shape[1]),
     }
     return Solved(basis=basis, project=project, info=info)
 

@@ -17,7 +17,16 @@ from .config import LoraDAConfig, check_ranks
 from .eigensolvers import fix_signs
 from .gram import PackedGram, packed_size
 from .input_factor import DENSE_MAX_SIZE, InputFactor, factor_input, factor_inputs, stacked
-from .layer_solvers import Solved, block_size, dense_eigenvectors, finish_dense, form_dense, layer_seed, solve_implicit
+from .layer_solvers import (
+    ImplicitLayer,
+    Solved,
+    block_size,
+    dense_eigenvectors,
+    finish_dense,
+    form_dense,
+    layer_seed,
+    solve_implicit,
+)
 
 # "auto" on a CPU solves layers with at least this many inputs iteratively, on an implicit operator: from about
 # this size that beats forming M and a dense eigh, and the gap grows like n^3 / n^2.
@@ -102,15 +111,19 @@ def _solve_layers(layers: list[_LayerInput], config: LoraDAConfig) -> list[Layer
     inverse_ys, medians, y_dampings = _output_weights([layer.output_factor for layer in layers], config)
     solved: list[Solved | None] = [None] * len(layers)
     seconds = [0.0] * len(layers)
+    by_factor: dict[int, list[int]] = {}  # layers solved iteratively, by the input factor they share
     for index, layer in enumerate(layers):
-        n = layer.gradient.shape[1]
-        if uses_lobpcg(n, block_size(layer.rank, n), layer.gradient.device, config):
-            start = time.perf_counter()
-            solved[index] = solve_implicit(layer.gradient.to(torch.float64), layer.factor, inverse_ys[index],
-                                           layer.rank, config, layer.name)
-            if not solved[index].info["converged"] and config.eigensolver == "auto" and n < DENSE_MAX_SIZE:
-                solved[index] = None  # the dense path below is exact and still affordable at this size
-            seconds[index] = time.perf_counter() - start
+        if _iterative(layer, config):
+            by_factor.setdefault(id(layer.factor), []).append(index)
+    for same in by_factor.values():
+        start = time.perf_counter()
+        answers = solve_implicit([ImplicitLayer(layers[i].gradient.to(torch.float64), inverse_ys[i], layers[i].rank,
+                                                layers[i].name) for i in same], layers[same[0]].factor, config)
+        for index, answer in zip(same, answers, strict=True):
+            n = layers[index].gradient.shape[1]
+            if answer.info["converged"] or config.eigensolver != "auto" or n >= DENSE_MAX_SIZE:
+                solved[index] = answer  # else the dense path below: exact and still affordable at this size
+            seconds[index] = (time.perf_counter() - start) / len(same)
     start = time.perf_counter()
     shapes: dict[tuple[int, int, int], list[int]] = {}
     for index, layer in enumerate(layers):
@@ -130,6 +143,12 @@ def _solve_layers(layers: list[_LayerInput], config: LoraDAConfig) -> list[Layer
     for index in dense:
         seconds[index] = share
     return [_solution(*row, config) for row in zip(layers, solved, medians, y_dampings, seconds, strict=True)]
+
+
+def _iterative(layer: _LayerInput, config: LoraDAConfig) -> bool:
+    """Whether `layer` is solved by block Davidson on the implicit operator (see `uses_lobpcg`)."""
+    n = layer.gradient.shape[1]
+    return uses_lobpcg(n, block_size(layer.rank, n), layer.gradient.device, config)
 
 
 def _output_weights(output_factors: list[torch.Tensor], config: LoraDAConfig
@@ -170,7 +189,8 @@ def solve_working_bytes(m: int, n: int, eigensolver: str = "auto") -> int:
     """Upper bound of the memory held while one [m, n] layer is solved: Z's mean (packed), the damped Z that
     becomes its Cholesky factor in place, and a float64 G; where M is formed (below DENSE_MAX_SIZE inputs, for
     any size under "eigh", below CHEBYSHEV_MAX_SIZE under "chebyshev") also the inverse, the step D and more
-    n x n matrices; under "chebyshev" a narrow layer is solved in a chunk of up to CHUNK_BYTES."""
+    n x n matrices; under "chebyshev" a narrow layer is solved in a chunk of up to CHUNK_BYTES. Layers that read
+    one input and are solved iteratively run in step: each of the others adds its float64 G to the first's bound."""
     implicit = {"auto": DENSE_MAX_SIZE, "lobpcg": DENSE_MAX_SIZE, "chebyshev": CHEBYSHEV_MAX_SIZE}
     if n >= implicit.get(eigensolver, math.inf):
         return 8 * (n * n + packed_size(n) + m * n)
@@ -226,9 +246,11 @@ def solve_all(
                 # the solve's dtype; the float32 mean is freed before its work
                 batch.append(_LayerInput(name, gradient.to(torch.float64), factor, output_factor, ranks[name]))
                 del gradient
-                if not together:
-                    solved.update(_solved_batch(batch, config))
-                    batch = []
+                # one layer at a time, but the iterative solves of layers sharing an input run in step (their
+                # triangular solves with L taken together)
+                if not together and not _iterative(batch[-1], config):
+                    solved.update(_solved_batch(batch[-1:], config))
+                    batch.pop()
         solved.update(_solved_batch(batch, config))
         return solved
 
