@@ -5,8 +5,8 @@ init is planned to add and a profile of its statistics pass; optionally the auth
 side by side (its `lora_da.py` given by path, never committed). From the measured per-block costs, a projection
 to 7B, 13B and 70B on 1 and 8 GPUs.
 
-    python benchmarks/scale_7b.py [--blocks 1] [--released PATH/lora_da.py]
-writes benchmarks/results/scale_7b/{results.json,report.md}.
+    python benchmarks/scale_7b.py [--blocks 1] [--released PATH/lora_da.py] [--device cuda]
+writes benchmarks/results/scale_7b/{results.json,report.md} (or --out DIR). On CUDA the block is in bfloat16.
 """
 
 from __future__ import annotations
@@ -90,17 +90,22 @@ def build(args):
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                          num_hidden_layers=args.blocks, vocab_size=512, max_position_embeddings=args.tokens)
-    model = LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval().to(args.device, dtype(args))
     ids = torch.randint(0, 512, (args.examples, args.tokens), generator=torch.Generator().manual_seed(0))
-    chunks = ids.split(args.batch_size)
+    chunks = ids.to(args.device).split(args.batch_size)
     batches = [{"input_ids": c, "attention_mask": torch.ones_like(c), "labels": c} for c in chunks]
     lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
     return model, batches, lora, get_peft_model
 
 
+def dtype(args) -> torch.dtype:
+    """The block's weights: bfloat16 on a GPU (as a 7B model is run there), float32 on a CPU."""
+    return torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+
+
 def run_part(args) -> dict:
     model, batches, lora, get_peft_model = build(args)
-    device = torch.device("cpu")
+    device = torch.device(args.device)
     floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
     part = args.part.split("#")[0]
     if part in ("floor", "floor-rows"):
@@ -130,7 +135,7 @@ def memory_account(floor: dict, ours: dict, args) -> list[str]:
     def working(group: list[tuple[int, int]]) -> int:  # the layers iterate in step, each with a float64 G
         return max(solve_working_bytes(m, n) - 8 * m * n for m, n in group) + sum(8 * m * n for m, n in group)
 
-    weight_gradients = sum(GRADIENT_DTYPE.itemsize * m * n for group in groups for m, n in group)
+    weight_gradients = sum(dtype(args).itemsize * m * n for group in groups for m, n in group)
     statistics = sum(map(held, groups))
     during = floor["grown_mib"] * mib - weight_gradients + statistics
     after = max(working(group) + sum(map(held, groups[index + 1:])) for index, group in enumerate(groups))
@@ -183,12 +188,13 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
 def report(args, results: dict) -> str:
     parts = results["parts"]
     floor, ours = parts["floor"], parts["lora-da"]
+    weights = str(dtype(args)).removeprefix("torch.")
     lines = [
         "# LoRA-DA on 7B-shaped blocks",
         "",
         f"`{' '.join(['python benchmarks/scale_7b.py', results['command']]).strip()}` on {results['machine']}: "
         f"{args.blocks} Llama "
-        f"block(s) of hidden 4096, intermediate 11008, 32 heads (random weights, vocabulary 512), all 7 "
+        f"block(s) of hidden 4096, intermediate 11008, 32 heads (random {weights} weights, vocabulary 512), all 7 "
         f"projections at rank {args.rank}; {args.examples} examples x {args.tokens} tokens in batches of "
         f"{args.batch_size}. Each row is a fresh process"
         + (f", the fastest of {len(parts['floor']['repeat_seconds'])} alternating runs for the floor and our init "
@@ -227,7 +233,7 @@ def report(args, results: dict) -> str:
             "",
             "From the per-block costs above: the statistics pass keeps its ratio to the floor; solve time scales "
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
-            "from this CPU. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
+            "from this device. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
             f"activations; one pass's statistics get {STATISTICS_SHARE:.0%} of the memory free when the pass starts, "
             f"and with the largest solve after it (chebyshev's, the default on CUDA) {SOLVE_SHARE:.0%} (the "
             "default automatic plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a "
@@ -248,6 +254,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="runs of the floor and of our init (fastest kept)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (the block in bfloat16)")
     add_common_arguments(parser)
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite report.md (and its projection) from the measurements in results.json")
@@ -260,15 +267,16 @@ def main() -> None:
         results = json.loads((args.out / "results.json").read_text())
         for key in ("blocks", "examples", "tokens", "batch_size", "rank"):
             setattr(args, key, results[key])
+        args.device = results.get("device", "cpu")
     else:
         parts = repeated(["floor", "floor-rows", "lora-da"], args.repeats) + ["profile"]
         parts += ["released"] if args.released else []
-        results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens,
+        results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "device": args.device,
                    "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),
-                   "machine": hardware(), "runs": run_parts(__file__, parts, sys.argv[1:])}
+                   "machine": hardware(args.device), "runs": run_parts(__file__, parts, sys.argv[1:])}
         results["parts"] = best_runs(results["runs"])
     text = report(args, results)
-    write_results(args.out, results, text)
+    write_results(args.out, results, text, args.device)
     print(text)
 
 
