@@ -238,20 +238,17 @@ class ImplicitGuidance:
         return (((solved.T @ self.g.T) * self.w2) @ self.g).T
 
 
-def guidance_together(operators: Sequence[ImplicitGuidance], blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def guidance_together(operators: Sequence[ImplicitGuidance], blocks: Sequence[torch.Tensor],
+                      bias_only: bool = False) -> list[torch.Tensor]:
     """(-alpha D0 D0^T + variance K^{-1}) v of each operator's block v [n, k_i], as K^{-1} (variance v - alpha
-    pull(K^{-1} v)); the operators share one input factor, so each of its two solves is one call for all blocks
-    (a wide L is read once, not once per layer)."""
-    solved = _solved_together(operators[0].factor, blocks)
-    return _solved_together(operators[0].factor, [op.variance * v - op.alpha * op.pull(s)
-                                                  for op, v, s in zip(operators, blocks, solved, strict=True)])
-
-
-def bias_together(operators: Sequence[ImplicitGuidance], blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """-D0 D0^T v of each operator's block v (see `guidance_together`): its smallest eigenvalue is -sigma^2."""
-    solved = _solved_together(operators[0].factor, blocks)
-    return [-image for image in _solved_together(operators[0].factor, [op.pull(s) for op, s in
-                                                                       zip(operators, solved, strict=True)])]
+    pull(K^{-1} v)), or with `bias_only` -D0 D0^T v (its smallest eigenvalue is -sigma^2). The operators share one
+    input factor, so each of the two solves is one call for all blocks: a wide L is read once, not per layer."""
+    factor = operators[0].factor
+    solved = _solved_together(factor, blocks)
+    pulled = [op.pull(s) if bias_only else op.variance * v - op.alpha * op.pull(s)
+              for op, v, s in zip(operators, blocks, solved, strict=True)]
+    images = _solved_together(factor, pulled)
+    return [-image for image in images] if bias_only else images
 
 
 def _solved_together(factor: InputFactor, blocks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -287,8 +284,9 @@ def solve_implicit(layers: Sequence[ImplicitLayer], factor: InputFactor, config:
         generator = torch.Generator(device="cpu").manual_seed(layer_seed(config.seed, layer.name))
         omega = torch.randn(g.shape[0], block_size(layer.rank, g.shape[1]), generator=generator,
                             dtype=torch.float64).to(g.device)
-        starts.append(operators[-1].step(omega))  # roughly the top left singular vectors of D0: the answer when
-        generators.append(generator)              # the bias term dominates
+        # D0 omega spans roughly the top left singular vectors of D0: the answer when the bias term dominates
+        starts.append(operators[-1].step(omega))
+        generators.append(generator)
     found = run_in_step([davidson_steps(start, layer.rank, config.eigensolver_tol, LOBPCG_MAX_ITERATIONS, generator,
                                         factor.apply if op.variance else None)
                          for layer, op, start, generator in zip(layers, operators, starts, generators, strict=True)],
@@ -305,8 +303,9 @@ def solve_implicit(layers: Sequence[ImplicitLayer], factor: InputFactor, config:
             width = layer.rank + 1 if n < DENSE_MAX_SIZE else max(layer.rank + 1, min(2 * layer.rank, block))
             sigma_solves[index] = davidson_steps(answer.vectors[:, :width], 1, SIGMA_TOL, LOBPCG_MAX_ITERATIONS,
                                                  generators[index])
-    tops = run_in_step(list(sigma_solves.values()), lambda indices, blocks: bias_together(
-        [operators[list(sigma_solves)[i]] for i in indices], blocks))
+    sigma_layers = list(sigma_solves)
+    tops = run_in_step(list(sigma_solves.values()), lambda indices, blocks: guidance_together(
+        [operators[sigma_layers[i]] for i in indices], blocks, bias_only=True))
     for index, top in zip(sigma_solves, tops, strict=True):
         sigma_squares[index] = -float(top.values[0])
     return [_implicit_solved(layer, op, answer, sigma_sq, config)
