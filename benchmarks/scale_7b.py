@@ -38,7 +38,14 @@ from _harness import (
 
 from lora_da.gram import packed_size
 from lora_da.hooks import FOLD_TOKENS
-from lora_da.schedule import SOLVE_SHARE, STATISTICS_SHARE, pass_budget, pass_extra_bytes
+from lora_da.schedule import (
+    SOLVE_SHARE,
+    STATISTICS_SHARE,
+    PassPlan,
+    pass_budget,
+    pass_extra_bytes,
+    plan_inputs_apart,
+)
 from lora_da.solver import solve_working_bytes
 from lora_da.statistics import (
     GRADIENT_DTYPE,
@@ -51,6 +58,7 @@ from lora_da.statistics import (
 POPULATION = 100_000
 GPU_BYTES = 80 * 2**30
 ACTIVATION_BYTES = 8 * 2**30  # a generous allowance for one calibration batch's forward+backward
+FORWARD_SHARE = 1 / 3  # a forward's share of a forward+backward (the backward does twice its products)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,15 @@ class Shape:
 
     def block_parameters(self) -> int:
         return sum(m * n for m, n in self.layers())
+
+    def block_gradient_bytes(self) -> int:
+        """G and y of one block."""
+        return sum(statistics_bytes(m, n) - statistics_bytes(0, n) for m, n in self.layers())
+
+    def block_input_bytes(self) -> int:
+        """Z's float64 totals of one block: q/k/v share one, gate/up another."""
+        inputs = [self.hidden, self.hidden, self.hidden, self.intermediate]  # qkv, o, gate/up, down
+        return sum(INPUT_DTYPE.itemsize * packed_size(n) for n in inputs)
 
     def block_statistics_bytes(self) -> int:
         """Accumulators of one block as gathered: q/k/v share one Z, gate/up another."""
@@ -180,8 +197,17 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
             during, after = pass_extra_bytes(solve, largest, gpus if sharded else 1)
             pass_bytes = min(blocks_per_pass, shape.blocks) * held
             peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
-            relative = passes * statistics_ratio + solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
-            rows.append(f"{label} {peak / 2**30:.0f} GiB | {passes} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
+            solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
+            relative = passes * statistics_ratio + solving
+            shown = str(passes)
+            if gpus == 1 and passes > 1:  # one process: G and y of all layers in one pass, then Z in a forward
+                plan = PassPlan([], [], solve, free + ACTIVATION_BYTES, "automatic")
+                gradients = shape.block_gradient_bytes() * shape.blocks
+                inputs = shape.block_input_bytes() * shape.blocks
+                if plan_inputs_apart(plan, {"all": gradients}, {"all": inputs}).inputs_apart:
+                    peak = weights + max(gradients + ACTIVATION_BYTES, gradients + inputs + solve)
+                    relative, shown = statistics_ratio + FORWARD_SHARE + solving, "1 + a forward"
+            rows.append(f"{label} {peak / 2**30:.0f} GiB | {shown} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
     return rows
 
 
@@ -238,7 +264,10 @@ def report(args, results: dict) -> str:
             f"and with the largest solve after it (chebyshev's, the default on CUDA) {SOLVE_SHARE:.0%} (the "
             "default automatic plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a "
             "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
-            "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection).",
+            "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection). One GPU "
+            "whose statistics would take several passes gathers G and y of every layer in one forward+backward and "
+            "their Z in a forward without gradients where that fits (`1 + a forward`, the forward counted as a "
+            "third of a forward+backward).",
             "",
             "| model | GPUs (80 GiB) | statistics | peak per GPU | passes | statistics per GPU | init / one fwd+bwd |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",

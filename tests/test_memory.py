@@ -6,7 +6,7 @@ import pytest
 import torch
 from _tiny import batches, examples, lora_state, tiny_llama, wrap
 
-from lora_da import LoraDAConfig, LoraDAError, initialize_lora_da, schedule
+from lora_da import LoraDAConfig, LoraDAError, adapter, initialize_lora_da, schedule
 from lora_da.collect import estimate_statistics_bytes
 from lora_da.layers import layer_shape
 from lora_da.schedule import plan_passes
@@ -100,6 +100,43 @@ def test_pass_budget_keeps_the_solve_out_of_the_pass(monkeypatch):
         passes[solve] = len(plan.passes)
     assert passes[3000] == 3  # 5 layers a pass
     assert passes[6000] == 6  # a 6000-byte solve leaves 2500 bytes: 2 layers a pass
+
+
+def test_inputs_apart_when_gradients_fit_one_pass_but_not_with_z():
+    """Several passes for want of memory, though every layer's G and y fit beside the activations and all the
+    statistics after them: one forward+backward for G and y, then one forward (no activations kept) for Z."""
+    sizes, inputs = {"a": 200, "b": 200, "c": 200}, {"a": 500, "b": 500, "c": 500}  # G and y, and Z
+    # 1600 bytes free: G and y fit half of it, but all 2100 bytes and a 100-byte solve do not fit 85%
+    base = schedule.PassPlan([["a"], ["b"], ["c"]], [700] * 3, 100, 1600, "automatic")
+    assert schedule.plan_inputs_apart(base, sizes, inputs) is base
+    roomy = schedule.PassPlan([["a", "b"], ["c"]], [1400, 700], 100, 2600, "automatic")
+    apart = schedule.plan_inputs_apart(roomy, sizes, inputs)
+    assert apart.inputs_apart and apart.data_passes == 2 and apart.passes == [["a", "b", "c"]]
+    assert apart.pass_bytes == [2100] and "then their Z in a forward without gradients" in apart.describe()
+    big_gradients = {"a": 500, "b": 500, "c": 500}  # G and y: 1500 > half of 2600
+    assert schedule.plan_inputs_apart(roomy, big_gradients, inputs) is roomy
+    chosen = schedule.PassPlan([["a"], ["b", "c"]], [700, 1400], 100, None, "memory_budget")
+    assert schedule.plan_inputs_apart(chosen, sizes, inputs) is chosen  # a budget the caller set is kept
+
+
+def test_inputs_apart_gives_the_factors_of_one_pass(monkeypatch, all_at_once, caplog):
+    """With a faked free memory where the layers' statistics need several passes but their G and y fit one."""
+    monkeypatch.setattr(adapter, "solve_working_bytes", lambda *shape: 1000)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: 300_000)
+    model = wrap(tiny_llama())
+    with caplog.at_level(logging.INFO, logger="lora_da"):
+        report = initialize_lora_da(model, batches(examples(6), 3), CFG)
+    assert report.passes == 2
+    assert any("then their Z in a forward without gradients" in r.message for r in caplog.records)
+    # The second pass adds each batch's products of Z straight into float64 (no float32 chunks): Z agrees to
+    # float32 rounding, which moves the factors of the GQA o_proj, whose Z is rank-deficient, by up to 1e-3 (as in
+    # test_statistics.TestPrecision) and the other layers' by 1e-6 to 2e-5.
+    one_pass = all_at_once[0]
+    for key, value in lora_state(model).items():
+        error = float((value - one_pass[key]).norm() / one_pass[key].norm())
+        assert error < (1e-2 if "o_proj" in key else 1e-4), key
+    with pytest.raises(LoraDAError, match="one-shot iterator"):
+        initialize_lora_da(wrap(tiny_llama()), iter(batches(examples(6), 3)), CFG)
 
 
 def test_free_memory_is_read_from_the_machine():

@@ -6,6 +6,7 @@ from _tiny import batches, examples, tiny_llama
 from torch import nn
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, gram, hooks, solve_all
+from lora_da.collect import collect_in_two_passes
 
 TARGETS = [
     "model.layers.0.self_attn.q_proj",
@@ -113,6 +114,43 @@ class TestCollectStatistics:
         g_ref, z_ref, y_ref, _ = reference_statistics(model, items, names)
         torch.testing.assert_close(stats.input_factor("lm_head").double(), z_ref["lm_head"], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats.gradient("lm_head").double(), g_ref["lm_head"], rtol=1e-4, atol=1e-7)
+
+    @pytest.mark.parametrize("token_mask", ["attention", "labels"])
+    def test_two_passes_give_the_one_pass_statistics(self, token_mask):
+        """G and y from a forward+backward, then Z from a forward without gradients: G and y bit for bit, Z to
+        float32 rounding (each batch's product goes straight into the float64 total, not through a float32
+        chunk), with q/k/v (one input) sharing one Z."""
+        model, items = tiny_llama(), examples(7)
+        items[3]["labels"][:] = -100
+        cfg = LoraDAConfig(variance_weight=0.0, token_mask=token_mask, show_progress=False)
+        names = [*TARGETS, "model.layers.0.self_attn.v_proj"]
+        once = collect_statistics(model, batches(items, 3), names, cfg)
+        twice = collect_in_two_passes(model, batches(items, 3), names, cfg)
+        assert twice.input_groups == once.input_groups and twice.num_examples == once.num_examples == 6
+        assert twice.input_token_counts == once.input_token_counts
+        assert twice.output_token_counts == once.output_token_counts
+        for sums in ("gradient_sums", "output_sq_sums"):
+            first, second = getattr(once, sums), getattr(twice, sums)
+            assert first.keys() == second.keys()
+            assert all(torch.equal(first[key], second[key]) for key in first), sums
+        assert once.input_sums.keys() == twice.input_sums.keys()
+        for key, total in once.input_sums.items():
+            torch.testing.assert_close(twice.input_sums[key], total, rtol=1e-6, atol=1e-6 * float(total.abs().max()))
+        assert twice.metadata["data_hash"] == once.metadata["data_hash"]
+
+    def test_two_passes_need_the_same_examples_twice(self):
+        model, items = tiny_llama(), examples(4)
+
+        class Changing:  # once both batches have been read, iterations give fewer examples
+            seen = 0
+
+            def __iter__(self):
+                for batch in batches(items if self.seen < 2 else items[:3], 2):
+                    self.seen += 1
+                    yield batch
+
+        with pytest.raises(LoraDAError, match="same examples"):
+            collect_in_two_passes(model, Changing(), TARGETS, CFG)
 
     def test_batch_size_invariance(self):
         model, items = tiny_llama(), examples(7)

@@ -20,7 +20,13 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .allocation import RankAllocation
 from .cache import check_statistics
-from .collect import EXPERTS_NOT_SHARDED, PerExampleLoss, collect_statistics, discover_input_groups
+from .collect import (
+    EXPERTS_NOT_SHARDED,
+    PerExampleLoss,
+    collect_in_two_passes,
+    collect_statistics,
+    discover_input_groups,
+)
 from .config import LoraDAConfig, LoraDAError, check_ranks
 from .distributed import (
     all_gather_objects,
@@ -31,6 +37,7 @@ from .distributed import (
     on_every_rank,
     shard_batches,
 )
+from .gram import packed_size
 from .layers import (
     ParameterTarget,
     canonical_layer_name,
@@ -51,9 +58,9 @@ from .ranks import (
     largest_ranks,
     resize_lora_layers,
 )
-from .schedule import plan_memory, solve_layers
+from .schedule import plan_inputs_apart, plan_memory, solve_layers
 from .solver import solve_working_bytes, truncate_solution
-from .statistics import LoraDAStatistics, statistics_bytes
+from .statistics import INPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")
 
@@ -433,6 +440,10 @@ def _gather_and_solve(
                  for unit, members in units.items()}
         solve_sizes = {unit: max(solve_sizes[name] for name in members) for unit, members in units.items()}
         plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget)
+        if get_world_size() == 1 and not any(isinstance(layer, ParameterTarget) for layer in layers.values()):
+            gradients = {unit: size - statistics_bytes(0, shapes[unit][1]) for unit, size in sizes.items()}
+            plan = plan_inputs_apart(plan, gradients, {unit: INPUT_DTYPE.itemsize * packed_size(shapes[unit][1])
+                                                       for unit in units})
     world_size = get_world_size()
     if world_size > 1 and shard_statistics is not False:
         if shard:  # sharded here, so that each rank can see whether it has a batch
@@ -446,7 +457,7 @@ def _gather_and_solve(
     shard_statistics = bool(shard_statistics) and world_size > 1
     report.statistics_sharded = shard_statistics
     passes = [[name for unit in group for name in units[unit]] for group in plan.passes]
-    report.passes = len(passes)
+    report.passes = plan.data_passes
     report.statistics_bytes_estimate = max(plan.pass_bytes)
     if is_main_process():
         _announce(plan.describe(), config)
@@ -458,9 +469,9 @@ def _gather_and_solve(
                 "its own.",
                 stacklevel=3,
             )
-    if len(passes) > 1 and iter(batches) is batches:
+    if plan.data_passes > 1 and iter(batches) is batches:
         raise LoraDAError(
-            f"{len(passes)} passes over the data are planned ({plan.rule}: {plan.describe()}), but `batches` is a "
+            f"{plan.data_passes} passes over the data are planned ({plan.rule}: {plan.describe()}), but `batches` is a "
             "one-shot iterator: pass a list or a DataLoader, or a larger `memory_budget`."
         )
     solutions = {}
@@ -471,8 +482,11 @@ def _gather_and_solve(
         again = number > 1 and get_world_size() == 1
         pass_batches = _iterate_again(batches, number, len(passes)) if again else batches
         with model.disable_adapter():  # statistics of the base model, whatever the adapters hold now
-            stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard,
-                                       shard_statistics=shard_statistics)
+            if plan.inputs_apart:
+                stats = collect_in_two_passes(model, pass_batches, group, config, loss_fn=loss_fn)
+            else:
+                stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard,
+                                           shard_statistics=shard_statistics)
         report.statistics_seconds += time.perf_counter() - start
         report.statistics_bytes = max(report.statistics_bytes, stats.nbytes())
         report.num_examples, report.num_tokens = stats.num_examples, stats.num_tokens

@@ -38,7 +38,7 @@ from .distributed import (
 )
 from .gram import packed_size
 from .hooks import Collector, unrouted_metadata
-from .layers import is_expert, layer_shape, model_device, resolve_layers, unwrap_model
+from .layers import ParameterTarget, is_expert, layer_shape, model_device, resolve_layers, unwrap_model
 from .model_tasks import ModelTask, output_head, output_head_rows
 from .statistics import GRADIENT_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
@@ -103,6 +103,50 @@ def collect_statistics(
         stats = collector.result()
     stats.metadata.update(
         {"token_mask": config.token_mask, "output_scaling": config.output_scaling, "data_hash": collector.data_hash()}
+    )
+    stats.check_valid()
+    return stats
+
+
+def collect_in_two_passes(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    target_modules: Sequence[str],
+    config: LoraDAConfig,
+    *,
+    loss_fn: PerExampleLoss | None = None,
+) -> LoraDAStatistics:
+    """The statistics of `collect_statistics`, equal to them, from two passes that hold less at once: a
+    forward+backward that gathers `G` and `y`, then a forward without gradients that gathers `Z` beside them
+    (it keeps no activations for a backward). One process, layers of `nn.Linear` kind (no `target_parameters`);
+    `batches` must give the same examples twice."""
+    if is_distributed():
+        raise LoraDAError("Statistics in two passes (G and y, then Z) run in one process only.")
+    model = unwrap_model(model)
+    config = local_config(config)
+    modules = resolve_layers(model, target_modules)
+    if any(isinstance(target, ParameterTarget) for target in modules.values()):
+        raise LoraDAError("Statistics in two passes (G and y, then Z) are for linear layers, not for weights adapted "
+                          "through `target_parameters`.")
+    gradients = Collector(modules, config, gather="gradients")
+    _run_pass(model, batches, gradients, config, loss_fn)
+    if gradients.num_examples == 0:
+        raise LoraDAError(_NO_EXAMPLE)
+    stats = gradients.result()
+    inputs = Collector(modules, config, gather="inputs")
+    inputs.input_groups = stats.input_groups
+    task, device = ModelTask.of(model), model_device(model)
+    with _statistics_mode(model), inputs.attached(model), torch.no_grad():
+        for batch in tqdm(batches, desc="LoRA-DA statistics (Z)", unit="batch", disable=not config.show_progress):
+            _forward(model, task, batch, device, inputs, config, loss_fn, hash_it=True)
+    if inputs.data_hash() != gradients.data_hash():
+        raise LoraDAError("The second pass over `batches` saw other examples than the first: `batches` must give the "
+                          "same examples each time it is iterated (a list or a DataLoader; shuffling is fine).")
+    inputs.fold_all()
+    stats.input_sums = {group: inputs.input_sums[group] for group in dict.fromkeys(stats.input_groups.values())}
+    stats.input_token_counts = {group: inputs.input_token_counts[group] for group in stats.input_sums}
+    stats.metadata.update(
+        {"token_mask": config.token_mask, "output_scaling": config.output_scaling, "data_hash": gradients.data_hash()}
     )
     stats.check_valid()
     return stats

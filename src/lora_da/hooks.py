@@ -35,12 +35,19 @@ class Collector:
     first forward); each backward reduces the batch's contribution of a layer to its owner as soon as the layer's
     gradient arrives, so a rank holds its own layers' sums and one layer's contribution at a time. The ranks
     must then run their backward passes in step (see `collect._run_sharded_pass`).
+
+    `gather`: "all" (G and y from each backward, Z with them), "gradients" (G and y only) or "inputs" (Z only,
+    from forwards without gradients, for the input groups set in `input_groups` beforehand, each batch's product
+    added straight into the float64 total): two passes that hold fewer bytes at once (see
+    `collect.collect_in_two_passes`).
     """
 
-    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig, sharded: bool = False):
+    def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig, sharded: bool = False,
+                 gather: str = "all"):
         self.modules = modules
         self.config = config
         self.sharded = sharded
+        self.gather = gather
         self.owners: dict[str, int] = {}
         self.reached: set[str] = set()  # layers whose gradient arrived (sharded: the sums may be elsewhere)
         self.joining_only = False  # sharded: this rank has no example in this step, it only joins the reductions
@@ -157,6 +164,10 @@ class Collector:
             x = args[0]
             if self.input_groups is None:
                 self._input_keys[name] = (parent, x.data_ptr(), tuple(x.shape), x.dtype)
+            if self.gather == "inputs":
+                if self.input_groups is not None and self.input_groups[name] == name:
+                    self._accumulate_input(name, x.detach(), self._masks.get(tuple(x.shape[:-1])))
+                return
             if not torch.is_grad_enabled():
                 return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute counts
             if not output.requires_grad:
@@ -236,9 +247,18 @@ class Collector:
             self.reached.add(name)
             reduce_sum_to(gradient_sums[name], owner)
             reduce_sum_to(self.output_sq_sums[name] if here else square_sum, owner)
-        group = self.input_groups[name]
-        if group != name:
-            return
+        if self.input_groups[name] == name and self.gather == "all":
+            self._add_input(name, xs, owner, here)
+
+    def _accumulate_input(self, name: str, x: torch.Tensor, masks: tuple | None) -> None:
+        """Add the rows of input `x` that the token mask keeps to `Z` of the group that `name` leads."""
+        xs = x.reshape(-1, x.shape[-1])
+        if not multiplies_half_into_float32(xs.device.type, xs.dtype):
+            xs = xs.float()
+        self._add_input(name, xs if masks is None else _rows(xs, masks[1]), self.rank, True)
+
+    def _add_input(self, group: str, xs: torch.Tensor, owner: int, here: bool) -> None:
+        """`Z` of `group` += xs^T xs for its selected rows `xs` [tokens, n] (sharded: reduced to its owner)."""
         self.input_token_counts[group] = self.input_token_counts.get(group, 0) + xs.shape[0]
         if self.sharded:  # the step's chunk (all ranks' tokens) is folded at once
             chunks = self._input_chunks if here else {}
@@ -246,8 +266,9 @@ class Collector:
             reduce_sum_to(chunks[group], owner)
             if here:
                 self._fold(group)
-        elif not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS:
-            self._add_to_total(group, xs)  # a chunk would be folded at once: no float32 chunk needed
+        elif self.gather == "inputs" or (not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS):
+            # a chunk would be folded at once, or this pass keeps no float32 chunk (its memory was planned without)
+            self._add_to_total(group, xs)
         else:
             _add_gram(self._input_chunks, group, xs, INPUT_CHUNK_DTYPE, overwrite=not self._chunk_tokens.get(group, 0))
             self._chunk_tokens[group] = self._chunk_tokens.get(group, 0) + xs.shape[0]
@@ -300,8 +321,8 @@ class Collector:
             output_sq_sums={name: self.output_sq_sums[name] for name in names},
             output_token_counts={name: self.output_token_counts[name] for name in names},
             input_groups={name: self.input_groups[name] for name in names},
-            input_sums={group: self.input_sums[group] for group in leaders},
-            input_token_counts={group: self.input_token_counts[group] for group in leaders},
+            input_sums={group: self.input_sums[group] for group in leaders if self.gather == "all"},
+            input_token_counts={group: self.input_token_counts[group] for group in leaders if self.gather == "all"},
             num_examples=self.num_examples,
             metadata=unrouted_metadata(unrouted),
         )

@@ -63,15 +63,31 @@ class PassPlan:
     pass_bytes: list[int]  # upper bound of each pass's statistics
     solve_bytes: int  # working set of the largest layer's solve
     free_bytes: int | None  # memory free on the device when planned (automatic plan only)
-    rule: str  # "one pass", "memory_budget", "layers_per_pass" or "automatic"
+    rule: str  # "one pass", "memory_budget", "layers_per_pass", "automatic" or "inputs apart"
     shards: int = 1  # ranks that the statistics are sharded over (each holds about 1/shards of a pass)
+
+    @property
+    def inputs_apart(self) -> bool:
+        """Whether every layer's G and y come from one forward+backward and their Z from a forward of its own."""
+        return self.rule == "inputs apart"
+
+    @property
+    def data_passes(self) -> int:
+        """Passes over the calibration data."""
+        return len(self.passes) + self.inputs_apart
 
     def describe(self) -> str:
         """One line for the log: passes, bytes per pass, and what the plan was based on."""
         mib = 2**20
-        text = (f"LoRA-DA plan: {len(self.passes)} pass(es) over the data ({len(self.passes) - 1} extra) for "
-                f"{sum(map(len, self.passes))} layers, statistics <= {max(self.pass_bytes) / mib:.0f} MiB per pass "
-                f"+ {self.solve_bytes / mib:.0f} MiB to solve a layer ({self.rule}")
+        if self.inputs_apart:
+            text = (f"LoRA-DA plan: G and y of {sum(map(len, self.passes))} layers in one forward+backward, then "
+                    f"their Z in a forward without gradients (2 passes over the data), statistics <= "
+                    f"{max(self.pass_bytes) / mib:.0f} MiB + {self.solve_bytes / mib:.0f} MiB to solve a layer (all "
+                    "layers' statistics did not fit beside one pass's activations")
+        else:
+            text = (f"LoRA-DA plan: {len(self.passes)} pass(es) over the data ({len(self.passes) - 1} extra) for "
+                    f"{sum(map(len, self.passes))} layers, statistics <= {max(self.pass_bytes) / mib:.0f} MiB per "
+                    f"pass + {self.solve_bytes / mib:.0f} MiB to solve a layer ({self.rule}")
         if self.shards > 1:
             text += f"; per rank, statistics sharded over {self.shards} ranks"
         if self.free_bytes is not None:
@@ -127,6 +143,20 @@ def plan_memory(
     passes = plan_passes(sizes, layers_per_pass, memory_budget)
     pass_bytes = [sum(sizes[name] for name in group) for group in passes]
     return PassPlan(passes, pass_bytes, solve_bytes, free, rule, shards)
+
+
+def plan_inputs_apart(plan: PassPlan, gradient_sizes: Mapping[str, int], input_sizes: Mapping[str, int]) -> PassPlan:
+    """`plan`, or where it takes several passes for want of memory (the automatic rule), one forward+backward for
+    every layer's G and y and a forward without gradients for their Z (`collect.collect_in_two_passes`), when
+    that fits: G and y beside the activations within STATISTICS_SHARE of the free memory, and then Z too with the
+    largest solve (the second pass keeps no activations for a backward) within SOLVE_SHARE. Per unit of the plan:
+    `gradient_sizes` the bytes of G and y, `input_sizes` those of Z's float64 total."""
+    if plan.rule != "automatic" or plan.free_bytes is None or plan.shards > 1:
+        return plan
+    gradients, total = sum(gradient_sizes.values()), sum(gradient_sizes.values()) + sum(input_sizes.values())
+    if gradients > STATISTICS_SHARE * plan.free_bytes or total + plan.solve_bytes > SOLVE_SHARE * plan.free_bytes:
+        return plan
+    return PassPlan([list(gradient_sizes)], [total], plan.solve_bytes, plan.free_bytes, "inputs apart")
 
 
 def pass_budget(free: int, solve_bytes: int, largest_statistics: int = 0, shards: int = 1) -> int:
