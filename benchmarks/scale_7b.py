@@ -36,6 +36,7 @@ from _harness import (
     write_results,
 )
 
+from lora_da import LoraDAConfig, schedule
 from lora_da.gram import packed_size
 from lora_da.hooks import FOLD_TOKENS
 from lora_da.schedule import (
@@ -132,7 +133,20 @@ def run_part(args) -> dict:
     peft_model = get_peft_model(model, lora)
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
+    if part == "lora-da-apart":  # the plan for statistics that fit beside the activations only without Z
+        free = apart_free_bytes(args)
+        schedule.free_memory_bytes = lambda device: free
+        return {**measured(device, lambda: ours_init(peft_model, batches, POPULATION)), "free_bytes": free}
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
+
+
+def apart_free_bytes(args) -> int:
+    """Free memory under which the init's plan gathers G and y in one forward+backward and Z in a forward (one
+    pass would not fit): all statistics and the largest solve just within the plan's SOLVE_SHARE."""
+    eigensolver = LoraDAConfig(population_size=POPULATION).eigensolver_on(torch.device(args.device).type)
+    solve = max(solve_working_bytes(m, n, eigensolver) for m, n in MEASURED.layers())
+    statistics = (MEASURED.block_gradient_bytes() + MEASURED.block_input_bytes()) * args.blocks
+    return int((statistics + solve) / SOLVE_SHARE) + 1
 
 
 def memory_account(floor: dict, ours: dict, args) -> list[str]:
@@ -234,6 +248,10 @@ def report(args, results: dict) -> str:
     if "floor-rows" in parts:
         rows.append(("floor, only supervised positions projected (as our statistics pass)", parts["floor-rows"]))
     rows.append(("LoRA-DA init (ours), total", ours))
+    if "lora-da-apart" in parts:
+        apart = parts["lora-da-apart"]
+        rows.append((f"LoRA-DA init, G and y in a forward+backward, then Z in a forward ({apart.get('passes')} passes; "
+                     f"the plan under {apart.get('free_bytes', 0) / 2**30:.1f} GiB free)", apart))
     if "released" in parts:
         rows.append(("released implementation, total", parts["released"]))
     for label, row in rows:
@@ -298,7 +316,7 @@ def main() -> None:
             setattr(args, key, results[key])
         args.device = results.get("device", "cpu")
     else:
-        parts = repeated(["floor", "floor-rows", "lora-da"], args.repeats) + ["profile"]
+        parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-apart"], args.repeats) + ["profile"]
         parts += ["released"] if args.released else []
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "device": args.device,
                    "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),

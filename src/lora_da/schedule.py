@@ -80,8 +80,8 @@ class PassPlan:
         """One line for the log: passes, bytes per pass, and what the plan was based on."""
         mib = 2**20
         if self.inputs_apart:
-            text = (f"LoRA-DA plan: G and y of {sum(map(len, self.passes))} layers in one forward+backward, then "
-                    f"their Z in a forward without gradients (2 passes over the data), statistics <= "
+            text = ("LoRA-DA plan: G and y of every layer in one forward+backward, then their Z in a forward "
+                    f"without gradients (2 passes over the data), statistics <= "
                     f"{max(self.pass_bytes) / mib:.0f} MiB + {self.solve_bytes / mib:.0f} MiB to solve a layer (all "
                     "layers' statistics did not fit beside one pass's activations")
         else:
