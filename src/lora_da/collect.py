@@ -116,11 +116,12 @@ def collect_in_two_passes(
     *,
     loss_fn: PerExampleLoss | None = None,
 ) -> LoraDAStatistics:
-    """The statistics of `collect_statistics`, equal to them, from two passes that hold less at once: a
-    forward+backward that gathers `G` and `y`, then a forward without gradients that gathers `Z` beside them
-    (it keeps no activations for a backward). One process, layers of `nn.Linear` kind (no `target_parameters`);
-    `batches` must give the same examples twice."""
-    if is_distributed():
+    """The statistics of `collect_statistics` from two passes that hold less at once: a forward+backward that
+    gathers `G` and `y` (the same sums), then a forward without gradients that gathers `Z` beside them (it keeps
+    no activations for a backward; each batch's products go straight into the float64 totals, so `Z` agrees to
+    float32 rounding). One process, layers of `nn.Linear` kind (no `target_parameters`); `batches` must give the
+    same examples twice."""
+    if get_world_size() > 1:
         raise LoraDAError("Statistics in two passes (G and y, then Z) run in one process only.")
     model = unwrap_model(model)
     config = local_config(config)
