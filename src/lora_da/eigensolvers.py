@@ -24,21 +24,6 @@ class Eigenpairs:
     converged: bool
 
 
-def block_davidson(
-    apply: Callable[[torch.Tensor], torch.Tensor],
-    start: torch.Tensor,
-    rank: int,
-    tol: float,
-    max_iterations: int,
-    generator: torch.Generator,
-    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> Eigenpairs:
-    """The `rank` smallest eigenpairs of the symmetric operator `apply` ([n, k] -> [n, k]) by block Davidson (see
-    `davidson_steps`)."""
-    return run_in_step([davidson_steps(start, rank, tol, max_iterations, generator, precondition)],
-                       lambda _, blocks: [apply(block) for block in blocks])[0]
-
-
 def davidson_steps(
     start: torch.Tensor,
     rank: int,
@@ -226,7 +211,7 @@ def filtered_subspace(
     damps its spectrum from the block's largest Ritz value up to a Lanczos bound and grows the end below it.
     Every step is a batched product or a batch of k x k problems, so a GPU runs a batch of same-shaped layers in
     the kernel launches of one layer (a dense `eigh` runs the matrices in turn). A matrix stops once its residual
-    (relative as in `block_davidson`) is within `tol`; the ones still above it after `max_cycles` are returned
+    (relative as in `davidson_steps`) is within `tol`; the ones still above it after `max_cycles` are returned
     with `converged` False. `seeds` (one per matrix) start the Lanczos bounds, so that a matrix's answer does not
     depend on the batch it is in."""
     count, n, k = starts.shape
