@@ -328,7 +328,8 @@ def step_rows(cells: str, label: str, row: dict, floor: dict) -> list[str]:
     ratio = row["seconds"] / floor["seconds"] if "seconds" in floor else float("nan")
     rows = [f"| {cells}{label} | {row['seconds']:.1f} | {ratio:.2f} | {row['grown_mib']:.0f} |"]
     if "statistics_seconds" in row:
-        rows.append(f"| {cells}- statistics ({row['passes']} pass) | {row['statistics_seconds']:.1f} | "
+        passes = f"{row['passes']} pass" + ("es" if row["passes"] != 1 else "")
+        rows.append(f"| {cells}- statistics ({passes}) | {row['statistics_seconds']:.1f} | "
                     f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
         rows.append(f"| {cells}- solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}) | "
                     f"{row['solve_seconds']:.1f} | {row['solve_seconds'] / floor['seconds']:.2f} | |")
