@@ -84,16 +84,17 @@ class Shape:
         """G and y of one block."""
         return sum(statistics_bytes(m, n) - statistics_bytes(0, n) for m, n in self.layers())
 
+    def input_widths(self) -> list[int]:
+        """Width of each distinct input of one block: q/k/v share one, o, gate/up share one, down."""
+        return [self.hidden, self.hidden, self.hidden, self.intermediate]
+
     def block_input_bytes(self) -> int:
-        """Z's float64 totals of one block: q/k/v share one, gate/up another."""
-        inputs = [self.hidden, self.hidden, self.hidden, self.intermediate]  # qkv, o, gate/up, down
-        return sum(INPUT_DTYPE.itemsize * packed_size(n) for n in inputs)
+        """Z's float64 totals of one block."""
+        return sum(INPUT_DTYPE.itemsize * packed_size(n) for n in self.input_widths())
 
     def block_statistics_bytes(self) -> int:
-        """Accumulators of one block as gathered: q/k/v share one Z, gate/up another."""
-        g_and_y = sum(statistics_bytes(m, n) - statistics_bytes(0, n) for m, n in self.layers())
-        inputs = [self.hidden, self.hidden, self.hidden, self.intermediate]  # qkv, o, gate/up, down
-        return g_and_y + sum(statistics_bytes(0, n) for n in inputs)
+        """Accumulators of one block as gathered (Z with its float32 chunk)."""
+        return self.block_gradient_bytes() + sum(statistics_bytes(0, n) for n in self.input_widths())
 
 
 MEASURED = Shape("7B-shaped block", 1, 4096, 11008, 4096)

@@ -90,8 +90,7 @@ def collect_statistics(
         collector = Collector(modules, config, sharded=True)
         _run_sharded_pass(model, batches, collector, config, loss_fn)
         stats = _sharded_result(collector, model_device(model))
-        stats.metadata.update({"token_mask": config.token_mask, "output_scaling": config.output_scaling,
-                               "data_hash": collector.data_hash()})
+        _record_settings(stats, config, collector)
         return stats
     collector = Collector(modules, config)
     on_every_rank(lambda: _run_pass(model, batches, collector, config, loss_fn))
@@ -101,9 +100,7 @@ def collect_statistics(
         if collector.num_examples == 0:
             raise LoraDAError(_NO_EXAMPLE)
         stats = collector.result()
-    stats.metadata.update(
-        {"token_mask": config.token_mask, "output_scaling": config.output_scaling, "data_hash": collector.data_hash()}
-    )
+    _record_settings(stats, config, collector)
     stats.check_valid()
     return stats
 
@@ -146,11 +143,15 @@ def collect_in_two_passes(
     inputs.fold_all()
     stats.input_sums = {group: inputs.input_sums[group] for group in dict.fromkeys(stats.input_groups.values())}
     stats.input_token_counts = {group: inputs.input_token_counts[group] for group in stats.input_sums}
-    stats.metadata.update(
-        {"token_mask": config.token_mask, "output_scaling": config.output_scaling, "data_hash": gradients.data_hash()}
-    )
+    _record_settings(stats, config, gradients)
     stats.check_valid()
     return stats
+
+
+def _record_settings(stats: LoraDAStatistics, config: LoraDAConfig, collector: Collector) -> None:
+    """The statistics' record of the token mask, the output scaling and the calibration data's hash."""
+    stats.metadata.update({"token_mask": config.token_mask, "output_scaling": config.output_scaling,
+                           "data_hash": collector.data_hash()})
 
 
 def discover_input_groups(
