@@ -14,7 +14,8 @@ regimes) or `short` (the 25-step budget).
 `run --device cpu --workers 1` runs the same grid on a CPU (13-15 minutes per arith run on 2 cores). Two 1-thread
 workers train 1.38x faster in total; on stdlib-code each run then takes 20-28 minutes and peaks at 9-12 GB of RSS,
 so two of them fit in 24 GB.
-`--lrs` / `--seeds` run part of each shard now (e.g. a one-lr screen); a later run without them adds the rest.
+`--lrs` / `--seeds` / `--ranks` run part of each shard now (e.g. a one-lr screen); a later run without them adds
+the rest.
 `--regime lora_fa|lora_plus` trains every shard that way, in folders of their own (`<variant>-r8-lora_fa`);
 `merge` reports each regime apart (`arith-lora-fa`, ...); other regimes run the variants of
 REGIME_METHODS. `--budget short` runs SHORT_METHODS at 25 steps (`<variant>-r8-short`).
@@ -216,8 +217,8 @@ def prepare_model(model: str, folder: Path) -> str:
 
 
 def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: float, smoke: bool,
-           subset: dict, statistics_cache: str) -> None:
-    """Take shards from the queue until it is empty or the deadline has passed."""
+           subset: dict, ranks: list[int] | None, statistics_cache: str) -> None:
+    """Take shards from the queue until it is empty or the deadline has passed; `ranks` narrows each shard's."""
     import torch
 
     from lora_da.bench import run_bench
@@ -231,8 +232,8 @@ def worker(model_dir: str, device: str, threads: int, out: str, todo, deadline: 
         except queue.Empty:
             return
         start = time.time()
-        config = bench_config(shard.task, [shard.variant], list(shard.ranks), smoke, shard.regime, shard.budget,
-                              **subset)
+        chosen = [rank for rank in shard.ranks if not ranks or rank in ranks]
+        config = bench_config(shard.task, [shard.variant], chosen, smoke, shard.regime, shard.budget, **subset)
         records = run_bench(Path(out) / shard.folder, config, base_model=model, tokenizer=tokenizer,
                             show_progress=False, plots=False, statistics_cache=statistics_cache)
         label_shard(Path(out), Path(out) / shard.folder)
@@ -258,13 +259,13 @@ def run(args: argparse.Namespace) -> None:
     context = mp.get_context("spawn")
     todo = context.Queue()
     for shard in jobs(args.regime, args.budget):
-        if selects(args.only, shard.folder):
+        if selects(args.only, shard.folder) and (not args.ranks or set(args.ranks) & set(shard.ranks)):
             todo.put(shard)
     # daemon workers, and SIGTERM as a normal exit: stopping this process also stops its workers
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     procs = [context.Process(target=worker, daemon=True,
                              args=(model_dir, args.device, args.threads, str(out), todo, deadline, args.smoke, subset,
-                                   str(Path(args.statistics_cache).expanduser())))
+                                   args.ranks, str(Path(args.statistics_cache).expanduser())))
              for _ in range(args.workers)]
     for proc in procs:
         proc.start()
@@ -407,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     go.add_argument("--lrs", type=float, nargs="*", help="run only these of the grid's learning rates for now "
                     "(e.g. a screen at one lr; seeds beyond the sweep seed then run at the best of these)")
     go.add_argument("--seeds", type=int, nargs="*", help="run only these of the grid's seeds for now")
+    go.add_argument("--ranks", type=int, nargs="*", help="run only these of each shard's ranks for now")
     go.add_argument("--regime", default="standard",
                     help="how adapters are trained, one of lora_da.train.REGIMES (standard, lora_fa, lora_plus); "
                     "other regimes than standard get shard folders of their own")
