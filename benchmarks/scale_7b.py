@@ -98,8 +98,25 @@ class Shape:
 
 
 MEASURED = Shape("7B-shaped block", 1, 4096, 11008, 4096)
-PROJECTED = [Shape("Llama-2-7B", 32, 4096, 11008, 4096), Shape("Llama-2-13B", 40, 5120, 13824, 5120),
-             Shape("Llama-2-70B", 80, 8192, 28672, 1024)]
+LLAMA_7B, LLAMA_13B = Shape("Llama-2-7B", 32, 4096, 11008, 4096), Shape("Llama-2-13B", 40, 5120, 13824, 5120)
+LLAMA_70B = Shape("Llama-2-70B", 80, 8192, 28672, 1024)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A projected machine: GPUs of `gpu_gib` each, the weights at `weight_bits` a parameter, statistics sharded
+    over the GPUs or all-reduced."""
+
+    shape: Shape
+    gpus: int
+    sharded: bool = False
+    gpu_gib: int = 80
+    weight_bits: float = 16  # bf16; bitsandbytes NF4 with double quantization: about 4.13
+
+
+PROJECTED = [Setup(shape, gpus, sharded) for shape in (LLAMA_7B, LLAMA_13B, LLAMA_70B)
+             for gpus, sharded in ((1, False), (8, False), (8, True))]
+PROJECTED.insert(1, Setup(LLAMA_7B, 1, gpu_gib=24, weight_bits=4.13))
 
 
 def build(args):
@@ -182,47 +199,55 @@ def memory_account(floor: dict, ours: dict, args) -> list[str]:
     ]
 
 
+def passes_cost(passes: int, blocks_per_pass: int, blocks: int) -> float:
+    """Forward+backward passes over the data, in floors, where pass k gathers blocks from k * blocks_per_pass on:
+    each runs the whole forward, but its backward stops at its earliest layer."""
+    return sum(FORWARD_SHARE + (1 - FORWARD_SHARE) * (1 - k * blocks_per_pass / blocks) for k in range(passes))
+
+
 def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int) -> list[str]:
     """Rows of the projected table: memory per GPU, passes and init time in units of one forward+backward."""
     statistics_ratio = statistics_seconds / floor_seconds  # per pass, size-independent to first order
     solve_cost = sum(n**3 + n * n * m for m, n in MEASURED.layers()) * blocks
     rows = []
-    for shape in PROJECTED:
+    for setup in PROJECTED:
+        shape, gpus, sharded = setup.shape, setup.gpus, setup.sharded
         per_block = shape.block_statistics_bytes()
         largest = max(statistics_bytes(m, n) for m, n in shape.layers())
         solve = max(solve_working_bytes(m, n, "chebyshev") for m, n in shape.layers())  # the default on CUDA
-        weights = 2 * shape.block_parameters() * shape.blocks  # bf16
+        weights = setup.weight_bits / 8 * shape.block_parameters() * shape.blocks
         # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
         scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
         scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
-        for gpus, sharded in ((1, False), (8, False), (8, True)):
-            held = per_block / gpus if sharded else per_block  # as planned by schedule.plan_memory
-            free = GPU_BYTES - weights / gpus - ACTIVATION_BYTES
-            # the plan sees the memory free when the pass starts, the activations' too
-            budget = pass_budget(free + ACTIVATION_BYTES, solve, largest, gpus if sharded else 1)
-            blocks_per_pass = int(budget // held) if budget > 0 else 0
-            label = f"| {shape.name} | {gpus} | {'sharded' if sharded else 'all-reduced' if gpus > 1 else '-'} |"
-            if free <= 0:
-                rows.append(f"{label} {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
-                continue
-            if blocks_per_pass < 1:
-                rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
-                continue
-            passes = -(-shape.blocks // blocks_per_pass)
-            during, after = pass_extra_bytes(solve, largest, gpus if sharded else 1)
-            pass_bytes = min(blocks_per_pass, shape.blocks) * held
-            peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
-            solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
-            relative = passes * statistics_ratio + solving
-            shown = str(passes)
-            if gpus == 1 and passes > 1:  # one process: G and y of all layers in one pass, then Z in a forward
-                plan = PassPlan([], [], solve, free + ACTIVATION_BYTES, "automatic")
-                gradients = shape.block_gradient_bytes() * shape.blocks
-                inputs = shape.block_input_bytes() * shape.blocks
-                if plan_inputs_apart(plan, {"all": gradients}, {"all": inputs}).inputs_apart:
-                    peak = weights + max(gradients + ACTIVATION_BYTES, gradients + inputs + solve)
-                    relative, shown = statistics_ratio + FORWARD_SHARE + solving, "1 + a forward"
-            rows.append(f"{label} {peak / 2**30:.0f} GiB | {shown} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
+        held = per_block / gpus if sharded else per_block  # as planned by schedule.plan_memory
+        free = setup.gpu_gib * 2**30 - weights / gpus - ACTIVATION_BYTES
+        # the plan sees the memory free when the pass starts, the activations' too
+        budget = pass_budget(free + ACTIVATION_BYTES, solve, largest, gpus if sharded else 1)
+        blocks_per_pass = int(budget // held) if budget > 0 else 0
+        model = shape.name if setup.weight_bits == 16 else f"{shape.name}, 4-bit NF4"
+        statistics = "sharded" if sharded else "all-reduced" if gpus > 1 else "-"
+        label = f"| {model} | {gpus} x {setup.gpu_gib} GiB | {statistics} |"
+        if free <= 0:
+            rows.append(f"{label} {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
+            continue
+        if blocks_per_pass < 1:
+            rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
+            continue
+        passes = -(-shape.blocks // blocks_per_pass)
+        during, after = pass_extra_bytes(solve, largest, gpus if sharded else 1)
+        pass_bytes = min(blocks_per_pass, shape.blocks) * held
+        peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
+        solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
+        relative = passes_cost(passes, blocks_per_pass, shape.blocks) + statistics_ratio - 1 + solving
+        shown = str(passes)
+        if not sharded and passes > 1:  # G and y of all layers in one pass, then Z in a forward
+            plan = PassPlan([], [], solve, free + ACTIVATION_BYTES, "automatic")
+            gradients = shape.block_gradient_bytes() * shape.blocks
+            inputs = shape.block_input_bytes() * shape.blocks
+            if plan_inputs_apart(plan, {"all": gradients}, {"all": inputs}).inputs_apart:
+                peak = weights / gpus + max(gradients + ACTIVATION_BYTES, gradients + inputs + solve)
+                relative, shown = statistics_ratio + FORWARD_SHARE + solving, "1 + a forward"
+        rows.append(f"{label} {peak / 2**30:.0f} GiB | {shown} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
     return rows
 
 
@@ -276,19 +301,22 @@ def report(args, results: dict) -> str:
             "",
             "## Projection (not a measurement)",
             "",
-            "From the per-block costs above: the statistics pass keeps its ratio to the floor; solve time scales "
+            "From the per-block costs above: the statistics pass's work beyond a forward+backward keeps its ratio "
+            "to the floor, whatever the passes; a pass that gathers the blocks from k on runs the whole forward and "
+            "the backward down to block k; solve time scales "
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
-            "from this device. bf16 weights (FSDP-sharded over the GPUs), an 8 GiB allowance for one batch's "
+            "from this device. bf16 weights (FSDP-sharded over the GPUs; the 4-bit row: bitsandbytes NF4 with double "
+            "quantization, its computation counted as bf16's), an 8 GiB allowance for one batch's "
             f"activations; one pass's statistics get {STATISTICS_SHARE:.0%} of the memory free when the pass starts, "
             f"and with the largest solve after it (chebyshev's, the default on CUDA) {SOLVE_SHARE:.0%} (the "
             "default automatic plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a "
             "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
-            "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection). One GPU "
-            "whose statistics would take several passes gathers G and y of every layer in one forward+backward and "
-            "their Z in a forward without gradients where that fits (`1 + a forward`, the forward counted as a "
-            "third of a forward+backward).",
+            "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection). "
+            "Statistics not sharded that would take several passes are gathered as G and y of every layer in one "
+            "forward+backward and their Z in a forward without gradients where that fits (`1 + a forward`, the "
+            "forward counted as a third of a forward+backward).",
             "",
-            "| model | GPUs (80 GiB) | statistics | peak per GPU | passes | statistics per GPU | init / one fwd+bwd |",
+            "| model | GPUs | statistics | peak per GPU | passes | statistics per GPU | init / one fwd+bwd |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
             *projection(floor["seconds"], ours["statistics_seconds"], ours["solve_seconds"], args.blocks),
         ]

@@ -162,11 +162,12 @@ class TestDtypes:
             assert stats.output_factor(name).dtype in wide
 
 
-def test_gradient_checkpointing_on():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_on(reentrant):
     reference = wrap(build("llama"))
     initialize_lora_da(reference, calibration("llama"), CFG)
     base = build("llama")
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model = wrap(base).train()
     initialize_lora_da(model, calibration("llama"), CFG)
 

@@ -32,6 +32,12 @@ def sharded_data() -> list[dict]:
     return [*data[:3], unlabeled, data[3]]
 
 
+def apart_data() -> list[dict]:
+    """3 batches, then one with no supervised token."""
+    data = batches(examples(5), 2)
+    return [*data, dict(data[0], labels=torch.full_like(data[0]["labels"], -100))]
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """One rank: every scenario in a row (one process group start-up for all of them)."""
     import torch.distributed as dist
@@ -120,6 +126,19 @@ def _worker(rank: int, port: int, out: str) -> None:
         model = wrap(tiny_llama())
         report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True)
         results["auto_sharded"], results["auto_report"] = lora_state(model), report.to_dict()
+        # Statistics all-reduced under the same free memory, with a small solve: G and y of every layer in one
+        # forward+backward, then Z in a forward; asked for, and where rank 1's one batch has no supervised token.
+        import lora_da.adapter
+
+        solve_bytes, lora_da.adapter.solve_working_bytes = lora_da.adapter.solve_working_bytes, lambda *shape: 1000
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, shard_statistics=False)
+        results["apart"], results["apart_report"] = lora_state(model), report.to_dict()
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, apart_data()[:3] if rank == 0 else apart_data()[3:], CFG,
+                                    shard_statistics=False)
+        results["apart_unsupervised"], results["apart_unsupervised_report"] = lora_state(model), report.to_dict()
+        lora_da.adapter.solve_working_bytes = solve_bytes
         # Asked for, with no batch on rank 1: one clear error on both ranks.
         try:
             initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2) if rank == 0 else [], CFG,
@@ -260,6 +279,25 @@ class TestShardedStatistics:
         model = wrap(tiny_llama())
         initialize_lora_da(model, batches(examples(8), 2), CFG)
         assert_factors_match([r["auto_sharded"] for r in results], lora_state(model))
+
+    def test_statistics_all_reduced_with_inputs_apart(self, ranks, monkeypatch):
+        results, _ = ranks
+        import lora_da.adapter
+        import lora_da.schedule
+
+        every_layer_at_once = initialize_lora_da(wrap(tiny_llama()), batches(examples(8), 2), CFG).statistics_bytes
+        monkeypatch.setattr(lora_da.adapter, "solve_working_bytes", lambda *shape: 1000)
+        monkeypatch.setattr(lora_da.schedule, "free_memory_bytes", lambda device: FAKE_FREE_BYTES)
+        for key, data in (("apart", batches(examples(8), 2)), ("apart_unsupervised", apart_data())):
+            reports = [r[f"{key}_report"] for r in results]
+            # 2 passes over the data, each rank holding the statistics of every layer: G and y first, then Z
+            assert all(r["passes"] == 2 and not r["statistics_sharded"] for r in reports), key
+            assert all(r["statistics_bytes"] == every_layer_at_once for r in reports)
+            model = wrap(tiny_llama())
+            report = initialize_lora_da(model, data, CFG)
+            assert report.passes == 2  # the same plan in one process
+            assert reports[0]["data_hash"] == report.data_hash
+            assert_factors_match([r[key] for r in results], lora_state(model))
 
     def test_a_rank_without_batch_is_refused_on_every_rank(self, ranks):
         results, _ = ranks

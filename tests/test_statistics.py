@@ -165,6 +165,21 @@ class TestCollectStatistics:
         assert twice.num_examples == 2 * once.num_examples
         assert_same_statistics(once, twice)
 
+    def test_backward_stops_at_the_earliest_target_layer(self):
+        """A pass over the second block's layers builds no graph through the first block (so it keeps none of its
+        activations and runs no backward there) and gathers what a pass over every layer gathers for them."""
+        model, data, deep = tiny_llama(), batches(examples(4), 2), TARGETS[3:]
+        needs_gradient = []
+
+        def record(_module, _args, out):
+            needs_gradient.append((out[0] if isinstance(out, tuple) else out).requires_grad)
+
+        first_block = model.model.layers[0].register_forward_hook(record)
+        stats = collect_statistics(model, data, deep, CFG)
+        first_block.remove()
+        assert needs_gradient and not any(needs_gradient)
+        assert_same_statistics(stats, collect_statistics(model, data, TARGETS, CFG).select({n: n for n in deep}))
+
     def test_shared_inputs_share_one_input_factor(self):
         stats = collect_statistics(tiny_llama(), batches(examples(3), 3), TARGETS, CFG)
         assert stats.input_group(TARGETS[1]) == TARGETS[0]  # k_proj reads q_proj's input

@@ -440,10 +440,6 @@ def _gather_and_solve(
                  for unit, members in units.items()}
         solve_sizes = {unit: max(solve_sizes[name] for name in members) for unit, members in units.items()}
         plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget)
-        if get_world_size() == 1 and not any(isinstance(layer, ParameterTarget) for layer in layers.values()):
-            gradients = {unit: size - statistics_bytes(0, shapes[unit][1]) for unit, size in sizes.items()}
-            plan = plan_inputs_apart(plan, gradients, {unit: INPUT_DTYPE.itemsize * packed_size(shapes[unit][1])
-                                                       for unit in units})
     world_size = get_world_size()
     if world_size > 1 and shard_statistics is not False:
         if shard:  # sharded here, so that each rank can see whether it has a batch
@@ -455,6 +451,10 @@ def _gather_and_solve(
             plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass,
                                memory_budget=memory_budget, shards=world_size)
     shard_statistics = bool(shard_statistics) and world_size > 1
+    if groups and not shard_statistics and not any(isinstance(layer, ParameterTarget) for layer in layers.values()):
+        gradients = {unit: size - statistics_bytes(0, shapes[unit][1]) for unit, size in sizes.items()}
+        plan = plan_inputs_apart(plan, gradients, {unit: INPUT_DTYPE.itemsize * packed_size(shapes[unit][1])
+                                                   for unit in units})
     report.statistics_sharded = shard_statistics
     passes = [[name for unit in group for name in units[unit]] for group in plan.passes]
     report.passes = plan.data_passes
@@ -483,7 +483,7 @@ def _gather_and_solve(
         pass_batches = _iterate_again(batches, number, len(passes)) if again else batches
         with model.disable_adapter():  # statistics of the base model, whatever the adapters hold now
             if plan.inputs_apart:
-                stats = collect_in_two_passes(model, pass_batches, group, config, loss_fn=loss_fn)
+                stats = collect_in_two_passes(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard)
             else:
                 stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard,
                                            shard_statistics=shard_statistics)

@@ -112,40 +112,61 @@ def collect_in_two_passes(
     config: LoraDAConfig,
     *,
     loss_fn: PerExampleLoss | None = None,
+    shard: bool = False,
 ) -> LoraDAStatistics:
     """The statistics of `collect_statistics` from two passes that hold less at once: a forward+backward that
     gathers `G` and `y` (the same sums), then a forward without gradients that gathers `Z` beside them (it keeps
     no activations for a backward; each batch's products go straight into the float64 totals, so `Z` agrees to
-    float32 rounding). One process, layers of `nn.Linear` kind (no `target_parameters`); `batches` must give the
-    same examples twice."""
-    if get_world_size() > 1:
-        raise LoraDAError("Statistics in two passes (G and y, then Z) run in one process only.")
+    float32 rounding). Layers of `nn.Linear` kind (no `target_parameters`); `batches` must give the same examples
+    twice. Under `torch.distributed` each pass's sums are all-reduced after it, as in `collect_statistics`
+    (`shard` as there)."""
     model = unwrap_model(model)
+    distributed = is_distributed()
+    if shard and distributed:
+        batches = shard_batches(batches)
     config = local_config(config)
     modules = resolve_layers(model, target_modules)
     if any(isinstance(target, ParameterTarget) for target in modules.values()):
         raise LoraDAError("Statistics in two passes (G and y, then Z) are for linear layers, not for weights adapted "
                           "through `target_parameters`.")
+    device = model_device(model)
     gradients = Collector(modules, config, gather="gradients")
-    _run_pass(model, batches, gradients, config, loss_fn)
-    if gradients.num_examples == 0:
-        raise LoraDAError(_NO_EXAMPLE)
-    stats = gradients.result()
+    on_every_rank(lambda: _run_pass(model, batches, gradients, config, loss_fn))
+    if distributed:
+        stats = _all_reduce(gradients, device)
+    else:
+        if gradients.num_examples == 0:
+            raise LoraDAError(_NO_EXAMPLE)
+        stats = gradients.result()
     inputs = Collector(modules, config, gather="inputs")
     inputs.input_groups = stats.input_groups
-    task, device = ModelTask.of(model), model_device(model)
-    with _statistics_mode(model), inputs.attached(model), torch.no_grad():
-        for batch in tqdm(batches, desc="LoRA-DA statistics (Z)", unit="batch", disable=not config.show_progress):
-            _forward(model, task, batch, device, inputs, config, loss_fn, hash_it=True)
+    on_every_rank(lambda: _run_forward_pass(model, batches, inputs, config, loss_fn))
+    widths = {stats.input_groups[name]: gradient.shape[1] for name, gradient in stats.gradient_sums.items()}
+    if distributed:
+        _all_reduce_inputs(inputs, widths, device)
+    inputs.fold_all()
     if inputs.data_hash() != gradients.data_hash():
         raise LoraDAError("The second pass over `batches` saw other examples than the first: `batches` must give the "
                           "same examples each time it is iterated (a list or a DataLoader; shuffling is fine).")
-    inputs.fold_all()
-    stats.input_sums = {group: inputs.input_sums[group] for group in dict.fromkeys(stats.input_groups.values())}
-    stats.input_token_counts = {group: inputs.input_token_counts[group] for group in stats.input_sums}
+    stats.input_sums = {group: inputs.input_sums[group] for group in widths}
+    stats.input_token_counts = {group: inputs.input_token_counts[group] for group in widths}
     _record_settings(stats, config, gradients)
     stats.check_valid()
     return stats
+
+
+def _run_forward_pass(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    collector: Collector,
+    config: LoraDAConfig,
+    loss_fn: PerExampleLoss | None,
+) -> None:
+    """One forward over `batches` without gradients, with the collector's hooks attached (it gathers `Z`)."""
+    task, device = ModelTask.of(model), model_device(model)
+    with _statistics_mode(model), collector.attached(model), torch.no_grad():
+        for batch in tqdm(batches, desc="LoRA-DA statistics (Z)", unit="batch", disable=not config.show_progress):
+            _forward(model, task, batch, device, collector, config, loss_fn, hash_it=True)
 
 
 def _record_settings(stats: LoraDAStatistics, config: LoraDAConfig, collector: Collector) -> None:
@@ -394,6 +415,8 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
     collector.fold_all()
     gradient_sums = {name: local(collector.gradient_sums, name, shapes[name], GRADIENT_DTYPE) for name in names}
     output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1], OUTPUT_DTYPE) for name in names}
+    if collector.gather == "gradients":  # Z comes from a pass of its own (collect_in_two_passes)
+        leaders = []
     input_sums = {g: local(collector.input_sums, g, [packed_size(shapes[g][1])], INPUT_DTYPE) for g in leaders}
     comm = communication_device(device)
     all_reduce_sum(list(gradient_sums.values()), comm)
@@ -414,6 +437,20 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
         num_examples=hash_counts[0],
         metadata=unrouted_metadata(unrouted),
     )
+
+
+def _all_reduce_inputs(collector: Collector, widths: Mapping[str, int], device: torch.device) -> None:
+    """Sum every rank's totals of `Z` (inputs of width `widths[group]`), their token counts and the data hash in
+    place; a rank with no batch adds zeros."""
+    collector.fold_all()
+    for group, width in widths.items():
+        collector.input_sums.setdefault(group, torch.zeros(packed_size(width), dtype=INPUT_DTYPE, device=device))
+    comm = communication_device(device)
+    all_reduce_sum([collector.input_sums[group] for group in widths], comm)
+    counts = all_reduce_counts([collector.input_token_counts.get(group, 0) for group in widths]
+                               + list(collector.data_hash_sums), comm)
+    collector.input_token_counts = dict(zip(widths, counts[: len(widths)], strict=True))
+    collector.data_hash_sums = counts[len(widths) :]
 
 
 def estimate_statistics_bytes(model: nn.Module, target_modules: Sequence[str]) -> dict[str, int]:
@@ -437,9 +474,12 @@ def _statistics_mode(model: nn.Module):
         model.eval()
         for parameter, _ in flags:
             parameter.requires_grad_(False)
+        # Each target layer's output is where gradients start to be needed (hooks.Collector makes it require one),
+        # so the backward stops at the pass's earliest target layer; but a block under reentrant checkpointing runs
+        # its backward only when its input requires a gradient, so there gradients flow from the embeddings on.
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        if isinstance(embeddings, nn.Module):
-            # Gradients must flow from the first block on, also through checkpointed blocks.
+        if isinstance(embeddings, nn.Module) and any(getattr(m, "gradient_checkpointing", False) is True
+                                                     for m in model.modules()):
             embeddings_hook = embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
         with torch.enable_grad():
             yield
