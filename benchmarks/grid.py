@@ -67,9 +67,12 @@ ABLATIONS = [
 ]
 MORE_METHODS = ["olora", "gaussian", "corda"]
 #: Data-aware ranks at the trainable parameters of ranks 8 and 32: LoRA-DA's own allocation, the gradient
-#: sensitivity allocation (GoRA-style) with LoRA-DA's factors and with PEFT's default init; in standard training
-#: also PEFT's AdaLoRA, which re-allocates during training (an SVD-form adapter, not a LoRA for LoRA+).
-RANK_ALLOCATION = ["lora_da@rank_allocation=lora_da", "lora_da@rank_allocation=gradient", "lora_gradient_ranks"]
+#: sensitivity allocation (GoRA-style) with LoRA-DA's factors and with PEFT's default init, and LoRA-DA's own
+#: allocation with every weight at rank 4 or more (half the rank-8 budget spread uniformly: its unbounded ranks
+#: pile up in the first blocks); in standard training also PEFT's AdaLoRA, which re-allocates during training (an
+#: SVD-form adapter, not a LoRA for LoRA+).
+RANK_ALLOCATION = ["lora_da@rank_allocation=lora_da", "lora_da@rank_allocation=gradient", "lora_gradient_ranks",
+                   "lora_da@rank_allocation=lora_da,min_rank=4"]
 ALLOCATION_RANKS = (8, 32)
 #: Where a data-aware start may pay off: the variants compared in another regime, or at the short budget.
 #: With A frozen, LoRA-DA's Fisher-preconditioned row space sees little of the inputs (benchmarks/results/
