@@ -180,6 +180,16 @@ class TestCollectStatistics:
         assert needs_gradient and not any(needs_gradient)
         assert_same_statistics(stats, collect_statistics(model, data, TARGETS, CFG).select({n: n for n in deep}))
 
+    def test_earliest_target_layer_output_may_change_in_place(self):
+        """The graph starts at the pass's earliest layer; the model may still change that layer's output in place
+        (the MLP's output is down_proj's)."""
+        model, data, last = tiny_llama(), batches(examples(4), 2), TARGETS[-1:]
+        expected = collect_statistics(model, data, last, CFG)
+        in_place = model.model.layers[1].mlp.register_forward_hook(lambda _module, _args, out: out.mul_(1.0))
+        stats = collect_statistics(model, data, last, CFG)
+        in_place.remove()
+        assert_same_statistics(stats, expected)
+
     def test_shared_inputs_share_one_input_factor(self):
         stats = collect_statistics(tiny_llama(), batches(examples(3), 3), TARGETS, CFG)
         assert stats.input_group(TARGETS[1]) == TARGETS[0]  # k_proj reads q_proj's input

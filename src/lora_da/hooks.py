@@ -170,11 +170,16 @@ class Collector:
                 return
             if not torch.is_grad_enabled():
                 return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute counts
-            if not output.requires_grad:
-                output.requires_grad_(True)  # a leaf here: the layer's inputs and weight need no grad
             x = x.detach()
+            handed_on = None
+            if not output.requires_grad:
+                # Nothing before this layer needs a gradient, so the graph starts here with a leaf; the model gets a
+                # copy of it, since it may change the layer's output in place (e.g. `out += residual`).
+                output = output.detach().requires_grad_(True)
+                handed_on = output.clone()
             # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
             output.register_hook(lambda grad: self._accumulate(name, x, grad, self._masks.get(tuple(x.shape[:-1]))))
+            return handed_on
 
         return hook
 
