@@ -2,9 +2,10 @@
 `torch.utils.flop_counter` (matrix products of the forward and the backward; the count does not depend on the
 machine). Each pass runs the backward only down to its earliest target layer; for comparison, the same passes
 with gradients flowing from the embeddings on (what a backward through every block costs), and the floor (one
-forward+backward forming every target weight's gradient). SmolLM2-135M, all linear layers of the 30 blocks:
+forward+backward forming every target weight's gradient). SmolLM2-135M, all linear layers of the 30 blocks.
+`--repeats N` also times each pass both ways, alternating, the fastest of N (on a quiet machine):
 
-    python benchmarks/diagnostics/pass_flops.py [--passes 3]
+    python benchmarks/diagnostics/pass_flops.py [--passes 3] [--repeats 0]
     # writes benchmarks/results/pass_flops/{results.json,report.md}
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,11 +34,22 @@ def counted(work) -> int:
     return counter.get_total_flops()
 
 
+def fastest(work, repeats: int) -> float | None:
+    """The fastest of `repeats` timed runs of `work()` in seconds (None for no run)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times, default=None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passes", type=int, default=3, help="groups of consecutive blocks, one pass each")
     parser.add_argument("--examples", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=0, help="also time each pass both ways, fastest of N")
     parser.add_argument("--out", type=Path, default=results_dir("pass_flops"))
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
@@ -59,15 +72,30 @@ def main() -> None:
         model.requires_grad_(False)
         model.zero_grad(set_to_none=True)
 
+    def from_embeddings(work):
+        def run():
+            hook = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+            try:
+                return work()
+            finally:
+                hook.remove()
+        return run
+
     rows = []
     for number, group in enumerate(groups):
-        down_to_layer = counted(lambda group=group: collect_statistics(model, batches, group, config))
-        hook = model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
-        from_embeddings = counted(lambda group=group: collect_statistics(model, batches, group, config))
-        hook.remove()
-        rows.append({"blocks": [number * size, min((number + 1) * size, len(blocks)) - 1], "layers": len(group),
-                     "backward_to_earliest_layer": down_to_layer, "backward_from_embeddings": from_embeddings})
-    results = {"floor": counted(floor), "examples": args.examples, "tokens": args.tokens, "passes": rows}
+        def gather(group=group):
+            collect_statistics(model, batches, group, config)
+
+        row = {"blocks": [number * size, min((number + 1) * size, len(blocks)) - 1], "layers": len(group),
+               "backward_to_earliest_layer": counted(gather),
+               "backward_from_embeddings": counted(from_embeddings(gather))}
+        if args.repeats:  # alternating, so that both ways see the same machine
+            seconds = [(fastest(gather, 1), fastest(from_embeddings(gather), 1)) for _ in range(args.repeats)]
+            row["seconds_to_earliest_layer"] = min(pair[0] for pair in seconds)
+            row["seconds_from_embeddings"] = min(pair[1] for pair in seconds)
+        rows.append(row)
+    results = {"floor": counted(floor), "floor_seconds": fastest(floor, args.repeats), "examples": args.examples,
+               "tokens": args.tokens, "passes": rows}
     giga = 1e9
     lines = ["# Statistics passes by depth: floating-point work", "",
              f"`python benchmarks/diagnostics/pass_flops.py --passes {args.passes}`: SmolLM2-135M, all linear layers "
@@ -87,6 +115,16 @@ def main() -> None:
               f"The floor (one forward+backward forming every target weight's gradient): {results['floor'] / giga:.0f} "
               f"GFLOP; the {len(groups)} passes: {total / results['floor']:.2f}x it ({before / results['floor']:.2f}x "
               "with every backward from the embeddings).", ""]
+    if args.repeats:
+        floor_seconds = results["floor_seconds"]
+        lines += [f"Seconds, the fastest of {args.repeats} alternating runs (the floor: {floor_seconds:.2f} s):", "",
+                  "| pass | backward down to its earliest layer | backward from the embeddings | ratio |",
+                  "| --- | ---: | ---: | ---: |"]
+        for row in rows:
+            first, last = row["blocks"]
+            mine, theirs = row["seconds_to_earliest_layer"], row["seconds_from_embeddings"]
+            lines.append(f"| blocks {first}-{last} | {mine:.2f} | {theirs:.2f} | {mine / theirs:.2f} |")
+        lines.append("")
     write_results(args.out, results, "\n".join(lines))
     print("\n".join(lines))
 
