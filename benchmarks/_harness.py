@@ -15,12 +15,17 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lora_da.bench.memory import PeakRSS
+from lora_da.gram import packed_size
+from lora_da.hooks import FOLD_TOKENS
+from lora_da.solver import solve_working_bytes
+from lora_da.statistics import GRADIENT_DTYPE, INPUT_CHUNK_DTYPE, INPUT_DTYPE, OUTPUT_DTYPE, statistics_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 #: benchmarks/results: each benchmark writes results/<its name>/{results.json,report.md}
@@ -334,3 +339,76 @@ def step_rows(cells: str, label: str, row: dict, floor: dict) -> list[str]:
         rows.append(f"| {cells}- solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}) | "
                     f"{row['solve_seconds']:.1f} | {row['solve_seconds'] / floor['seconds']:.2f} | |")
     return rows
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama-family model: blocks, widths and key-value width (GQA)."""
+
+    name: str
+    blocks: int
+    hidden: int
+    intermediate: int
+    kv_width: int
+
+    def layers(self) -> list[tuple[int, int]]:
+        """(out, in) of the seven projections of one block."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_width
+        return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+    def block_parameters(self) -> int:
+        return sum(m * n for m, n in self.layers())
+
+    def block_gradient_bytes(self) -> int:
+        """G and y of one block."""
+        return sum(statistics_bytes(m, n) - statistics_bytes(0, n) for m, n in self.layers())
+
+    def input_widths(self) -> list[int]:
+        """Width of each distinct input of one block: q/k/v share one, o, gate/up share one, down."""
+        return [self.hidden, self.hidden, self.hidden, self.intermediate]
+
+    def block_input_bytes(self) -> int:
+        """Z's float64 totals of one block."""
+        return sum(INPUT_DTYPE.itemsize * packed_size(n) for n in self.input_widths())
+
+    def input_groups(self) -> list[list[tuple[int, int]]]:
+        """The layers of one block that read one input, in the order they are solved: q/k/v, o, gate/up, down."""
+        q, k, v, o, gate, up, down = self.layers()
+        return [[q, k, v], [o], [gate, up], [down]]
+
+    def block_statistics_bytes(self) -> int:
+        """Accumulators of one block as gathered (Z with its float32 chunk)."""
+        return self.block_gradient_bytes() + sum(statistics_bytes(0, n) for n in self.input_widths())
+
+
+def memory_account(shape: Shape, blocks: int, floor: dict, ours: dict, weight_itemsize: int,
+                   smallest_batch_tokens: int) -> list[str]:
+    """Rows: what the init of `blocks` blocks of `shape` holds during its pass (the floor's activations, its
+    statistics in place of the weight gradients) and after it (solving the layers of one input together,
+    releasing each group's statistics: the group's working set beside the statistics not yet solved), against its
+    measured growth."""
+    mib = 2**20
+    groups = shape.input_groups() * blocks
+    chunked = smallest_batch_tokens < FOLD_TOKENS  # a float32 chunk of Z; else each batch goes straight to the total
+    z_itemsize = INPUT_DTYPE.itemsize + (INPUT_CHUNK_DTYPE.itemsize if chunked else 0)
+
+    def held(group: list[tuple[int, int]]) -> int:
+        return (sum(GRADIENT_DTYPE.itemsize * m * n + OUTPUT_DTYPE.itemsize * m for m, n in group)
+                + z_itemsize * packed_size(group[0][1]))
+
+    def working(group: list[tuple[int, int]]) -> int:  # the layers iterate in step, each with a float64 G
+        return max(solve_working_bytes(m, n) - 8 * m * n for m, n in group) + sum(8 * m * n for m, n in group)
+
+    weight_gradients = sum(weight_itemsize * m * n for group in groups for m, n in group)
+    statistics = sum(map(held, groups))
+    during = floor["grown_mib"] * mib - weight_gradients + statistics
+    after = max(working(group) + sum(map(held, groups[index + 1:])) for index, group in enumerate(groups))
+    return [
+        "| memory | MiB |",
+        "| --- | ---: |",
+        f"| floor, grown: activations + weight gradients ({weight_gradients / mib:.0f}) | {floor['grown_mib']:.0f} |",
+        f"| statistics: G and y per layer, Z per input (packed float64) | {statistics / mib:.0f} |",
+        f"| during the pass: the floor's activations + statistics | {during / mib:.0f} |",
+        f"| after it: a group's solve beside the statistics not yet solved, at most | {after / mib:.0f} |",
+        f"| LoRA-DA init, grown (measured) | {ours['grown_mib']:.0f} |",
+    ]

@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from _harness import (
     MEMORY_NOTE,
+    Shape,
     add_common_arguments,
     best_runs,
     command_line,
     floor_pass,
     hardware,
     measured,
+    memory_account,
     ours_init,
     profile_statistics,
     released_init,
@@ -36,6 +38,8 @@ from _harness import (
 )
 
 POPULATION = 100_000
+#: The embedded model's blocks, for the memory account (its output head is not adapted).
+SMOLLM2 = Shape("SmolLM2-135M", 30, 576, 1536, 192)
 
 
 def load(args, batch_size: int):
@@ -56,7 +60,7 @@ def run_part(args) -> dict:
     part, _, size = args.part.split("#")[0].partition("@")
     model, batches = load(args, int(size))
     device = next(model.parameters()).device
-    tokens = int(sum(int(b["attention_mask"].sum()) for b in batches))
+    per_batch = [int(b["attention_mask"].sum()) for b in batches]
     floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
     if part in ("floor", "floor-rows"):
         result = measured(device, lambda: floor_pass(model, batches, head_rows=part == "floor-rows"))
@@ -76,7 +80,7 @@ def run_part(args) -> dict:
         if part == "profile":
             return {"table": profile_statistics(get_peft_model(model, lora), batches)}
         result = measured(device, lambda: ours_init(get_peft_model(model, lora), batches, POPULATION))
-    return {**result, "tokens": tokens}
+    return {**result, "tokens": sum(per_batch), "smallest_batch_tokens": min(per_batch)}
 
 
 def parts_for(args) -> list[str]:
@@ -125,6 +129,16 @@ def report(args, results: dict) -> str:
             lines.append(f"| {size} | ours / PEFT LoRA-GA | {ours['seconds'] / peer['seconds']:.2f}x | | |")
         if "seconds" in ours and "seconds" in released:
             lines.append(f"| {size} | released / ours | {released['seconds'] / ours['seconds']:.2f}x | | |")
+    if args.model == "smollm2-135m":
+        lines += ["", "## Memory", "",
+                  "The init holds the floor's activations with its statistics in place of the weight gradients, then "
+                  "solves the layers of one input at a time, each group's statistics released as it is solved "
+                  "(`lora_da.solver.solve_working_bytes` bounds a solve's working set)."]
+        for size in args.batch_sizes:
+            floor, ours = results["parts"][f"floor@{size}"], results["parts"][f"lora-da@{size}"]
+            if "grown_mib" in floor and "grown_mib" in ours:
+                smallest = ours.get("smallest_batch_tokens", 0)  # 0: not recorded, so a chunk of Z is counted
+                lines += ["", f"Batch {size}:", "", *memory_account(SMOLLM2, SMOLLM2.blocks, floor, ours, 4, smallest)]
     profile = results["parts"][f"profile@{args.batch_sizes[-1]}"]
     lines += ["", f"Our statistics pass under torch.profiler (batch {args.batch_sizes[-1]}):", "", "```",
               profile.get("table", profile.get("error", "")).rstrip(), "```", ""]
@@ -142,16 +156,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None,
                         help="default: benchmarks/results/init_overhead (init_overhead_gpu with --device cuda)")
     add_common_arguments(parser)
+    parser.add_argument("--report-only", action="store_true", help="rewrite report.md from results.json")
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
         return
-    results = {"model": args.model, "examples": args.examples, "max_length": args.max_length, "rank": args.rank,
-               "batch_sizes": args.batch_sizes, "released": bool(args.released),
-               "machine": hardware(args.device), "command": command_line(sys.argv[1:]),
-               "runs": run_parts(__file__, parts_for(args), sys.argv[1:])}
-    results["parts"] = best_runs(results["runs"])
     out = args.out or results_dir("init_overhead_gpu" if args.device.startswith("cuda") else "init_overhead")
+    if args.report_only:
+        results = json.loads((out / "results.json").read_text())
+        for key in ("model", "examples", "max_length", "rank", "batch_sizes"):
+            setattr(args, key, results[key])
+        args.released = results["released"]
+        args.repeats = max(len([r for r in results["runs"] if r.startswith(f"floor@{args.batch_sizes[0]}")]), 1)
+    else:
+        results = {"model": args.model, "examples": args.examples, "max_length": args.max_length, "rank": args.rank,
+                   "batch_sizes": args.batch_sizes, "released": bool(args.released),
+                   "machine": hardware(args.device), "command": command_line(sys.argv[1:]),
+                   "runs": run_parts(__file__, parts_for(args), sys.argv[1:])}
+        results["parts"] = best_runs(results["runs"])
     text = report(args, results)
     write_results(out, results, text, args.device)
     print(text)

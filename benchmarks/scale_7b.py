@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from _harness import (
     MEMORY_NOTE,
+    Shape,
     add_common_arguments,
     best_runs,
     command_line,
     floor_pass,
     hardware,
     measured,
+    memory_account,
     ours_init,
     profile_statistics,
     released_init,
@@ -37,8 +39,6 @@ from _harness import (
 )
 
 from lora_da import LoraDAConfig, schedule
-from lora_da.gram import packed_size
-from lora_da.hooks import FOLD_TOKENS
 from lora_da.schedule import (
     SOLVE_SHARE,
     STATISTICS_SHARE,
@@ -48,53 +48,12 @@ from lora_da.schedule import (
     plan_inputs_apart,
 )
 from lora_da.solver import solve_working_bytes
-from lora_da.statistics import (
-    GRADIENT_DTYPE,
-    INPUT_CHUNK_DTYPE,
-    INPUT_DTYPE,
-    OUTPUT_DTYPE,
-    statistics_bytes,
-)
+from lora_da.statistics import statistics_bytes
 
 POPULATION = 100_000
 GPU_BYTES = 80 * 2**30
 ACTIVATION_BYTES = 8 * 2**30  # a generous allowance for one calibration batch's forward+backward
 FORWARD_SHARE = 1 / 3  # a forward's share of a forward+backward (the backward does twice its products)
-
-
-@dataclass(frozen=True)
-class Shape:
-    """A Llama-family model: blocks, widths and key-value width (GQA)."""
-
-    name: str
-    blocks: int
-    hidden: int
-    intermediate: int
-    kv_width: int
-
-    def layers(self) -> list[tuple[int, int]]:
-        """(out, in) of the seven projections of one block."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_width
-        return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
-
-    def block_parameters(self) -> int:
-        return sum(m * n for m, n in self.layers())
-
-    def block_gradient_bytes(self) -> int:
-        """G and y of one block."""
-        return sum(statistics_bytes(m, n) - statistics_bytes(0, n) for m, n in self.layers())
-
-    def input_widths(self) -> list[int]:
-        """Width of each distinct input of one block: q/k/v share one, o, gate/up share one, down."""
-        return [self.hidden, self.hidden, self.hidden, self.intermediate]
-
-    def block_input_bytes(self) -> int:
-        """Z's float64 totals of one block."""
-        return sum(INPUT_DTYPE.itemsize * packed_size(n) for n in self.input_widths())
-
-    def block_statistics_bytes(self) -> int:
-        """Accumulators of one block as gathered (Z with its float32 chunk)."""
-        return self.block_gradient_bytes() + sum(statistics_bytes(0, n) for n in self.input_widths())
 
 
 MEASURED = Shape("7B-shaped block", 1, 4096, 11008, 4096)
@@ -165,38 +124,6 @@ def apart_free_bytes(args) -> int:
     solve = max(solve_working_bytes(m, n, eigensolver) for m, n in MEASURED.layers())
     statistics = (MEASURED.block_gradient_bytes() + MEASURED.block_input_bytes()) * args.blocks
     return int((statistics + solve) / SOLVE_SHARE) + 1
-
-
-def memory_account(floor: dict, ours: dict, args) -> list[str]:
-    """Rows: what the init holds during its pass (the floor's activations, its statistics in place of the weight
-    gradients) and after it (solving the layers of one input together, narrowest first, releasing each group's
-    statistics: the group's working set beside the statistics not yet solved), against its measured growth."""
-    mib = 2**20
-    q, k, v, o, gate, up, down = MEASURED.layers()
-    groups = [[q, k, v], [o], [gate, up], [down]] * args.blocks  # the layers reading one input, in solve order
-    chunked = args.batch_size * args.tokens < FOLD_TOKENS  # else each batch's Z goes straight into its total
-    z_itemsize = INPUT_DTYPE.itemsize + (INPUT_CHUNK_DTYPE.itemsize if chunked else 0)
-
-    def held(group: list[tuple[int, int]]) -> int:
-        return (sum(GRADIENT_DTYPE.itemsize * m * n + OUTPUT_DTYPE.itemsize * m for m, n in group)
-                + z_itemsize * packed_size(group[0][1]))
-
-    def working(group: list[tuple[int, int]]) -> int:  # the layers iterate in step, each with a float64 G
-        return max(solve_working_bytes(m, n) - 8 * m * n for m, n in group) + sum(8 * m * n for m, n in group)
-
-    weight_gradients = sum(dtype(args).itemsize * m * n for group in groups for m, n in group)
-    statistics = sum(map(held, groups))
-    during = floor["grown_mib"] * mib - weight_gradients + statistics
-    after = max(working(group) + sum(map(held, groups[index + 1:])) for index, group in enumerate(groups))
-    return [
-        "| memory | MiB |",
-        "| --- | ---: |",
-        f"| floor, grown: activations + weight gradients ({weight_gradients / mib:.0f}) | {floor['grown_mib']:.0f} |",
-        f"| statistics: G and y per layer, Z per input (packed float64) | {statistics / mib:.0f} |",
-        f"| during the pass: the floor's activations + statistics | {during / mib:.0f} |",
-        f"| after it: a group's solve beside the statistics not yet solved, at most | {after / mib:.0f} |",
-        f"| LoRA-DA init, grown (measured) | {ours['grown_mib']:.0f} |",
-    ]
 
 
 def passes_cost(passes: int, blocks_per_pass: int, blocks: int) -> float:
@@ -291,7 +218,8 @@ def report(args, results: dict) -> str:
                   "The init holds the floor's activations with its statistics in place of the weight gradients, "
                   "then solves the layers of one input at a time, each group's statistics released as it is solved "
                   "(`lora_da.solver.solve_working_bytes` bounds a solve's working set).", "",
-                  *memory_account(floor, ours, args)]
+                  *memory_account(MEASURED, args.blocks, floor, ours, dtype(args).itemsize,
+                                 args.batch_size * args.tokens)]
     if "profile" in parts:
         profile = parts["profile"]
         lines += ["", f"Our statistics pass under torch.profiler (top ops by self time, batch {args.batch_size}):", "",
