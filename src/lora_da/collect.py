@@ -407,7 +407,8 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
         raise LoraDAError(_NO_EXAMPLE)
     unrouted = set(collector.unrouted(shapes))
     names = [name for name in names if name not in unrouted]
-    leaders = list(dict.fromkeys(groups[name] for name in names))
+    # a collector of G and y alone has no Z to reduce: it comes from a pass of its own (collect_in_two_passes)
+    leaders = list(dict.fromkeys(groups[name] for name in names)) if collector.gather == "all" else []
 
     def local(sums: dict[str, torch.Tensor], key: str, shape: list[int], dtype: torch.dtype) -> torch.Tensor:
         return sums[key] if key in sums else torch.zeros(shape, dtype=dtype, device=device)
@@ -415,8 +416,6 @@ def _all_reduce(collector: Collector, device: torch.device) -> LoraDAStatistics:
     collector.fold_all()
     gradient_sums = {name: local(collector.gradient_sums, name, shapes[name], GRADIENT_DTYPE) for name in names}
     output_sq_sums = {name: local(collector.output_sq_sums, name, shapes[name][:1], OUTPUT_DTYPE) for name in names}
-    if collector.gather == "gradients":  # Z comes from a pass of its own (collect_in_two_passes)
-        leaders = []
     input_sums = {g: local(collector.input_sums, g, [packed_size(shapes[g][1])], INPUT_DTYPE) for g in leaders}
     comm = communication_device(device)
     all_reduce_sum(list(gradient_sums.values()), comm)
