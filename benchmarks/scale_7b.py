@@ -12,6 +12,7 @@ writes benchmarks/results/scale_7b/{results.json,report.md} (or --out DIR). On C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -38,10 +39,9 @@ from _harness import (
     write_results,
 )
 
-from lora_da import LoraDAConfig, schedule
+from lora_da import LoraDAConfig, adapter, schedule
 from lora_da.schedule import (
-    SOLVE_SHARE,
-    STATISTICS_SHARE,
+    FILL_SHARE,
     PassPlan,
     pass_budget,
     pass_extra_bytes,
@@ -111,25 +111,34 @@ def run_part(args) -> dict:
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
     if part == "lora-da-apart":  # the plan for statistics that fit beside the activations only without Z
-        free = apart_free_bytes(args)
+        free, activations = apart_memory(args)
         schedule.free_memory_bytes = lambda device: free
+        probe = adapter.probe_batch
+        adapter.probe_batch = lambda *a, **k: dataclasses.replace(probe(*a, **k), activation_bytes=activations)
         return {**measured(device, lambda: ours_init(peft_model, batches, POPULATION)), "free_bytes": free}
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
 
 
-def apart_free_bytes(args) -> int:
-    """Free memory under which the init's plan gathers G and y in one forward+backward and Z in a forward (one
-    pass would not fit): all statistics and the largest solve just within the plan's SOLVE_SHARE."""
+def apart_memory(args) -> tuple[int, int]:
+    """Free memory and a batch's activations under which the init's plan gathers G and y in one forward+backward
+    and Z in a forward: all statistics and the largest solve just within the plan's FILL_SHARE, and activations
+    larger than the solve, so that one pass (statistics and activations together) would not fit."""
     eigensolver = LoraDAConfig(population_size=POPULATION).eigensolver_on(torch.device(args.device).type)
     solve = max(solve_working_bytes(m, n, eigensolver) for m, n in MEASURED.layers())
-    statistics = (MEASURED.block_gradient_bytes() + MEASURED.block_input_bytes()) * args.blocks
-    return int((statistics + solve) / SOLVE_SHARE) + 1
+    inputs = MEASURED.block_input_bytes() * args.blocks
+    statistics = MEASURED.block_gradient_bytes() * args.blocks + inputs
+    return int((statistics + solve) / FILL_SHARE) + 1, solve + inputs // 2
 
 
 def passes_cost(passes: int, blocks_per_pass: int, blocks: int) -> float:
     """Forward+backward passes over the data, in floors, where pass k gathers blocks from k * blocks_per_pass on:
     each runs the whole forward, but its backward stops at its earliest layer."""
     return sum(FORWARD_SHARE + (1 - FORWARD_SHARE) * (1 - k * blocks_per_pass / blocks) for k in range(passes))
+
+
+def passes_within(budget: float, per_block: float, blocks: int) -> float:
+    """Passes over `blocks` blocks of `per_block` bytes each with `budget` bytes a pass (inf: not one block)."""
+    return -(-blocks // int(budget // per_block)) if budget >= per_block else float("inf")
 
 
 def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int) -> list[str]:
@@ -146,17 +155,20 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
         # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
         scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
         scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
-        held = per_block / gpus if sharded else per_block  # as planned by schedule.plan_memory
-        free = setup.gpu_gib * 2**30 - weights / gpus - ACTIVATION_BYTES
-        # the plan sees the memory free when the pass starts, the activations' too
-        budget = pass_budget(free + ACTIVATION_BYTES, solve, largest, gpus if sharded else 1)
-        blocks_per_pass = int(budget // held) if budget > 0 else 0
+        unchunked = shape.block_gradient_bytes() + shape.block_input_bytes()  # Z without its float32 chunk
+        free = setup.gpu_gib * 2**30 - weights / gpus  # when the pass starts
+        budget = pass_budget(free, solve, largest, gpus if sharded else 1, activation_bytes=ACTIVATION_BYTES)
         model = shape.name if setup.weight_bits == 16 else f"{shape.name}, 4-bit NF4"
         statistics = "sharded" if sharded else "all-reduced" if gpus > 1 else "-"
         label = f"| {model} | {gpus} x {setup.gpu_gib} GiB | {statistics} |"
-        if free <= 0:
+        if free <= ACTIVATION_BYTES:
             rows.append(f"{label} {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
             continue
+        held, chunks = per_block / (gpus if sharded else 1), True  # as schedule.plan_memory
+        if not sharded and passes_within(budget, unchunked, shape.blocks) < passes_within(budget, per_block,
+                                                                                          shape.blocks):
+            held, chunks = unchunked, False  # Z without its float32 chunks where that takes fewer passes
+        blocks_per_pass = int(budget // held) if budget > 0 else 0
         if blocks_per_pass < 1:
             rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
             continue
@@ -166,9 +178,9 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
         peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
         solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
         relative = passes_cost(passes, blocks_per_pass, shape.blocks) + statistics_ratio - 1 + solving
-        shown = str(passes)
+        shown = str(passes) if chunks else f"{passes}, Z without chunks"
         if not sharded and passes > 1:  # G and y of all layers in one pass, then Z in a forward
-            plan = PassPlan([], [], solve, free + ACTIVATION_BYTES, "automatic")
+            plan = PassPlan([], [], solve, free, "automatic", activation_bytes=ACTIVATION_BYTES)
             gradients = shape.block_gradient_bytes() * shape.blocks
             inputs = shape.block_input_bytes() * shape.blocks
             if plan_inputs_apart(plan, {"all": gradients}, {"all": inputs}).inputs_apart:
@@ -234,10 +246,11 @@ def report(args, results: dict) -> str:
             "the backward down to block k; solve time scales "
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
             "from this device. bf16 weights (FSDP-sharded over the GPUs; the 4-bit row: bitsandbytes NF4 with double "
-            "quantization, its computation counted as bf16's), an 8 GiB allowance for one batch's "
-            f"activations; one pass's statistics get {STATISTICS_SHARE:.0%} of the memory free when the pass starts, "
-            f"and with the largest solve after it (chebyshev's, the default on CUDA) {SOLVE_SHARE:.0%} (the "
-            "default automatic plan); solves are split across GPUs. Statistics all-reduced: every GPU holds a "
+            "quantization, its computation counted as bf16's), 8 GiB for the activations of one batch (as the plan "
+            f"measures them); one pass's statistics with them, and with the largest solve after it (chebyshev's, "
+            f"the default on CUDA), within {FILL_SHARE:.0%} of the memory free when the pass starts (the default "
+            "automatic plan), Z summed without its float32 chunks where that takes fewer passes; solves are split "
+            "across GPUs. Statistics all-reduced: every GPU holds a "
             "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
             "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection). "
             "Statistics not sharded that would take several passes are gathered as G and y of every layer in one "

@@ -1,5 +1,6 @@
 """Two gloo processes on the tiny model give the single-process factors and statistics on every rank."""
 
+import dataclasses
 import os
 from datetime import timedelta
 from types import SimpleNamespace
@@ -20,9 +21,20 @@ CFG = LoraDAConfig(population_size=1000, show_progress=False)
 WORLD = 2
 LAYERS = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
           "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"]
-# The tiny model's statistics (194 kB with each input's Z counted once, the largest solve 172 kB) then need 2
-# passes in one process, but 1 pass sharded over 2 ranks (half of the free memory goes to a pass's statistics).
-FAKE_FREE_BYTES = 380_000
+# The tiny model's statistics (194 kB with each input's Z counted once, 151 kB without Z's float32 chunks) and
+# the largest solve after them (172 kB) then need 2 passes in one process (85% of the free memory leaves 142 kB),
+# but 1 pass sharded over 2 ranks.
+FAKE_FREE_BYTES = 370_000
+# With a 1000-byte solve and the first batch's activations measured at this (up to 225 kB for the largest batch):
+# all statistics (151 kB with Z summed straight into float64) do not fit one pass beside them, but G and y (65 kB)
+# do, and then Z too without the activations.
+FAKE_ACTIVATION_BYTES = 180_000
+
+
+def measuring_activations_as(module, activation_bytes: int):
+    """`module.probe_batch` (the adapter's) reporting `activation_bytes` as the batch's activations."""
+    probe = module.probe_batch
+    return lambda *args, **kwargs: dataclasses.replace(probe(*args, **kwargs), activation_bytes=activation_bytes)
 
 
 def sharded_data() -> list[dict]:
@@ -131,6 +143,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         import lora_da.adapter
 
         solve_bytes, lora_da.adapter.solve_working_bytes = lora_da.adapter.solve_working_bytes, lambda *shape: 1000
+        probe, lora_da.adapter.probe_batch = (lora_da.adapter.probe_batch,
+                                              measuring_activations_as(lora_da.adapter, FAKE_ACTIVATION_BYTES))
         model = wrap(tiny_llama())
         report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, shard_statistics=False)
         results["apart"], results["apart_report"] = lora_state(model), report.to_dict()
@@ -138,7 +152,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         report = initialize_lora_da(model, apart_data()[:3] if rank == 0 else apart_data()[3:], CFG,
                                     shard_statistics=False)
         results["apart_unsupervised"], results["apart_unsupervised_report"] = lora_state(model), report.to_dict()
-        lora_da.adapter.solve_working_bytes = solve_bytes
+        lora_da.adapter.solve_working_bytes, lora_da.adapter.probe_batch = solve_bytes, probe
         # Asked for, with no batch on rank 1: one clear error on both ranks.
         try:
             initialize_lora_da(wrap(tiny_llama()), batches(examples(2), 2) if rank == 0 else [], CFG,
@@ -288,6 +302,8 @@ class TestShardedStatistics:
         every_layer_at_once = initialize_lora_da(wrap(tiny_llama()), batches(examples(8), 2), CFG).statistics_bytes
         monkeypatch.setattr(lora_da.adapter, "solve_working_bytes", lambda *shape: 1000)
         monkeypatch.setattr(lora_da.schedule, "free_memory_bytes", lambda device: FAKE_FREE_BYTES)
+        monkeypatch.setattr(lora_da.adapter, "probe_batch", measuring_activations_as(lora_da.adapter,
+                                                                                      FAKE_ACTIVATION_BYTES))
         for key, data in (("apart", batches(examples(8), 2)), ("apart_unsupervised", apart_data())):
             reports = [r[f"{key}_report"] for r in results]
             # 2 passes over the data, each rank holding the statistics of every layer: G and y first, then Z

@@ -6,8 +6,8 @@ import pytest
 import torch
 from _tiny import batches, examples, lora_state, tiny_llama, wrap
 
-from lora_da import LoraDAConfig, LoraDAError, adapter, initialize_lora_da, schedule
-from lora_da.collect import estimate_statistics_bytes
+from lora_da import LoraDAConfig, LoraDAError, adapter, hooks, initialize_lora_da, schedule
+from lora_da.collect import collect_statistics, estimate_statistics_bytes, probe_batch
 from lora_da.layers import layer_shape
 from lora_da.schedule import plan_passes
 from lora_da.statistics import statistics_bytes
@@ -26,6 +26,16 @@ def assert_same(first: dict, second: dict) -> None:
     assert first.keys() == second.keys()
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=0)
+
+
+def assert_close_without_chunks(state: dict, one_pass: dict) -> None:
+    """Factors from Z summed without float32 chunks (each batch's products straight into float64) against one pass
+    with them: Z agrees to float32 rounding, which moves the factors of the GQA o_proj, whose Z is rank-deficient,
+    by up to 1e-3 (as in test_statistics.TestPrecision) and the other layers' by 1e-6 to 2e-5."""
+    assert state.keys() == one_pass.keys()
+    for key, value in state.items():
+        error = float((value - one_pass[key]).norm() / one_pass[key].norm())
+        assert error < (1e-2 if "o_proj" in key else 1e-4), key
 
 
 def test_one_layer_per_pass_equals_all_at_once(all_at_once):
@@ -71,7 +81,7 @@ def test_automatic_plan_follows_free_memory(monkeypatch, all_at_once):
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
     tight = schedule.plan_memory(sizes, solve, torch.device("cpu"))
     assert tight.rule == "automatic" and 2 <= len(tight.passes) < 14
-    assert all(b <= schedule.STATISTICS_SHARE * free and b + 1000 <= schedule.SOLVE_SHARE * free
+    assert all(b <= schedule.STATISTICS_SHARE * free and b + 1000 <= schedule.FILL_SHARE * free
                for b in tight.pass_bytes)
     assert "automatic" in tight.describe() and "MiB free" in tight.describe()
     # The default call plans by the free memory too, and its several passes give the factors of one.
@@ -86,7 +96,7 @@ def test_pass_budget_keeps_the_solve_out_of_the_pass(monkeypatch):
     a solve smaller than the activations' share costs the pass nothing, a larger one takes its excess."""
     free = 10_000
     assert schedule.pass_budget(free, 1000) == free * schedule.STATISTICS_SHARE
-    assert schedule.pass_budget(free, 6000) == free * schedule.SOLVE_SHARE - 6000
+    assert schedule.pass_budget(free, 6000) == free * schedule.FILL_SHARE - 6000
     # sharded: one layer more on a rank, and during the pass one layer in flight
     assert schedule.pass_budget(free, 1000, largest_statistics=300, shards=4) == free * schedule.STATISTICS_SHARE - 600
     sizes = {f"layer{i}": 1000 for i in range(12)}
@@ -95,7 +105,7 @@ def test_pass_budget_keeps_the_solve_out_of_the_pass(monkeypatch):
     for solve in (100, 3000, 6000):
         plan = schedule.plan_memory(sizes, {"layer0": solve}, torch.device("cpu"))
         assert sum(map(len, plan.passes)) == 12
-        assert all(b <= schedule.STATISTICS_SHARE * free and b + solve <= schedule.SOLVE_SHARE * free
+        assert all(b <= schedule.STATISTICS_SHARE * free and b + solve <= schedule.FILL_SHARE * free
                    for b in plan.pass_bytes)
         passes[solve] = len(plan.passes)
     assert passes[3000] == 3  # 5 layers a pass
@@ -128,15 +138,122 @@ def test_inputs_apart_gives_the_factors_of_one_pass(monkeypatch, all_at_once, ca
         report = initialize_lora_da(model, batches(examples(6), 3), CFG)
     assert report.passes == 2
     assert any("then their Z in a forward without gradients" in r.message for r in caplog.records)
-    # The second pass adds each batch's products of Z straight into float64 (no float32 chunks): Z agrees to
-    # float32 rounding, which moves the factors of the GQA o_proj, whose Z is rank-deficient, by up to 1e-3 (as in
-    # test_statistics.TestPrecision) and the other layers' by 1e-6 to 2e-5.
-    one_pass = all_at_once[0]
-    for key, value in lora_state(model).items():
-        error = float((value - one_pass[key]).norm() / one_pass[key].norm())
-        assert error < (1e-2 if "o_proj" in key else 1e-4), key
+    assert_close_without_chunks(lora_state(model), all_at_once[0])
     with pytest.raises(LoraDAError, match="one-shot iterator"):
         initialize_lora_da(wrap(tiny_llama()), iter(batches(examples(6), 3)), CFG)
+
+
+def test_pass_budget_with_measured_activations():
+    """Measured activations replace the share left to them: the statistics get what they leave free within
+    FILL_SHARE, more than STATISTICS_SHARE where they are small, less where they are large."""
+    free = 10_000
+    # the activations are gone when the solve runs: the larger of the two counts
+    assert schedule.pass_budget(free, 1000, activation_bytes=500) == free * schedule.FILL_SHARE - 1000
+    assert schedule.pass_budget(free, 100, activation_bytes=500) == free * schedule.FILL_SHARE - 500
+    assert schedule.pass_budget(free, 100, activation_bytes=6000) == free * schedule.FILL_SHARE - 6000
+    assert schedule.pass_budget(free, 100, activation_bytes=500) > schedule.pass_budget(free, 100)
+    assert schedule.pass_budget(free, 100, activation_bytes=6000) < schedule.pass_budget(free, 100)
+
+
+def test_plan_sums_z_without_chunks_where_that_saves_passes():
+    sizes = {"a": 300, "b": 300, "c": 300}
+    chunks = dict.fromkeys(sizes, 100)
+    plan = schedule.plan_memory(sizes, {"a": 0}, torch.device("cpu"), memory_budget=600, chunk_sizes=chunks)
+    assert plan.passes == [["a", "b", "c"]] and plan.pass_bytes == [600] and not plan.input_chunks
+    assert "without float32 chunks" in plan.describe()
+    plan = schedule.plan_memory(sizes, {"a": 0}, torch.device("cpu"), memory_budget=500, chunk_sizes=chunks)
+    assert plan.passes == [["a", "b"], ["c"]] and not plan.input_chunks
+    # 3 passes either way: the chunks are kept
+    plan = schedule.plan_memory(sizes, {"a": 0}, torch.device("cpu"), memory_budget=350, chunk_sizes=chunks)
+    assert len(plan.passes) == 3 and plan.input_chunks and plan.pass_bytes == [300] * 3
+    plan = schedule.plan_memory(sizes, {"a": 0}, torch.device("cpu"), memory_budget=600)
+    assert len(plan.passes) == 2 and plan.input_chunks
+
+
+def test_collector_without_chunks_adds_every_product_into_float64(monkeypatch):
+    """Batches of a few tokens fill a float32 chunk of Z by default; without chunks none is folded, and Z agrees
+    to float32 rounding."""
+    names = list(_names())
+    folds = []
+    fold = hooks.Collector._fold
+    monkeypatch.setattr(hooks.Collector, "_fold", lambda self, group: folds.append(group) or fold(self, group))
+    chunked = collect_statistics(tiny_llama(), batches(examples(6), 2), names, CFG)
+    assert folds
+    folds.clear()
+    straight = collect_statistics(tiny_llama(), batches(examples(6), 2), names, CFG, input_chunks=False)
+    assert not folds
+    assert straight.input_sums.keys() == chunked.input_sums.keys()
+    for group, total in straight.input_sums.items():
+        assert total.dtype == torch.float64
+        torch.testing.assert_close(total, chunked.input_sums[group], rtol=1e-6, atol=1e-6)
+
+
+def test_probe_measures_what_a_pass_keeps_for_the_backward():
+    """The bytes grow in proportion to a batch's positions and hold at least every distinct input of the target
+    layers (q/k/v and gate/up read one each), which the hooks keep until the backward."""
+    model, names = tiny_llama(), list(_names())
+    small, large = batches(examples(3), 3)[0], batches(examples(12), 12)[0]
+    kept = {name: probe_batch(model, batch, names, CFG).activation_bytes
+            for name, batch in (("small", small), ("large", large))}
+    assert kept["small"] == probe_batch(model, small, names, CFG).activation_bytes
+    positions = large["input_ids"].numel() / small["input_ids"].numel()
+    assert 0.85 * positions < kept["large"] / kept["small"] < 1.15 * positions
+    config = model.config
+    inputs_per_position = config.num_hidden_layers * (3 * config.hidden_size + config.intermediate_size) * 4
+    assert kept["small"] >= inputs_per_position * small["input_ids"].numel()
+
+
+def test_measured_activations_let_one_pass_hold_more_than_the_share(monkeypatch):
+    """Free memory where the share left to unknown activations needs several passes, but the measured
+    activations of batches of one example leave room for every layer's statistics in one pass."""
+    data = batches(examples(6), 1)
+    reference = wrap(tiny_llama())
+    initialize_lora_da(reference, data, CFG)
+    model = wrap(tiny_llama())
+    chunked = _grouped_bytes(input_chunk=True)
+    activations = _measured_activations(model, data)
+    free = int((chunked + activations + 1000) / schedule.FILL_SHARE) + 1
+    assert schedule.STATISTICS_SHARE * free < chunked
+    monkeypatch.setattr(adapter, "solve_working_bytes", lambda *shape: 1000)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    report = initialize_lora_da(model, data, CFG)
+    assert report.passes == 1
+    assert_same(lora_state(model), lora_state(reference))
+
+
+def test_z_without_chunks_when_that_saves_a_pass(monkeypatch, all_at_once, caplog):
+    data = batches(examples(6), 3)
+    model = wrap(tiny_llama())
+    unchunked, activations = _grouped_bytes(input_chunk=False), _measured_activations(model, data)
+    free = int((unchunked + activations + 1000) / schedule.FILL_SHARE) + 1
+    assert unchunked < schedule.FILL_SHARE * free - activations < _grouped_bytes(input_chunk=True)
+    monkeypatch.setattr(adapter, "solve_working_bytes", lambda *shape: 1000)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    with caplog.at_level(logging.INFO, logger="lora_da"):
+        report = initialize_lora_da(model, data, CFG)
+    assert report.passes == 1 and report.statistics_bytes <= unchunked
+    plan_line = next(r.message for r in caplog.records if "LoRA-DA plan" in r.message)
+    assert "without float32 chunks" in plan_line and "MiB of activations measured" in plan_line
+    assert_close_without_chunks(lora_state(model), all_at_once[0])
+
+
+def _grouped_bytes(input_chunk: bool) -> int:
+    """Statistics of all tiny_llama layers, each input's Z counted once."""
+    model = tiny_llama()
+    shapes = {name: layer_shape(model.get_submodule(name)) for name in _names()}
+    widths: dict[tuple[str, int], int] = {}  # (block, input) -> rows of the layers reading it
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+    for name, (m, n) in shapes.items():
+        parent, leaf = name.rsplit(".", 1)
+        key = (f"{parent}.{shared.get(leaf, leaf)}", n)
+        widths[key] = widths.get(key, 0) + m
+    return sum(statistics_bytes(m, n, input_chunk=input_chunk) for (_, n), m in widths.items())
+
+
+def _measured_activations(model, data) -> int:
+    """What the plan reads: the first batch's bytes kept for its backward, in proportion to the largest batch."""
+    first = probe_batch(model.get_base_model(), data[0], list(_names()), CFG).activation_bytes
+    return first * max(b["input_ids"].numel() for b in data) // data[0]["input_ids"].numel()
 
 
 def test_free_memory_is_read_from_the_machine():
@@ -160,7 +277,8 @@ def test_layer_over_budget_gets_its_own_pass():
 
 def test_layers_reading_one_input_are_planned_with_one_z(all_at_once):
     """Before any forward each layer is counted with a Z of its own; a forward of the first batch finds the
-    inputs that q/k/v and gate/up share, and the plan counts each Z once: fewer passes for the same budget."""
+    inputs that q/k/v and gate/up share, and the plan counts each Z once: fewer passes for the same budget; fewer
+    still with Z summed without float32 chunks."""
     shapes = {name: layer_shape(tiny_llama().get_submodule(name)) for name in _names()}
     shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # Llama's layers on one input
     units = {}
@@ -173,10 +291,13 @@ def test_layers_reading_one_input_are_planned_with_one_z(all_at_once):
     per_layer = estimate_statistics_bytes(tiny_llama(), list(shapes))
     model = wrap(tiny_llama())
     report = initialize_lora_da(model, batches(examples(6), 3), CFG, memory_budget=budget)
-    assert report.passes == len(plan_passes(grouped, memory_budget=budget)) < len(plan_passes(per_layer,
-                                                                                               memory_budget=budget))
+    unchunked = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[members[0]][1],
+                                        input_chunk=False) for unit, members in units.items()}
+    assert report.passes == len(plan_passes(unchunked, memory_budget=budget))
+    assert report.passes < len(plan_passes(grouped, memory_budget=budget)) < len(plan_passes(per_layer,
+                                                                                              memory_budget=budget))
     assert report.statistics_bytes <= report.statistics_bytes_estimate <= budget
-    assert_same(lora_state(model), all_at_once[0])
+    assert_close_without_chunks(lora_state(model), all_at_once[0])
 
 
 def test_plan_passes():

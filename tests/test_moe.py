@@ -369,7 +369,8 @@ class TestMemoryPlan:
         initialize_lora_da(one, data(), CFG)
         budgeted = adapt(tiny_mixtral())
         wrapper = wrapper_of(budgeted, 0, "gate_up_proj")
-        budget = 6 * statistics_bytes(wrapper.out_features, wrapper.in_features)  # about 6 experts' statistics
+        # about 6 experts' statistics, with Z summed without float32 chunks (which saves passes here)
+        budget = 6 * statistics_bytes(wrapper.out_features, wrapper.in_features, input_chunk=False)
         report = initialize_lora_da(budgeted, data(), CFG, memory_budget=budget)
         assert report.passes > 2 and report.statistics_bytes_estimate <= budget
         for key, value in lora_state(one).items():

@@ -22,10 +22,11 @@ from .allocation import RankAllocation
 from .cache import check_statistics
 from .collect import (
     EXPERTS_NOT_SHARDED,
+    BatchProbe,
     PerExampleLoss,
     collect_in_two_passes,
     collect_statistics,
-    discover_input_groups,
+    probe_batch,
 )
 from .config import LoraDAConfig, LoraDAError, check_ranks
 from .distributed import (
@@ -60,7 +61,7 @@ from .ranks import (
 )
 from .schedule import plan_inputs_apart, plan_memory, solve_layers
 from .solver import solve_working_bytes, truncate_solution
-from .statistics import INPUT_DTYPE, LoraDAStatistics, statistics_bytes
+from .statistics import INPUT_CHUNK_DTYPE, INPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")
 
@@ -216,8 +217,10 @@ def initialize_lora_da(
     per group, so several passes need re-iterable `batches`); the factors are the same as in one pass. By
     default the groups follow the memory free on the model's device (see `schedule.plan_memory`; the plan is
     logged, and printed when `config.show_progress`); `layers_per_pass` (a number of layers) and/or
-    `memory_budget` (bytes of statistics) set them instead. When that takes several passes, a forward of the first
-    batch without gradients finds the layers that read one input: each shared `Z` is counted once, in one pass.
+    `memory_budget` (bytes of statistics) set them instead. When that takes several passes, the statistics pass's
+    forward of the first batch (its graph dropped) finds the layers that read one input, so that each shared `Z`
+    is counted once, and measures the activations kept for a backward, so that the automatic plan gives the
+    statistics what they leave free; `Z` is then summed without float32 chunks where that saves passes.
 
     `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
     reduced to it batch by batch (see `collect_statistics`), which divides the memory per pass by about the
@@ -431,7 +434,8 @@ def _gather_and_solve(
     units = {name: [name] for name in shapes}  # what the plan keeps together: a layer, or layers sharing an input
     plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
     several = len(plan.passes) > 1 and layers_per_pass is None
-    groups = _input_groups(model, batches, list(layers), config, loss_fn) if several else None
+    probe = _probe_first_batch(model, batches, list(layers), config, loss_fn) if several else None
+    groups, activations = probe if probe else (None, None)
     if groups:  # before any forward each layer was counted with a Z of its own: once per group is the truth
         units = {}
         for name in shapes:
@@ -439,7 +443,9 @@ def _gather_and_solve(
         sizes = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[unit][1])
                  for unit, members in units.items()}
         solve_sizes = {unit: max(solve_sizes[name] for name in members) for unit, members in units.items()}
-        plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget)
+        chunks = {unit: INPUT_CHUNK_DTYPE.itemsize * packed_size(shapes[unit][1]) for unit in units}
+        plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget, chunk_sizes=chunks,
+                           activation_bytes=activations)
     world_size = get_world_size()
     if world_size > 1 and shard_statistics is not False:
         if shard:  # sharded here, so that each rank can see whether it has a batch
@@ -449,7 +455,7 @@ def _gather_and_solve(
             shard_statistics = plan.rule == "automatic" and all(all_gather_objects(has_batch))
         if shard_statistics:
             plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass,
-                               memory_budget=memory_budget, shards=world_size)
+                               memory_budget=memory_budget, shards=world_size, activation_bytes=activations)
     shard_statistics = bool(shard_statistics) and world_size > 1
     if groups and not shard_statistics and not any(isinstance(layer, ParameterTarget) for layer in layers.values()):
         gradients = {unit: size - statistics_bytes(0, shapes[unit][1]) for unit, size in sizes.items()}
@@ -486,7 +492,7 @@ def _gather_and_solve(
                 stats = collect_in_two_passes(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard)
             else:
                 stats = collect_statistics(model, pass_batches, group, config, loss_fn=loss_fn, shard=shard,
-                                           shard_statistics=shard_statistics)
+                                           shard_statistics=shard_statistics, input_chunks=plan.input_chunks)
         report.statistics_seconds += time.perf_counter() - start
         report.statistics_bytes = max(report.statistics_bytes, stats.nbytes())
         report.num_examples, report.num_tokens = stats.num_examples, stats.num_tokens
@@ -508,27 +514,38 @@ def _gather_and_solve(
     return solutions
 
 
-def _input_groups(
+def _probe_first_batch(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     names: list[str],
     config: LoraDAConfig,
     loss_fn: PerExampleLoss | None,
-) -> dict[str, str] | None:
-    """The layers' input groups from a forward of the first batch (on every rank, or on none: a sharded model's
-    forward is collective), or None where the batches cannot be looked at twice or a rank has none."""
+) -> tuple[dict[str, str], int] | None:
+    """The layers' input groups and the activations a pass keeps for its largest batch (the first batch's, in
+    proportion to the positions), from the statistics pass's forward of the first batch (on every rank, or on none:
+    a sharded model's forward is collective); None where the batches cannot be looked at twice or a rank has none."""
     iterator = iter(batches)
     first = None if iterator is batches else next(iterator, None)
     distributed = is_distributed()
     if not (all(all_gather_objects(first is not None)) if distributed else first is not None):
         return None
 
-    def discover() -> dict[str, str]:
+    def probe() -> BatchProbe:
         with model.disable_adapter():
-            return discover_input_groups(model, first, names, config, loss_fn)
+            return probe_batch(model, first, names, config, loss_fn)
 
-    groups = on_every_rank(discover)
-    return all_gather_objects(groups)[0] if distributed else groups
+    found = on_every_rank(probe)
+    activations = found.activation_bytes * max(map(_positions, batches)) // _positions(first)
+    if not distributed:
+        return found.input_groups, activations
+    everywhere = all_gather_objects((found.input_groups, activations))
+    return everywhere[0][0], max(bytes_ for _, bytes_ in everywhere)
+
+
+def _positions(batch: Mapping[str, torch.Tensor]) -> int:
+    """Positions in a batch (the elements of its `input_ids`, 1 without them): what its activations grow with."""
+    ids = batch.get("input_ids")
+    return max(1, ids.numel()) if isinstance(ids, torch.Tensor) else 1
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:

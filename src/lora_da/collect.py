@@ -14,9 +14,11 @@ routed to it, with the routing weight in its output gradient.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,6 +56,7 @@ def collect_statistics(
     loss_fn: PerExampleLoss | None = None,
     shard: bool = False,
     shard_statistics: bool = False,
+    input_chunks: bool = True,
 ) -> LoraDAStatistics:
     """Gather LoRA-DA statistics of the named linear layers in one forward+backward pass over `batches`.
 
@@ -77,6 +80,8 @@ def collect_statistics(
         shard_statistics: under `torch.distributed`, keep each layer's sums on the one rank that will solve it
             (`stats.owners`; reduced there batch by batch) instead of all sums on every rank: about 1/world_size
             of the memory, for one reduction per layer and batch. Every rank needs at least one batch.
+        input_chunks: False: each batch's products of `Z` go straight into their float64 totals, without the
+            float32 chunks that save float64 additions for batches of few tokens (a third less memory for `Z`).
     """
     model = unwrap_model(model)
     distributed = is_distributed()
@@ -92,7 +97,7 @@ def collect_statistics(
         stats = _sharded_result(collector, model_device(model))
         _record_settings(stats, config, collector)
         return stats
-    collector = Collector(modules, config)
+    collector = Collector(modules, config, input_chunks=input_chunks)
     on_every_rank(lambda: _run_pass(model, batches, collector, config, loss_fn))
     if distributed:
         stats = _all_reduce(collector, model_device(model))
@@ -175,21 +180,60 @@ def _record_settings(stats: LoraDAStatistics, config: LoraDAConfig, collector: C
                            "data_hash": collector.data_hash()})
 
 
-def discover_input_groups(
+@dataclass(frozen=True)
+class BatchProbe:
+    """What the statistics pass's forward of one batch shows before any statistics exist."""
+
+    input_groups: dict[str, str]  # layer -> first layer of the group that reads its input (q/k/v, gate/up)
+    activation_bytes: int  # kept for the batch's backward: tensors autograd saves, layer inputs the hooks hold
+
+
+def probe_batch(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
     target_modules: Sequence[str],
     config: LoraDAConfig,
     loss_fn: PerExampleLoss | None = None,
-) -> dict[str, str]:
-    """Which target layers read one input tensor (q/k/v, gate/up): {layer: first layer of its group}, from the
-    statistics pass's forward of `batch`, without gradients (the memory plan then counts each group's `Z` once)."""
+) -> BatchProbe:
+    """The statistics pass's forward of `batch`, its graph dropped unused: which target layers read one input (the
+    memory plan then counts each group's `Z` once) and how many bytes the pass keeps for the batch's backward (the
+    plan leaves them to the activations). Each storage is counted once; the model's parameters and buffers not."""
     model = unwrap_model(model)
-    collector = Collector(resolve_layers(model, target_modules), config)
-    with _statistics_mode(model), collector.attached(model), torch.no_grad():
+    modules = resolve_layers(model, target_modules)
+    collector = Collector(modules, config)
+    weights = {_storage(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    kept: set[tuple[int, int]] = set()
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        # a sharded model's gathered weights are parameters too, though not the model's own
+        storage = None if isinstance(tensor, nn.Parameter) else _storage(tensor)
+        if storage is not None and storage not in weights:
+            kept.add(storage)
+        return tensor
+
+    def held_input(module, args, output) -> None:  # a hook holds the input only where gradients are recorded
+        if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
+            keep(args[0])
+
+    with ExitStack() as stack:
+        stack.enter_context(_statistics_mode(model))
+        stack.enter_context(collector.attached(model))
+        for module in modules.values():
+            if not isinstance(module, ParameterTarget):
+                stack.callback(module.register_forward_hook(held_input).remove)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor))
         _forward(model, ModelTask.of(model), batch, model_device(model), collector, config, loss_fn, hash_it=False)
     collector.finalize_groups()
-    return collector.input_groups
+    return BatchProbe(collector.input_groups, sum(size for _, size in kept))
+
+
+def _storage(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(address, bytes) of a tensor's storage, or None where it has none to read (e.g. a sharded parameter)."""
+    try:
+        storage = tensor.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 EXPERTS_NOT_SHARDED = (

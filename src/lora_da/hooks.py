@@ -40,14 +40,19 @@ class Collector:
     from forwards without gradients, for the input groups set in `input_groups` beforehand, each batch's product
     added straight into the float64 total): two passes that hold fewer bytes at once (see
     `collect.collect_in_two_passes`).
+
+    `input_chunks`: a batch of fewer than FOLD_TOKENS tokens adds its `Z` product into a float32 chunk, folded into
+    the float64 total every FOLD_TOKENS tokens (fewer float64 additions, for the chunk's memory); False: every
+    product goes straight into the total (as precise, for a plan short of memory).
     """
 
     def __init__(self, modules: dict[str, nn.Module], config: LoraDAConfig, sharded: bool = False,
-                 gather: str = "all"):
+                 gather: str = "all", input_chunks: bool = True):
         self.modules = modules
         self.config = config
         self.sharded = sharded
         self.gather = gather
+        self.input_chunks = input_chunks and gather != "inputs"
         self.owners: dict[str, int] = {}
         self.reached: set[str] = set()  # layers whose gradient arrived (sharded: the sums may be elsewhere)
         self.joining_only = False  # sharded: this rank has no example in this step, it only joins the reductions
@@ -271,8 +276,8 @@ class Collector:
             reduce_sum_to(chunks[group], owner)
             if here:
                 self._fold(group)
-        elif self.gather == "inputs" or (not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS):
-            # a chunk would be folded at once, or this pass keeps no float32 chunk (its memory was planned without)
+        elif not self.input_chunks or (not self._chunk_tokens.get(group, 0) and xs.shape[0] >= FOLD_TOKENS):
+            # this pass keeps no float32 chunk (its memory was planned without), or a chunk would be folded at once
             self._add_to_total(group, xs)
         else:
             _add_gram(self._input_chunks, group, xs, INPUT_CHUNK_DTYPE, overwrite=not self._chunk_tokens.get(group, 0))

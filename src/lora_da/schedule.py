@@ -47,12 +47,13 @@ def plan_passes(
     return passes
 
 
-# Share of the free memory the automatic plan gives the statistics of one pass: the rest is left to the
-# forward+backward's activations, which are not known before the pass.
+# Share of the free memory the automatic plan gives the statistics of one pass while the activations of a batch
+# are not known: the rest is left to them.
 STATISTICS_SHARE = 0.5
-# Share of the free memory that a pass's statistics and the largest solve may fill together: the solve runs
-# after the pass, when its activations are gone; the rest is slack for the allocator.
-SOLVE_SHARE = 0.85
+# Share of the free memory that what the plan counts may fill: a pass's statistics with the measured activations
+# of its largest batch, and after the pass with the largest solve. The rest is slack for the allocator and the
+# backward's passing tensors.
+FILL_SHARE = 0.85
 
 
 @dataclass
@@ -65,6 +66,8 @@ class PassPlan:
     free_bytes: int | None  # memory free on the device when planned (automatic plan only)
     rule: str  # "one pass", "memory_budget", "layers_per_pass", "automatic" or "inputs apart"
     shards: int = 1  # ranks that the statistics are sharded over (each holds about 1/shards of a pass)
+    activation_bytes: int | None = None  # what a pass keeps for its largest batch's backward, where measured
+    input_chunks: bool = True  # whether Z is summed in float32 chunks (see `hooks.Collector`)
 
     @property
     def inputs_apart(self) -> bool:
@@ -88,8 +91,12 @@ class PassPlan:
             text = (f"LoRA-DA plan: {len(self.passes)} pass(es) over the data ({len(self.passes) - 1} extra) for "
                     f"{sum(map(len, self.passes))} layers, statistics <= {max(self.pass_bytes) / mib:.0f} MiB per "
                     f"pass + {self.solve_bytes / mib:.0f} MiB to solve a layer ({self.rule}")
+            if not self.input_chunks:
+                text += "; Z summed straight into float64, without float32 chunks"
         if self.shards > 1:
             text += f"; per rank, statistics sharded over {self.shards} ranks"
+        if self.activation_bytes is not None:
+            text += f"; {self.activation_bytes / mib:.0f} MiB of activations measured"
         if self.free_bytes is not None:
             text += f"; {self.free_bytes / mib:.0f} MiB free"
         return text + ")"
@@ -119,10 +126,13 @@ def plan_memory(
     layers_per_pass: int | None = None,
     memory_budget: int | None = None,
     shards: int = 1,
+    chunk_sizes: Mapping[str, int] | None = None,
+    activation_bytes: int | None = None,
 ) -> PassPlan:
     """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else by `pass_budget` of the memory
-    free on `device` (the smallest of all ranks). With statistics sharded over `shards` ranks, bytes are per
-    rank: 1/shards of each layer's bytes."""
+    free on `device` (the smallest of all ranks), with `activation_bytes` where measured. With statistics sharded
+    over `shards` ranks, bytes are per rank: 1/shards of each layer's bytes. `sizes` count Z's float32 chunks;
+    given each unit's `chunk_sizes`, the plan sums Z without them where that takes fewer passes."""
     solve_bytes = max(solve_sizes.values(), default=0)
     largest = max(sizes.values(), default=0)
     if shards > 1:
@@ -134,36 +144,52 @@ def plan_memory(
         free = free_memory_bytes(device)
         if is_distributed():
             free = min(all_gather_objects(free))
-        budget = pass_budget(free, solve_bytes, largest, shards)
+        budget = pass_budget(free, solve_bytes, largest, shards, activation_bytes)
         if sum(sizes.values()) <= budget:
             rule = "one pass"
         else:
             rule = "automatic"
             memory_budget = max(budget, 1)
     passes = plan_passes(sizes, layers_per_pass, memory_budget)
-    pass_bytes = [sum(sizes[name] for name in group) for group in passes]
-    return PassPlan(passes, pass_bytes, solve_bytes, free, rule, shards)
+    plan = PassPlan(passes, [sum(sizes[name] for name in group) for group in passes], solve_bytes, free, rule,
+                    shards, activation_bytes)
+    if chunk_sizes is not None and len(passes) > 1 and shards == 1:  # sharded passes fold each step's chunk at once
+        unchunked = {name: size - chunk_sizes[name] for name, size in sizes.items()}
+        fewer = plan_passes(unchunked, layers_per_pass, memory_budget)
+        if len(fewer) < len(passes):
+            rule = "one pass" if free is not None and len(fewer) == 1 else rule
+            plan = PassPlan(fewer, [sum(unchunked[name] for name in group) for group in fewer], solve_bytes, free,
+                            rule, shards, activation_bytes, input_chunks=False)
+    return plan
 
 
 def plan_inputs_apart(plan: PassPlan, gradient_sizes: Mapping[str, int], input_sizes: Mapping[str, int]) -> PassPlan:
     """`plan`, or where it takes several passes for want of memory (the automatic rule), one forward+backward for
     every layer's G and y and a forward without gradients for their Z (`collect.collect_in_two_passes`), when
-    that fits: G and y beside the activations within STATISTICS_SHARE of the free memory, and then Z too with the
-    largest solve (the second pass keeps no activations for a backward) within SOLVE_SHARE. Per unit of the plan:
-    `gradient_sizes` the bytes of G and y, `input_sizes` those of Z's float64 total."""
+    that fits: G and y beside the activations (see `pass_budget`), and then Z too with the largest solve (the
+    second pass keeps no activations for a backward) within FILL_SHARE. Per unit of the plan: `gradient_sizes`
+    the bytes of G and y, `input_sizes` those of Z's float64 total."""
     if plan.rule != "automatic" or plan.free_bytes is None or plan.shards > 1:
         return plan
     gradients, total = sum(gradient_sizes.values()), sum(gradient_sizes.values()) + sum(input_sizes.values())
-    if gradients > STATISTICS_SHARE * plan.free_bytes or total + plan.solve_bytes > SOLVE_SHARE * plan.free_bytes:
+    if gradients > pass_budget(plan.free_bytes, 0, activation_bytes=plan.activation_bytes) or \
+            total + plan.solve_bytes > FILL_SHARE * plan.free_bytes:
         return plan
-    return PassPlan([list(gradient_sizes)], [total], plan.solve_bytes, plan.free_bytes, "inputs apart")
+    return PassPlan([list(gradient_sizes)], [total], plan.solve_bytes, plan.free_bytes, "inputs apart",
+                    activation_bytes=plan.activation_bytes)
 
 
-def pass_budget(free: int, solve_bytes: int, largest_statistics: int = 0, shards: int = 1) -> int:
-    """Statistics bytes (per rank) that one pass may hold with `free` bytes free: with what else it holds
-    (`pass_extra_bytes`) during the pass within STATISTICS_SHARE of them, after it within SOLVE_SHARE."""
+def pass_budget(free: int, solve_bytes: int, largest_statistics: int = 0, shards: int = 1,
+                activation_bytes: int | None = None) -> int:
+    """Statistics bytes (per rank) that one pass may hold with `free` bytes free: during the pass, with what else
+    it holds (`pass_extra_bytes`), within STATISTICS_SHARE of them, or with the measured `activation_bytes`
+    within FILL_SHARE; after it within FILL_SHARE."""
     during, after = pass_extra_bytes(solve_bytes, largest_statistics, shards)
-    return int(min(STATISTICS_SHARE * free - during, SOLVE_SHARE * free - after))
+    if activation_bytes is None:
+        during_limit = STATISTICS_SHARE * free
+    else:
+        during_limit = FILL_SHARE * free - activation_bytes
+    return int(min(during_limit - during, FILL_SHARE * free - after))
 
 
 def pass_extra_bytes(solve_bytes: int, largest_statistics: int, shards: int) -> tuple[int, int]:

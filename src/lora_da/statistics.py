@@ -30,11 +30,11 @@ INPUT_DTYPE = torch.float64
 INPUT_CHUNK_DTYPE = torch.float32
 
 
-def statistics_bytes(m: int, n: int) -> int:
+def statistics_bytes(m: int, n: int, input_chunk: bool = True) -> int:
     """Peak bytes of the accumulators of one [m, n] layer with its own input factor while they are gathered:
-    G [m, n], y [m], Z packed with its float32 chunk."""
+    G [m, n], y [m], Z packed (with its float32 chunk when `input_chunk`, see `hooks.Collector`)."""
     return (GRADIENT_DTYPE.itemsize * m * n + OUTPUT_DTYPE.itemsize * m
-            + (INPUT_DTYPE.itemsize + INPUT_CHUNK_DTYPE.itemsize) * packed_size(n))
+            + (INPUT_DTYPE.itemsize + input_chunk * INPUT_CHUNK_DTYPE.itemsize) * packed_size(n))
 
 
 @dataclass
