@@ -1,9 +1,11 @@
 """What the memory plan reads against what a statistics pass holds: on SmolLM2-135M (all linear layers), the bytes
 `lora_da.collect.probe_batch` counts for one batch's backward (tensors autograd saves, layer inputs the hooks
-hold), against a statistics pass over that batch, whose memory grown (resident memory, sampled every 50 ms)
-less its statistics is what its activations and passing tensors took. Each batch size in a fresh process:
+hold), against the most bytes a statistics pass's forward+backward of that batch adds to the tensors alive
+before it, with every layer's statistics already there (the batch's second pass through a collector). Tensor
+bytes are traced by torch.profiler (`profile_memory`), allocation by allocation. Each batch size in a fresh
+process:
 
-    python benchmarks/diagnostics/activation_probe.py [--batch-sizes 1 8]
+    python benchmarks/diagnostics/activation_probe.py [--batch-sizes 1 2 8]
     # writes benchmarks/results/activation_probe/{results.json,report.md}
 
 Memory, not time: the numbers do not depend on other load on the machine.
@@ -16,41 +18,45 @@ import json
 import sys
 from pathlib import Path
 
-import torch
+from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _harness
-from _harness import command_line, hardware, measured, results_dir, run_parts, write_results  # noqa: E402
+from _harness import command_line, hardware, results_dir, run_parts, write_results  # noqa: E402
 
-from lora_da import LoraDAConfig, collect_statistics  # noqa: E402
-from lora_da.collect import probe_batch  # noqa: E402
+from lora_da import LoraDAConfig  # noqa: E402
+from lora_da.collect import _run_pass, probe_batch  # noqa: E402
 from lora_da.data import calibration_batches, encode_examples, load_examples  # noqa: E402
-from lora_da.hooks import FOLD_TOKENS  # noqa: E402
-from lora_da.layers import target_layer_names  # noqa: E402
+from lora_da.hooks import Collector  # noqa: E402
+from lora_da.layers import resolve_layers, target_layer_names  # noqa: E402
 from lora_da.models import load_model_and_tokenizer  # noqa: E402
-from lora_da.statistics import INPUT_CHUNK_DTYPE  # noqa: E402
 
 CONFIG = LoraDAConfig(population_size=100_000, show_progress=False)
 
 
 def measure(batch_size: int, examples: int) -> dict:
-    """One batch of `batch_size` examples: the probe's bytes and a statistics pass's memory over it."""
-    torch.set_num_threads(1)
+    """The first batch of `batch_size` examples: the probe's bytes and a statistics pass's memory over it."""
     model, tokenizer = load_model_and_tokenizer("smollm2-135m", dtype="float32")
     features = encode_examples(load_examples("arith", num_examples=examples, seed=0), tokenizer, 512)
     batch = calibration_batches(features, examples, batch_size, tokenizer.pad_token_id)[0]
     names = target_layer_names(model)
-    collect_statistics(model, [batch], names[:1], CONFIG)  # warm-up: thread pools, allocator
     probed = probe_batch(model, batch, names, CONFIG).activation_bytes
-    gathered = {}
-    run = measured(torch.device("cpu"), lambda: gathered.update(stats=collect_statistics(model, [batch], names,
-                                                                                          CONFIG)))
-    stats = gathered["stats"]
-    # a batch of fewer rows than FOLD_TOKENS sums each Z in a float32 chunk too, freed before the pass returns
-    rows = int(batch["attention_mask"].sum())
-    chunks = sum(INPUT_CHUNK_DTYPE.itemsize * z.numel() for z in stats.input_sums.values()) if rows < FOLD_TOKENS else 0
-    return {"positions": batch["input_ids"].numel(), "shape": list(batch["input_ids"].shape), "rows": rows,
-            "probe_mib": probed / 2**20, "grown_mib": run["grown_mib"], "statistics_mib": stats.nbytes() / 2**20,
-            "chunks_mib": chunks / 2**20}
+    collector = Collector(resolve_layers(model, names), CONFIG)
+    _run_pass(model, [batch], collector, CONFIG, None)  # every layer's statistics allocated
+    added = peak_tensor_bytes(lambda: _run_pass(model, [batch], collector, CONFIG, None))
+    return {"positions": batch["input_ids"].numel(), "shape": list(batch["input_ids"].shape),
+            "probe_mib": probed / 2**20, "pass_mib": added / 2**20}
+
+
+def peak_tensor_bytes(work) -> int:
+    """The most bytes of CPU tensors alive at once while `work()` runs, over those alive when it starts."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        work()
+    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def main() -> None:
@@ -69,19 +75,16 @@ def main() -> None:
     lines = ["# The memory plan's activations against a statistics pass", "",
              f"`{' '.join(['python benchmarks/diagnostics/activation_probe.py', results['command']]).strip()}`"
              f" on {results['machine']}: SmolLM2-135M in float32, all 210 linear layers, the first batch of "
-             f"{args.examples} `arith` examples; each batch size in a fresh process. The pass's own activations "
-             "and passing tensors: its memory grown less its statistics and, for a batch of fewer than "
-             f"{FOLD_TOKENS} rows, the float32 chunks of Z.", "",
-             "| batch | positions | probe (MiB) | pass grown | statistics | chunks of Z | pass's activations | "
-             "probe / pass |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"{args.examples} `arith` examples; each batch size in a fresh process. The pass: the most tensor "
+             "bytes its forward+backward of the batch adds beside every layer's statistics (activations kept for "
+             "the backward, and the backward's passing tensors).", "",
+             "| batch | positions | probe (MiB) | pass (MiB) | probe / pass |", "| ---: | ---: | ---: | ---: | ---: |"]
     for size, run in runs.items():
         if "error" in run:
-            lines.append(f"| {size} | failed: {run['error']} | | | | | | |")
+            lines.append(f"| {size} | failed: {run['error']} | | | |")
             continue
-        rest = run["grown_mib"] - run["statistics_mib"] - run["chunks_mib"]
-        lines.append(f"| {size} | {run['positions']} | {run['probe_mib']:.0f} | {run['grown_mib']:.0f} | "
-                     f"{run['statistics_mib']:.0f} | {run['chunks_mib']:.0f} | {rest:.0f} | "
-                     f"{run['probe_mib'] / rest:.2f} |")
+        lines.append(f"| {size} | {run['positions']} | {run['probe_mib']:.0f} | {run['pass_mib']:.0f} | "
+                     f"{run['probe_mib'] / run['pass_mib']:.2f} |")
     write_results(args.out, results, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

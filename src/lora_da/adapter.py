@@ -61,7 +61,7 @@ from .ranks import (
 )
 from .schedule import plan_inputs_apart, plan_memory, solve_layers
 from .solver import solve_working_bytes, truncate_solution
-from .statistics import INPUT_CHUNK_DTYPE, INPUT_DTYPE, LoraDAStatistics, statistics_bytes
+from .statistics import INPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
 logger = logging.getLogger("lora_da")
 
@@ -443,7 +443,8 @@ def _gather_and_solve(
         sizes = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[unit][1])
                  for unit, members in units.items()}
         solve_sizes = {unit: max(solve_sizes[name] for name in members) for unit, members in units.items()}
-        chunks = {unit: INPUT_CHUNK_DTYPE.itemsize * packed_size(shapes[unit][1]) for unit in units}
+        chunks = {unit: statistics_bytes(0, shapes[unit][1]) - statistics_bytes(0, shapes[unit][1], input_chunk=False)
+                  for unit in units}
         plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget, chunk_sizes=chunks,
                            activation_bytes=activations)
     world_size = get_world_size()
