@@ -114,6 +114,7 @@ def main() -> None:
                "statistics_seconds": report.statistics_seconds, "solve_seconds": report.solve_seconds,
                "statistics_gib": report.statistics_bytes / 2**30,
                "statistics_estimate_gib": report.statistics_bytes_estimate / 2**30, "layers": len(report.layers),
+               "activations_gib": (report.activation_bytes or 0) / 2**30,
                "solvers": sorted({v["eigensolver"] for v in report.layers.values()}),
                "max_residual": max(v["residual"] for v in report.layers.values())}
         if cuda:
@@ -140,14 +141,15 @@ def write(args, results: dict, held: int, device: torch.device) -> None:
              f"Floor (forward+backward forming every target weight's gradient): {floor['seconds']:.2f} s, "
              f"peak GPU {(floor['peak_mib'] - held / 2**20) / 1024:.1f} GiB.", "",
              "| layers per pass | eigensolver | passes | init s | x floor | statistics s | solve s "
-             "| statistics GiB (est.) | peak GPU GiB | model GiB | max residual |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| statistics GiB (est.) | activations GiB (measured) | peak GPU GiB | model GiB | max residual |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run in runs:
         lines.append(f"| {run['layers_per_pass']} | {run['eigensolver']} | {run['passes']} | "
                      f"{run['seconds']:.1f} | "
                      f"{run['seconds'] / floor['seconds']:.2f} | "
                      f"{run['statistics_seconds']:.1f} | {run['solve_seconds']:.1f} | {run['statistics_gib']:.1f} "
-                     f"({run['statistics_estimate_gib']:.1f}) | {run['peak_gpu_gib']:.1f} | "
+                     f"({run['statistics_estimate_gib']:.1f}) | "
+                     f"{run['activations_gib']:.1f} | {run['peak_gpu_gib']:.1f} | "
                      f"{run['model_gpu_gib']:.1f} | {run['max_residual']:.1e} |")
     write_results(args.out, results, "\n".join(lines) + "\n", device)
     print("\n".join(lines))

@@ -75,7 +75,7 @@ def test_automatic_plan_follows_free_memory(monkeypatch, all_at_once):
     solve = dict.fromkeys(sizes, 1000)
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: 10**12)
     roomy = schedule.plan_memory(sizes, solve, torch.device("cpu"))
-    assert roomy.rule == "one pass" and len(roomy.passes) == 1
+    assert roomy.rule == "one pass" and len(roomy.passes) == 1 and roomy.activation_bytes is None
     # Room for about three layers' statistics next to the largest solve: several passes, each within the share.
     free = int((3 * max(sizes.values()) + 1000) / schedule.STATISTICS_SHARE)
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
@@ -217,7 +217,7 @@ def test_measured_activations_let_one_pass_hold_more_than_the_share(monkeypatch)
     monkeypatch.setattr(adapter, "solve_working_bytes", lambda *shape: 1000)
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
     report = initialize_lora_da(model, data, CFG)
-    assert report.passes == 1
+    assert report.passes == 1 and report.activation_bytes == activations
     assert_same(lora_state(model), lora_state(reference))
 
 
@@ -231,7 +231,7 @@ def test_z_without_chunks_when_that_saves_a_pass(monkeypatch, all_at_once, caplo
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
     with caplog.at_level(logging.INFO, logger="lora_da"):
         report = initialize_lora_da(model, data, CFG)
-    assert report.passes == 1 and report.statistics_bytes <= unchunked
+    assert report.passes == 1 and report.statistics_bytes <= unchunked and report.activation_bytes == activations
     plan_line = next(r.message for r in caplog.records if "LoRA-DA plan" in r.message)
     assert "without float32 chunks" in plan_line and "MiB of activations measured" in plan_line
     assert_close_without_chunks(lora_state(model), all_at_once[0])

@@ -82,6 +82,7 @@ class LoraDAReport:
     passes: int = 1
     statistics_bytes_estimate: int = 0  # upper bound of the largest pass's accumulators, before gathering
     statistics_bytes: int = 0  # the largest pass's accumulators, as gathered
+    activation_bytes: int | None = None  # what a pass keeps for its largest batch's backward, where the plan measured
     world_size: int = 1
     statistics_sharded: bool = False  # each rank held only the statistics of the layers it solved
     data_hash: str | None = None
@@ -116,6 +117,7 @@ class LoraDAReport:
             "passes": self.passes,
             "statistics_bytes_estimate": self.statistics_bytes_estimate,
             "statistics_bytes": self.statistics_bytes,
+            "activation_bytes": self.activation_bytes,
             "world_size": self.world_size,
             "statistics_sharded": self.statistics_sharded,
             "data_hash": self.data_hash,
@@ -466,6 +468,7 @@ def _gather_and_solve(
     passes = [[name for unit in group for name in units[unit]] for group in plan.passes]
     report.passes = plan.data_passes
     report.statistics_bytes_estimate = max(plan.pass_bytes)
+    report.activation_bytes = activations
     if is_main_process():
         _announce(plan.describe(), config)
         too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
