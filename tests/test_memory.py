@@ -193,14 +193,13 @@ def test_probe_measures_what_a_pass_keeps_for_the_backward():
     layers (q/k/v and gate/up read one each), which the hooks keep until the backward."""
     model, names = tiny_llama(), list(_names())
     small, large = batches(examples(3), 3)[0], batches(examples(12), 12)[0]
-    kept = {name: probe_batch(model, batch, names, CFG).activation_bytes
-            for name, batch in (("small", small), ("large", large))}
-    assert kept["small"] == probe_batch(model, small, names, CFG).activation_bytes
+    small_bytes, large_bytes = (probe_batch(model, batch, names, CFG).activation_bytes for batch in (small, large))
+    assert small_bytes == probe_batch(model, small, names, CFG).activation_bytes
     positions = large["input_ids"].numel() / small["input_ids"].numel()
-    assert 0.85 * positions < kept["large"] / kept["small"] < 1.15 * positions
+    assert 0.85 * positions < large_bytes / small_bytes < 1.15 * positions
     config = model.config
     inputs_per_position = config.num_hidden_layers * (3 * config.hidden_size + config.intermediate_size) * 4
-    assert kept["small"] >= inputs_per_position * small["input_ids"].numel()
+    assert small_bytes >= inputs_per_position * small["input_ids"].numel()
 
 
 def test_measured_activations_let_one_pass_hold_more_than_the_share(monkeypatch):
@@ -237,17 +236,21 @@ def test_z_without_chunks_when_that_saves_a_pass(monkeypatch, all_at_once, caplo
     assert_close_without_chunks(lora_state(model), all_at_once[0])
 
 
-def _grouped_bytes(input_chunk: bool) -> int:
-    """Statistics of all tiny_llama layers, each input's Z counted once."""
+def _grouped_sizes(input_chunk: bool = True) -> dict[str, int]:
+    """Statistics bytes of the tiny_llama layers that read one input (q/k/v, o, gate/up, down), by the first."""
     model = tiny_llama()
     shapes = {name: layer_shape(model.get_submodule(name)) for name in _names()}
-    widths: dict[tuple[str, int], int] = {}  # (block, input) -> rows of the layers reading it
-    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
-    for name, (m, n) in shapes.items():
+    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # Llama's layers on one input
+    rows: dict[str, int] = {}
+    for name, (m, _) in shapes.items():
         parent, leaf = name.rsplit(".", 1)
-        key = (f"{parent}.{shared.get(leaf, leaf)}", n)
-        widths[key] = widths.get(key, 0) + m
-    return sum(statistics_bytes(m, n, input_chunk=input_chunk) for (_, n), m in widths.items())
+        unit = f"{parent}.{shared.get(leaf, leaf)}"
+        rows[unit] = rows.get(unit, 0) + m
+    return {unit: statistics_bytes(m, shapes[unit][1], input_chunk=input_chunk) for unit, m in rows.items()}
+
+
+def _grouped_bytes(input_chunk: bool) -> int:
+    return sum(_grouped_sizes(input_chunk).values())
 
 
 def _measured_activations(model, data) -> int:
@@ -279,20 +282,11 @@ def test_layers_reading_one_input_are_planned_with_one_z(all_at_once):
     """Before any forward each layer is counted with a Z of its own; a forward of the first batch finds the
     inputs that q/k/v and gate/up share, and the plan counts each Z once: fewer passes for the same budget; fewer
     still with Z summed without float32 chunks."""
-    shapes = {name: layer_shape(tiny_llama().get_submodule(name)) for name in _names()}
-    shared = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # Llama's layers on one input
-    units = {}
-    for name in shapes:
-        parent, leaf = name.rsplit(".", 1)
-        units.setdefault(f"{parent}.{shared.get(leaf, leaf)}", []).append(name)
-    grouped = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[members[0]][1])
-               for unit, members in units.items()}
+    grouped, unchunked = _grouped_sizes(), _grouped_sizes(input_chunk=False)
     budget = max(grouped.values())
-    per_layer = estimate_statistics_bytes(tiny_llama(), list(shapes))
+    per_layer = estimate_statistics_bytes(tiny_llama(), list(_names()))
     model = wrap(tiny_llama())
     report = initialize_lora_da(model, batches(examples(6), 3), CFG, memory_budget=budget)
-    unchunked = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[members[0]][1],
-                                        input_chunk=False) for unit, members in units.items()}
     assert report.passes == len(plan_passes(unchunked, memory_budget=budget))
     assert report.passes < len(plan_passes(grouped, memory_budget=budget)) < len(plan_passes(per_layer,
                                                                                               memory_budget=budget))
