@@ -28,10 +28,11 @@ def assert_same(first: dict, second: dict) -> None:
         torch.testing.assert_close(first[key], second[key], rtol=1e-6, atol=0)
 
 
-def assert_close_without_chunks(state: dict, one_pass: dict) -> None:
-    """Factors from Z summed without float32 chunks (each batch's products straight into float64) against one pass
-    with them: Z agrees to float32 rounding, which moves the factors of the GQA o_proj, whose Z is rank-deficient,
-    by up to 1e-3 (as in test_statistics.TestPrecision) and the other layers' by 1e-6 to 2e-5."""
+def assert_close_to_one_pass(state: dict, one_pass: dict) -> None:
+    """Factors from Z summed otherwise (each batch's products straight into float64 without float32 chunks, or
+    folded after other batches) against one pass: Z agrees to float32 rounding, which moves the factors of the GQA
+    o_proj, whose Z is rank-deficient, by up to 1e-3 (as in test_statistics.TestPrecision) and the other layers' by
+    1e-6 to 2e-5."""
     assert state.keys() == one_pass.keys()
     for key, value in state.items():
         error = float((value - one_pass[key]).norm() / one_pass[key].norm())
@@ -138,7 +139,7 @@ def test_inputs_apart_gives_the_factors_of_one_pass(monkeypatch, all_at_once, ca
         report = initialize_lora_da(model, batches(examples(6), 3), CFG)
     assert report.passes == 2
     assert any("then their Z in a forward without gradients" in r.message for r in caplog.records)
-    assert_close_without_chunks(lora_state(model), all_at_once[0])
+    assert_close_to_one_pass(lora_state(model), all_at_once[0])
     with pytest.raises(LoraDAError, match="one-shot iterator"):
         initialize_lora_da(wrap(tiny_llama()), iter(batches(examples(6), 3)), CFG)
 
@@ -233,7 +234,7 @@ def test_z_without_chunks_when_that_saves_a_pass(monkeypatch, all_at_once, caplo
     assert report.passes == 1 and report.statistics_bytes <= unchunked and report.activation_bytes == activations
     plan_line = next(r.message for r in caplog.records if "LoRA-DA plan" in r.message)
     assert "without float32 chunks" in plan_line and "MiB of activations measured" in plan_line
-    assert_close_without_chunks(lora_state(model), all_at_once[0])
+    assert_close_to_one_pass(lora_state(model), all_at_once[0])
 
 
 def _grouped_sizes(input_chunk: bool = True) -> dict[str, int]:
@@ -253,10 +254,64 @@ def _grouped_bytes(input_chunk: bool) -> int:
     return sum(_grouped_sizes(input_chunk).values())
 
 
-def _measured_activations(model, data) -> int:
-    """What the plan reads: the first batch's bytes kept for its backward, in proportion to the largest batch."""
+def _measured_activations(model, data, examples: int | None = None) -> int:
+    """What the plan reads: the first batch's bytes kept for its backward, in proportion to the positions of the
+    largest batch (or of `examples` examples of the longest)."""
     first = probe_batch(model.get_base_model(), data[0], list(_names()), CFG).activation_bytes
-    return first * max(b["input_ids"].numel() for b in data) // data[0]["input_ids"].numel()
+    largest = max(b["input_ids"].numel() for b in data)
+    if examples is not None:
+        largest = min(largest, examples * max(b["input_ids"].shape[1] for b in data))
+    return int(first / data[0]["input_ids"].numel() * largest)
+
+
+def test_micro_batches_slice_every_tensor_of_the_batch():
+    batch = {"input_ids": torch.arange(10).view(5, 2), "labels": torch.arange(10).view(5, 2), "scale": 0.5,
+             "bias": torch.zeros(3)}
+    micro = schedule.MicroBatches([batch], 2)
+    for _ in range(2):  # as often as the batches
+        parts = list(micro)
+        assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
+        assert torch.equal(torch.cat([p["labels"] for p in parts]), batch["labels"])
+        assert all(p["scale"] == 0.5 and p["bias"] is batch["bias"] for p in parts)
+
+
+def test_plan_micro_batches_takes_the_most_examples_that_fit_one_pass(monkeypatch):
+    estimate = schedule.ActivationEstimate(bytes_per_position=10.0, largest_batch=800, longest_example=100,
+                                           most_examples=8)
+    assert estimate.bytes() == 8000 and estimate.bytes(3) == 3000 and estimate.bytes(20) == 8000
+
+    def plan(activation_bytes: int) -> schedule.PassPlan:  # 1 pass where 4500 bytes or fewer are left to them
+        return schedule.PassPlan([["a"]] * (1 if activation_bytes <= 4500 else 2), [1], 0, 10_000, "automatic",
+                                 activation_bytes=activation_bytes)
+
+    monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 1)
+    chosen = schedule.plan_micro_batches(plan, estimate)
+    assert chosen.micro_batch_examples == 4 and chosen.activation_bytes == 4000
+    assert "micro-batches of at most 4 examples" in chosen.describe()
+    monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 500)  # at least 5 examples: none fits
+    assert schedule.plan_micro_batches(plan, estimate) is None
+
+
+def test_one_pass_in_micro_batches_where_whole_batches_leave_too_little(monkeypatch, caplog):
+    """Free memory where the statistics fit one pass beside the activations of 3 examples but not of a whole
+    batch of 6: the batches are passed in micro-batches of 3, and the factors are those of whole batches."""
+    data = batches(examples(12), 6)
+    reference = wrap(tiny_llama())
+    initialize_lora_da(reference, data, CFG)
+    model = wrap(tiny_llama())
+    free = int((_grouped_bytes(input_chunk=True) + _measured_activations(model, data, 3) + 1000)
+               / schedule.FILL_SHARE) + 1
+    whole_batches = schedule.FILL_SHARE * free - _measured_activations(model, data)
+    assert whole_batches < _grouped_bytes(input_chunk=False)
+    monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 1)
+    monkeypatch.setattr(adapter, "solve_working_bytes", lambda *shape: 1000)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    with caplog.at_level(logging.INFO, logger="lora_da"):
+        report = initialize_lora_da(model, data, CFG)
+    assert report.passes == 1 and report.num_examples == 12
+    plan_line = next(r.message for r in caplog.records if "LoRA-DA plan" in r.message)
+    assert "micro-batches of at most 3 examples" in plan_line
+    assert_close_to_one_pass(lora_state(model), lora_state(reference))
 
 
 def test_free_memory_is_read_from_the_machine():
@@ -291,7 +346,7 @@ def test_layers_reading_one_input_are_planned_with_one_z(all_at_once):
     assert report.passes < len(plan_passes(grouped, memory_budget=budget)) < len(plan_passes(per_layer,
                                                                                               memory_budget=budget))
     assert report.statistics_bytes <= report.statistics_bytes_estimate <= budget
-    assert_close_without_chunks(lora_state(model), all_at_once[0])
+    assert_close_to_one_pass(lora_state(model), all_at_once[0])
 
 
 def test_plan_passes():

@@ -59,7 +59,15 @@ from .ranks import (
     largest_ranks,
     resize_lora_layers,
 )
-from .schedule import plan_inputs_apart, plan_memory, solve_layers
+from .schedule import (
+    ActivationEstimate,
+    MicroBatches,
+    PassPlan,
+    plan_inputs_apart,
+    plan_memory,
+    plan_micro_batches,
+    solve_layers,
+)
 from .solver import solve_working_bytes, truncate_solution
 from .statistics import INPUT_DTYPE, LoraDAStatistics, statistics_bytes
 
@@ -222,7 +230,8 @@ def initialize_lora_da(
     `memory_budget` (bytes of statistics) set them instead. When that takes several passes, the statistics pass's
     forward of the first batch (its graph dropped) finds the layers that read one input, so that each shared `Z`
     is counted once, and measures the activations kept for a backward, so that the automatic plan gives the
-    statistics what they leave free; `Z` is then summed without float32 chunks where that saves passes.
+    statistics what they leave free; `Z` is then summed without float32 chunks where that saves passes, and in one
+    process the batches are passed in micro-batches where that makes one pass fit (the statistics are the same).
 
     `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
     reduced to it batch by batch (see `collect_statistics`), which divides the memory per pass by about the
@@ -437,7 +446,9 @@ def _gather_and_solve(
     plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
     several = len(plan.passes) > 1 and layers_per_pass is None
     probe = _probe_first_batch(model, batches, list(layers), config, loss_fn) if several else None
-    groups, activations = probe if probe else (None, None)
+    groups, estimate = probe if probe else (None, None)
+    activations = estimate.bytes() if estimate else None  # for whole batches
+    world_size = get_world_size()
     if groups:  # before any forward each layer was counted with a Z of its own: once per group is the truth
         units = {}
         for name in shapes:
@@ -449,7 +460,14 @@ def _gather_and_solve(
                   for unit in units}
         plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget, chunk_sizes=chunks,
                            activation_bytes=activations)
-    world_size = get_world_size()
+        if plan.rule == "automatic" and world_size == 1:  # one pass in micro-batches, where that fits
+
+            def plan_for(activation_bytes: int) -> PassPlan:
+                return plan_memory(sizes, solve_sizes, device, chunk_sizes=chunks, activation_bytes=activation_bytes)
+
+            micro = plan_micro_batches(plan_for, estimate)
+            if micro is not None:
+                plan, batches = micro, MicroBatches(batches, micro.micro_batch_examples)
     if world_size > 1 and shard_statistics is not False:
         if shard:  # sharded here, so that each rank can see whether it has a batch
             batches, shard = shard_batches(batches), False
@@ -468,7 +486,7 @@ def _gather_and_solve(
     passes = [[name for unit in group for name in units[unit]] for group in plan.passes]
     report.passes = plan.data_passes
     report.statistics_bytes_estimate = max(plan.pass_bytes)
-    report.activation_bytes = activations
+    report.activation_bytes = plan.activation_bytes
     if is_main_process():
         _announce(plan.describe(), config)
         too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
@@ -524,10 +542,10 @@ def _probe_first_batch(
     names: list[str],
     config: LoraDAConfig,
     loss_fn: PerExampleLoss | None,
-) -> tuple[dict[str, str], int] | None:
-    """The layers' input groups and the activations a pass keeps for its largest batch (the first batch's, in
-    proportion to the positions), from the statistics pass's forward of the first batch (on every rank, or on none:
-    a sharded model's forward is collective); None where the batches cannot be looked at twice or a rank has none."""
+) -> tuple[dict[str, str], ActivationEstimate] | None:
+    """The layers' input groups and the activations a pass keeps for a batch (the first batch's, in proportion to
+    the positions), from the statistics pass's forward of the first batch (on every rank, or on none: a sharded
+    model's forward is collective); None where the batches cannot be looked at twice or a rank has none."""
     iterator = iter(batches)
     first = None if iterator is batches else next(iterator, None)
     distributed = is_distributed()
@@ -539,17 +557,27 @@ def _probe_first_batch(
             return probe_batch(model, first, names, config, loss_fn)
 
     found = on_every_rank(probe)
-    activations = found.activation_bytes * max(map(_positions, batches)) // _positions(first)
+    shapes = [_examples_and_length(batch) for batch in batches]
+    estimate = ActivationEstimate(found.activation_bytes / _positions(first), max(e * n for e, n in shapes),
+                                  max(n for _, n in shapes), max(e for e, _ in shapes))
     if not distributed:
-        return found.input_groups, activations
-    everywhere = all_gather_objects((found.input_groups, activations))
-    return everywhere[0][0], max(bytes_ for _, bytes_ in everywhere)
+        return found.input_groups, estimate
+    everywhere = all_gather_objects((found.input_groups, dataclasses.astuple(estimate)))
+    return everywhere[0][0], ActivationEstimate(*map(max, zip(*(fields for _, fields in everywhere), strict=True)))
+
+
+def _examples_and_length(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
+    """Examples in a batch and positions per example (from its `input_ids`; (1, 1) without them)."""
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or not ids.dim():
+        return 1, 1
+    return ids.shape[0], max(1, ids.numel() // max(1, ids.shape[0]))
 
 
 def _positions(batch: Mapping[str, torch.Tensor]) -> int:
     """Positions in a batch (the elements of its `input_ids`, 1 without them): what its activations grow with."""
-    ids = batch.get("input_ids")
-    return max(1, ids.numel()) if isinstance(ids, torch.Tensor) else 1
+    examples, length = _examples_and_length(batch)
+    return examples * length
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:

@@ -1,9 +1,11 @@
-"""Scheduling of the LoRA-DA work: which layers share a pass over the data, and which rank solves which layer."""
+"""Scheduling of the LoRA-DA work: which layers share a pass over the data, in what micro-batches, and which rank
+solves which layer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,9 @@ def plan_passes(
 # Share of the free memory the automatic plan gives the statistics of one pass while the activations of a batch
 # are not known: the rest is left to them.
 STATISTICS_SHARE = 0.5
+# Micro-batches keep at least this many positions (or one whole example): fewer would make the GEMMs of a GPU
+# so small that a forward more (the plan that gathers Z apart) costs less.
+MIN_MICRO_BATCH_POSITIONS = 1024
 # Share of the free memory that what the plan counts may fill: a pass's statistics with the measured activations
 # of its largest batch, and after the pass with the largest solve. The rest is slack for the allocator and the
 # backward's passing tensors.
@@ -68,6 +73,7 @@ class PassPlan:
     shards: int = 1  # ranks that the statistics are sharded over (each holds about 1/shards of a pass)
     activation_bytes: int | None = None  # what a pass keeps for its largest batch's backward, where measured
     input_chunks: bool = True  # whether Z is summed in float32 chunks (see `hooks.Collector`)
+    micro_batch_examples: int | None = None  # each batch is passed in slices of at most this many examples
 
     @property
     def inputs_apart(self) -> bool:
@@ -93,6 +99,8 @@ class PassPlan:
                     f"pass + {self.solve_bytes / mib:.0f} MiB to solve a layer ({self.rule}")
             if not self.input_chunks:
                 text += "; Z summed straight into float64, without float32 chunks"
+        if self.micro_batch_examples is not None:
+            text += f"; batches passed in micro-batches of at most {self.micro_batch_examples} examples"
         if self.shards > 1:
             text += f"; per rank, statistics sharded over {self.shards} ranks"
         if self.activation_bytes is not None:
@@ -161,6 +169,56 @@ def plan_memory(
             plan = PassPlan(fewer, [sum(unchunked[name] for name in group) for group in fewer], solve_bytes, free,
                             rule, shards, activation_bytes, input_chunks=False)
     return plan
+
+
+@dataclass(frozen=True)
+class ActivationEstimate:
+    """What a pass keeps for a batch's backward, from one batch measured (see `collect.probe_batch`), in proportion
+    to the positions (the elements of `input_ids`)."""
+
+    bytes_per_position: float
+    largest_batch: int  # positions of the largest batch
+    longest_example: int  # positions of one example of the batch with the longest examples
+    most_examples: int  # examples of the batch with the most
+
+    def bytes(self, examples: int | None = None) -> int:
+        """For the largest batch, or for micro-batches of at most `examples` examples."""
+        positions = self.largest_batch if examples is None else min(self.largest_batch,
+                                                                    examples * self.longest_example)
+        return int(self.bytes_per_position * positions)
+
+    def smallest_micro_batch(self) -> int:
+        """Examples a micro-batch needs to keep MIN_MICRO_BATCH_POSITIONS positions."""
+        return max(1, -(-MIN_MICRO_BATCH_POSITIONS // max(1, self.longest_example)))
+
+
+def plan_micro_batches(plan: Callable[[int], PassPlan], estimate: ActivationEstimate) -> PassPlan | None:
+    """The plan of one pass with each batch cut into micro-batches of as many examples as that allows, from
+    `plan(activation_bytes)`, or None where no micro-batch of at least MIN_MICRO_BATCH_POSITIONS positions does.
+    Splitting a batch changes no statistic: each is a sum over examples or tokens."""
+    for examples in range(estimate.most_examples - 1, estimate.smallest_micro_batch() - 1, -1):
+        candidate = plan(estimate.bytes(examples))
+        if len(candidate.passes) == 1:
+            return dataclasses.replace(candidate, micro_batch_examples=examples)
+    return None
+
+
+class MicroBatches:
+    """`batches` with each batch cut into consecutive micro-batches of at most `examples` examples: every tensor
+    whose first dimension is the batch's (that of `input_ids`) is sliced, other values are passed on as they are.
+    Iterable as often as `batches` is."""
+
+    def __init__(self, batches: Iterable[Mapping[str, torch.Tensor]], examples: int):
+        self.batches = batches
+        self.examples = examples
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.batches:
+            size = batch["input_ids"].shape[0]
+            for start in range(0, size, self.examples):
+                yield {key: value[start : start + self.examples]
+                       if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size else value
+                       for key, value in batch.items()}
 
 
 def plan_inputs_apart(plan: PassPlan, gradient_sizes: Mapping[str, int], input_sizes: Mapping[str, int]) -> PassPlan:
