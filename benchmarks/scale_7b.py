@@ -25,6 +25,7 @@ from _harness import (
     add_common_arguments,
     best_runs,
     command_line,
+    commit,
     floor_pass,
     hardware,
     measured,
@@ -40,6 +41,7 @@ from _harness import (
 )
 
 from lora_da import LoraDAConfig, adapter, schedule
+from lora_da.collect import probe_batch
 from lora_da.schedule import (
     FILL_SHARE,
     PassPlan,
@@ -52,7 +54,9 @@ from lora_da.statistics import statistics_bytes
 
 POPULATION = 100_000
 GPU_BYTES = 80 * 2**30
-ACTIVATION_BYTES = 8 * 2**30  # a generous allowance for one calibration batch's forward+backward
+#: One calibration batch of the projection (examples, tokens each), and the vocabulary of its output head.
+PROJECTED_BATCH = (8, 512)
+PROJECTED_VOCABULARY = 32000
 FORWARD_SHARE = 1 / 3  # a forward's share of a forward+backward (the backward does twice its products)
 
 
@@ -110,6 +114,8 @@ def run_part(args) -> dict:
     peft_model = get_peft_model(model, lora)
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
+    if part == "activations":
+        return activation_part()
     if part == "lora-da-apart":  # the plan for statistics that fit beside the activations only without Z
         free, activations = apart_memory(args)
         schedule.free_memory_bytes = lambda device: free
@@ -117,6 +123,40 @@ def run_part(args) -> dict:
         adapter.probe_batch = lambda *a, **k: dataclasses.replace(probe(*a, **k), activation_bytes=activations)
         return {**measured(device, lambda: ours_init(peft_model, batches, POPULATION)), "free_bytes": free}
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
+
+
+def activation_part() -> dict:
+    """What the statistics pass keeps for a batch's backward (`probe_batch`) on 1 and 2 bf16 7B-shaped blocks
+    (2 examples of PROJECTED_BATCH's length), per position: a block's share and the rest's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    examples, tokens = 2, PROJECTED_BATCH[1]
+    ids = torch.randint(0, 512, (examples, tokens), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    kept = []
+    for blocks in (1, 2):
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                             num_hidden_layers=blocks, vocab_size=512, max_position_embeddings=tokens)
+        model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+        names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+                 and name != "lm_head"]
+        kept.append(probe_batch(model, batch, names, LoraDAConfig(population_size=POPULATION)).activation_bytes)
+        del model
+    positions = examples * tokens
+    return {"per_block_position_bytes": (kept[1] - kept[0]) / positions,
+            "rest_position_bytes": (2 * kept[0] - kept[1]) / positions, "dtype": "bfloat16",
+            "positions": positions, "commit": commit()}
+
+
+def projected_activations(shape: Shape, measured: dict, examples: int = PROJECTED_BATCH[0]) -> int:
+    """A pass's activations for `examples` examples of PROJECTED_BATCH's length on `shape`: the measured bytes per
+    position of a 7B-shaped block, in proportion to the block's widths (hidden + intermediate), over its blocks, with
+    the rest measured outside them and the output head's float32 logits and log-probabilities."""
+    widths = (shape.hidden + shape.intermediate) / (MEASURED.hidden + MEASURED.intermediate)
+    per_position = (measured["per_block_position_bytes"] * widths * shape.blocks + measured["rest_position_bytes"]
+                    + 2 * 4 * PROJECTED_VOCABULARY)
+    return int(per_position * examples * PROJECTED_BATCH[1])
 
 
 def apart_memory(args) -> tuple[int, int]:
@@ -141,50 +181,74 @@ def passes_within(budget: float, per_block: float, blocks: int) -> float:
     return -(-blocks // int(budget // per_block)) if budget >= per_block else float("inf")
 
 
-def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int) -> list[str]:
+def micro_batches_fitting(shape: Shape, measured: dict, free: int, solve: int, largest: int,
+                          statistics: int) -> tuple[int, int] | None:
+    """(examples, activations) of the largest micro-batch of PROJECTED_BATCH beside whose activations `statistics`
+    bytes fit one pass (as `schedule.plan_micro_batches`), or None."""
+    smallest = -(-schedule.MIN_MICRO_BATCH_POSITIONS // PROJECTED_BATCH[1])
+    for examples in range(PROJECTED_BATCH[0] - 1, smallest - 1, -1):
+        activations = projected_activations(shape, measured, examples)
+        if statistics <= pass_budget(free, solve, largest, activation_bytes=activations):
+            return examples, activations
+    return None
+
+
+def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int,
+               measured_activations: dict) -> list[str]:
     """Rows of the projected table: memory per GPU, passes and init time in units of one forward+backward."""
     statistics_ratio = statistics_seconds / floor_seconds  # per pass, size-independent to first order
     solve_cost = sum(n**3 + n * n * m for m, n in MEASURED.layers()) * blocks
     rows = []
     for setup in PROJECTED:
         shape, gpus, sharded = setup.shape, setup.gpus, setup.sharded
+        shards = gpus if sharded else 1
         per_block = shape.block_statistics_bytes()
         largest = max(statistics_bytes(m, n) for m, n in shape.layers())
         solve = max(solve_working_bytes(m, n, "chebyshev") for m, n in shape.layers())  # the default on CUDA
         weights = setup.weight_bits / 8 * shape.block_parameters() * shape.blocks
+        activations = projected_activations(shape, measured_activations)
         # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
         scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
         scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
+        solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
         unchunked = shape.block_gradient_bytes() + shape.block_input_bytes()  # Z without its float32 chunk
         free = setup.gpu_gib * 2**30 - weights / gpus  # when the pass starts
-        budget = pass_budget(free, solve, largest, gpus if sharded else 1, activation_bytes=ACTIVATION_BYTES)
+        budget = pass_budget(free, solve, largest, shards, activation_bytes=activations)
         model = shape.name if setup.weight_bits == 16 else f"{shape.name}, 4-bit NF4"
         statistics = "sharded" if sharded else "all-reduced" if gpus > 1 else "-"
-        label = f"| {model} | {gpus} x {setup.gpu_gib} GiB | {statistics} |"
-        if free <= ACTIVATION_BYTES:
+        label = f"| {model} | {gpus} x {setup.gpu_gib} GiB | {statistics} | {activations / 2**30:.0f} GiB |"
+        if free <= 0:
             rows.append(f"{label} {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
             continue
-        held, chunks = per_block / (gpus if sharded else 1), True  # as schedule.plan_memory
+        held, chunks = per_block / shards, True  # as schedule.plan_memory
         if not sharded and passes_within(budget, unchunked, shape.blocks) < passes_within(budget, per_block,
                                                                                           shape.blocks):
             held, chunks = unchunked, False  # Z without its float32 chunks where that takes fewer passes
+        during, after = pass_extra_bytes(solve, largest, shards)
+        micro = None
+        if gpus == 1 and passes_within(budget, held, shape.blocks) > 1:
+            micro = micro_batches_fitting(shape, measured_activations, free, solve, largest, unchunked * shape.blocks)
+        if micro is not None:
+            examples, fewer = micro
+            peak = weights + unchunked * shape.blocks + max(fewer, after)
+            rows.append(f"{label} {peak / 2**30:.0f} GiB | 1, micro-batches of {examples} examples | "
+                        f"{unchunked / 2**30:.1f} GiB/block | {statistics_ratio + solving:.1f}x |")
+            continue
         blocks_per_pass = int(budget // held) if budget > 0 else 0
         if blocks_per_pass < 1:
             rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
             continue
         passes = -(-shape.blocks // blocks_per_pass)
-        during, after = pass_extra_bytes(solve, largest, gpus if sharded else 1)
         pass_bytes = min(blocks_per_pass, shape.blocks) * held
-        peak = weights / gpus + pass_bytes + max(during + ACTIVATION_BYTES, after)
-        solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
+        peak = weights / gpus + pass_bytes + max(during + activations, after)
         relative = passes_cost(passes, blocks_per_pass, shape.blocks) + statistics_ratio - 1 + solving
         shown = str(passes) if chunks else f"{passes}, Z without chunks"
         if not sharded and passes > 1:  # G and y of all layers in one pass, then Z in a forward
-            plan = PassPlan([], [], solve, free, "automatic", activation_bytes=ACTIVATION_BYTES)
+            plan = PassPlan([], [], solve, free, "automatic", activation_bytes=activations)
             gradients = shape.block_gradient_bytes() * shape.blocks
             inputs = shape.block_input_bytes() * shape.blocks
             if plan_inputs_apart(plan, {"all": gradients}, {"all": inputs}).inputs_apart:
-                peak = weights / gpus + max(gradients + ACTIVATION_BYTES, gradients + inputs + solve)
+                peak = weights / gpus + max(gradients + activations, gradients + inputs + solve)
                 relative, shown = statistics_ratio + FORWARD_SHARE + solving, "1 + a forward"
         rows.append(f"{label} {peak / 2**30:.0f} GiB | {shown} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
     return rows
@@ -236,7 +300,8 @@ def report(args, results: dict) -> str:
         profile = parts["profile"]
         lines += ["", f"Our statistics pass under torch.profiler (top ops by self time, batch {args.batch_size}):", "",
                   "```", profile.get("table", profile.get("error", "")).rstrip(), "```"]
-    if "error" not in ours and "error" not in floor:
+    activations = parts.get("activations", {})
+    if "error" not in ours and "error" not in floor and "per_block_position_bytes" in activations:
         lines += [
             "",
             "## Projection (not a measurement)",
@@ -246,20 +311,28 @@ def report(args, results: dict) -> str:
             "the backward down to block k; solve time scales "
             "with each layer's n^3 + n^2 m and the floor with the parameter count; the ratio of the two is taken "
             "from this device. bf16 weights (FSDP-sharded over the GPUs; the 4-bit row: bitsandbytes NF4 with double "
-            "quantization, its computation counted as bf16's), 8 GiB for the activations of one batch (as the plan "
-            f"measures them); one pass's statistics with them, and with the largest solve after it (chebyshev's, "
-            f"the default on CUDA), within {FILL_SHARE:.0%} of the memory free when the pass starts (the default "
-            "automatic plan), Z summed without its float32 chunks where that takes fewer passes; solves are split "
-            "across GPUs. Statistics all-reduced: every GPU holds a "
+            f"quantization, its computation counted as bf16's); one batch of {PROJECTED_BATCH[0]} examples of "
+            f"{PROJECTED_BATCH[1]} tokens per GPU, its activations as the plan measures them (`probe_batch` on 1 "
+            f"and 2 bf16 7B-shaped blocks at commit {activations.get('commit')}: "
+            f"{activations['per_block_position_bytes'] / 1024:.0f} KiB per position and block, in proportion to "
+            "hidden + intermediate for the other shapes, with the float32 logits and log-probabilities of a "
+            f"{PROJECTED_VOCABULARY}-token head); one pass's statistics with them, and with the largest solve after "
+            f"it (chebyshev's, the default on CUDA), within {FILL_SHARE:.0%} of the memory free when the pass starts "
+            "(the default automatic plan), Z summed without its float32 chunks where that takes fewer passes, and "
+            "on one GPU the batch passed in micro-batches of at least 1024 positions where that makes one pass fit "
+            "(at the same cost: smaller GEMMs are not modelled); solves are split across GPUs. Statistics "
+            "all-reduced: every GPU holds a "
             "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
             "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection). "
             "Statistics not sharded that would take several passes are gathered as G and y of every layer in one "
             "forward+backward and their Z in a forward without gradients where that fits (`1 + a forward`, the "
             "forward counted as a third of a forward+backward).",
             "",
-            "| model | GPUs | statistics | peak per GPU | passes | statistics per GPU | init / one fwd+bwd |",
-            "| --- | ---: | --- | ---: | ---: | ---: | ---: |",
-            *projection(floor["seconds"], ours["statistics_seconds"], ours["solve_seconds"], args.blocks),
+            "| model | GPUs | statistics | activations of a batch | peak per GPU | passes | statistics per GPU "
+            "| init / one fwd+bwd |",
+            "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            *projection(floor["seconds"], ours["statistics_seconds"], ours["solve_seconds"], args.blocks,
+                        parts["activations"]),
         ]
     return "\n".join(lines) + "\n"
 
@@ -275,18 +348,23 @@ def main() -> None:
     add_common_arguments(parser)
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite report.md (and its projection) from the measurements in results.json")
+    parser.add_argument("--add-parts", nargs="+", metavar="PART",
+                        help="run only these parts (e.g. activations) and add them to the results in --out")
     parser.add_argument("--out", type=Path, default=results_dir("scale_7b"))
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
         return
-    if args.report_only:
+    if args.report_only or args.add_parts:
         results = json.loads((args.out / "results.json").read_text())
         for key in ("blocks", "examples", "tokens", "batch_size", "rank"):
             setattr(args, key, results[key])
         args.device = results.get("device", "cpu")
+        if args.add_parts:  # each such part records its own commit
+            results["runs"].update(run_parts(__file__, args.add_parts, ["--device", args.device]))
+            results["parts"] = best_runs(results["runs"])
     else:
-        parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-apart"], args.repeats) + ["profile"]
+        parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-apart"], args.repeats) + ["profile", "activations"]
         parts += ["released"] if args.released else []
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "device": args.device,
                    "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),
