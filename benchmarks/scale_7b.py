@@ -181,16 +181,27 @@ def passes_within(budget: float, per_block: float, blocks: int) -> float:
     return -(-blocks // int(budget // per_block)) if budget >= per_block else float("inf")
 
 
-def micro_batches_fitting(shape: Shape, measured: dict, free: int, solve: int, largest: int,
-                          statistics: int) -> tuple[int, int] | None:
-    """(examples, activations) of the largest micro-batch of PROJECTED_BATCH beside whose activations `statistics`
-    bytes fit one pass (as `schedule.plan_micro_batches`), or None."""
+def projected_plan(shape: Shape, measured: dict, free: int, solve: int, largest: int, shards: int) -> dict:
+    """As `schedule.plan_memory` and `plan_micro_batches` plan it: per GPU and block the statistics (Z without
+    its float32 chunks where that takes fewer passes), the passes, and the examples of a micro-batch (None: whole
+    batches) with their activations."""
+    chunked = shape.block_statistics_bytes() / shards
+    unchunked = chunked if shards > 1 else shape.block_gradient_bytes() + shape.block_input_bytes()
+
+    def plan(examples: int | None) -> dict:
+        activations = projected_activations(shape, measured, examples or PROJECTED_BATCH[0])
+        budget = pass_budget(free, solve, largest, shards, activation_bytes=activations)
+        held = min(chunked, unchunked, key=lambda size: (passes_within(budget, size, shape.blocks), -size))
+        return {"examples": examples, "activations": activations, "held": held, "chunks": held == chunked,
+                "passes": passes_within(budget, held, shape.blocks), "blocks_per_pass": max(0, budget // held)}
+
+    best = plan(None)
     smallest = -(-schedule.MIN_MICRO_BATCH_POSITIONS // PROJECTED_BATCH[1])
     for examples in range(PROJECTED_BATCH[0] - 1, smallest - 1, -1):
-        activations = projected_activations(shape, measured, examples)
-        if statistics <= pass_budget(free, solve, largest, activation_bytes=activations):
-            return examples, activations
-    return None
+        candidate = plan(examples)
+        if candidate["passes"] < best["passes"]:
+            best = candidate
+    return best
 
 
 def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: float, blocks: int,
@@ -202,54 +213,39 @@ def projection(floor_seconds: float, statistics_seconds: float, solve_seconds: f
     for setup in PROJECTED:
         shape, gpus, sharded = setup.shape, setup.gpus, setup.sharded
         shards = gpus if sharded else 1
-        per_block = shape.block_statistics_bytes()
         largest = max(statistics_bytes(m, n) for m, n in shape.layers())
         solve = max(solve_working_bytes(m, n, "chebyshev") for m, n in shape.layers())  # the default on CUDA
         weights = setup.weight_bits / 8 * shape.block_parameters() * shape.blocks
-        activations = projected_activations(shape, measured_activations)
         # Solve seconds scale with the layers' n^3 + n^2 m; the floor with the parameters (same tokens).
         scale_solve = sum(n**3 + n * n * m for m, n in shape.layers()) * shape.blocks / solve_cost
         scale_floor = shape.block_parameters() * shape.blocks / (MEASURED.block_parameters() * blocks)
         solving = solve_seconds * scale_solve / (floor_seconds * scale_floor) / gpus
-        unchunked = shape.block_gradient_bytes() + shape.block_input_bytes()  # Z without its float32 chunk
         free = setup.gpu_gib * 2**30 - weights / gpus  # when the pass starts
-        budget = pass_budget(free, solve, largest, shards, activation_bytes=activations)
         model = shape.name if setup.weight_bits == 16 else f"{shape.name}, 4-bit NF4"
         statistics = "sharded" if sharded else "all-reduced" if gpus > 1 else "-"
-        label = f"| {model} | {gpus} x {setup.gpu_gib} GiB | {statistics} | {activations / 2**30:.0f} GiB |"
+        label = f"| {model} | {gpus} x {setup.gpu_gib} GiB | {statistics} |"
         if free <= 0:
-            rows.append(f"{label} {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
+            rows.append(f"{label} | {weights / gpus / 2**30:.0f} GiB weights alone | does not fit | | |")
             continue
-        held, chunks = per_block / shards, True  # as schedule.plan_memory
-        if not sharded and passes_within(budget, unchunked, shape.blocks) < passes_within(budget, per_block,
-                                                                                          shape.blocks):
-            held, chunks = unchunked, False  # Z without its float32 chunks where that takes fewer passes
-        during, after = pass_extra_bytes(solve, largest, shards)
-        micro = None
-        if gpus == 1 and passes_within(budget, held, shape.blocks) > 1:
-            micro = micro_batches_fitting(shape, measured_activations, free, solve, largest, unchunked * shape.blocks)
-        if micro is not None:
-            examples, fewer = micro
-            peak = weights + unchunked * shape.blocks + max(fewer, after)
-            rows.append(f"{label} {peak / 2**30:.0f} GiB | 1, micro-batches of {examples} examples | "
-                        f"{unchunked / 2**30:.1f} GiB/block | {statistics_ratio + solving:.1f}x |")
-            continue
-        blocks_per_pass = int(budget // held) if budget > 0 else 0
-        if blocks_per_pass < 1:
+        plan = projected_plan(shape, measured_activations, free, solve, largest, shards)
+        activations, held, passes = plan["activations"], plan["held"], plan["passes"]
+        label += f" {activations / 2**30:.0f} GiB |"
+        if passes == float("inf"):
             rows.append(f"{label} one block's statistics and solve exceed the plan's share | does not fit | | |")
             continue
-        passes = -(-shape.blocks // blocks_per_pass)
-        pass_bytes = min(blocks_per_pass, shape.blocks) * held
-        peak = weights / gpus + pass_bytes + max(during + activations, after)
-        relative = passes_cost(passes, blocks_per_pass, shape.blocks) + statistics_ratio - 1 + solving
-        shown = str(passes) if chunks else f"{passes}, Z without chunks"
+        during, after = pass_extra_bytes(solve, largest, shards)
+        peak = weights / gpus + min(plan["blocks_per_pass"], shape.blocks) * held + max(during + activations, after)
+        relative = passes_cost(passes, plan["blocks_per_pass"], shape.blocks) + statistics_ratio - 1 + solving
+        shown = str(passes) + ("" if plan["chunks"] else ", Z without chunks")
         if not sharded and passes > 1:  # G and y of all layers in one pass, then Z in a forward
-            plan = PassPlan([], [], solve, free, "automatic", activation_bytes=activations)
+            apart = PassPlan([], [], solve, free, "automatic", activation_bytes=activations)
             gradients = shape.block_gradient_bytes() * shape.blocks
             inputs = shape.block_input_bytes() * shape.blocks
-            if plan_inputs_apart(plan, {"all": gradients}, {"all": inputs}).inputs_apart:
+            if plan_inputs_apart(apart, {"all": gradients}, {"all": inputs}).inputs_apart:
                 peak = weights / gpus + max(gradients + activations, gradients + inputs + solve)
                 relative, shown = statistics_ratio + FORWARD_SHARE + solving, "1 + a forward"
+        if plan["examples"] is not None:
+            shown += f", micro-batches of {plan['examples']}"
         rows.append(f"{label} {peak / 2**30:.0f} GiB | {shown} | {held / 2**30:.1f} GiB/block | {relative:.1f}x |")
     return rows
 
@@ -319,8 +315,8 @@ def report(args, results: dict) -> str:
             f"{PROJECTED_VOCABULARY}-token head); one pass's statistics with them, and with the largest solve after "
             f"it (chebyshev's, the default on CUDA), within {FILL_SHARE:.0%} of the memory free when the pass starts "
             "(the default automatic plan), Z summed without its float32 chunks where that takes fewer passes, and "
-            "on one GPU the batch passed in micro-batches of at least 1024 positions where that makes one pass fit "
-            "(at the same cost: smaller GEMMs are not modelled); solves are split across GPUs. Statistics "
+            "the batch passed in micro-batches of at least 512 positions where that takes fewer passes (at the same "
+            "cost: smaller GEMMs are not modelled); solves are split across GPUs. Statistics "
             "all-reduced: every GPU holds a "
             "whole pass; sharded (`shard_statistics`, the default when one pass does not fit): each GPU holds the "
             "layers it solves, reduced to it batch by batch (the reductions' time is not in the projection). "
@@ -328,7 +324,7 @@ def report(args, results: dict) -> str:
             "forward+backward and their Z in a forward without gradients where that fits (`1 + a forward`, the "
             "forward counted as a third of a forward+backward).",
             "",
-            "| model | GPUs | statistics | activations of a batch | peak per GPU | passes | statistics per GPU "
+            "| model | GPUs | statistics | activations of a (micro-)batch | peak per GPU | passes | statistics per GPU "
             "| init / one fwd+bwd |",
             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
             *projection(floor["seconds"], ours["statistics_seconds"], ours["solve_seconds"], args.blocks,

@@ -29,6 +29,11 @@ FAKE_FREE_BYTES = 370_000
 # all statistics (151 kB with Z summed straight into float64) do not fit one pass beside them, but G and y (65 kB)
 # do, and then Z too without the activations.
 FAKE_ACTIVATION_BYTES = 180_000
+# The first batch (2 examples of 12 tokens) measured at this, 16.7 kB a position: the 14 to 15 tokens of the
+# longest example then take at most 250 kB, and a batch of two at least 400 kB. With the free memory below, all
+# statistics (194 kB) fit one pass beside the former, not beside the latter, even without Z's chunks (151 kB).
+MICRO_ACTIVATION_BYTES = 400_000
+MICRO_FREE_BYTES = int((194_048 + 260_000 + 1000) / 0.85)
 
 
 def measuring_activations_as(module, activation_bytes: int):
@@ -152,6 +157,16 @@ def _worker(rank: int, port: int, out: str) -> None:
         report = initialize_lora_da(model, apart_data()[:3] if rank == 0 else apart_data()[3:], CFG,
                                     shard_statistics=False)
         results["apart_unsupervised"], results["apart_unsupervised_report"] = lora_state(model), report.to_dict()
+        # All-reduced, where every layer's statistics fit one pass beside the activations of one example but not of
+        # a batch of two: micro-batches of one example.
+        lora_da.adapter.probe_batch = measuring_activations_as(lora_da.adapter, MICRO_ACTIVATION_BYTES)
+        lora_da.schedule.free_memory_bytes = lambda device: MICRO_FREE_BYTES
+        min_positions, lora_da.schedule.MIN_MICRO_BATCH_POSITIONS = lora_da.schedule.MIN_MICRO_BATCH_POSITIONS, 1
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, batches(examples(8), 2), CFG, shard=True, shard_statistics=False)
+        results["micro"], results["micro_report"] = lora_state(model), report.to_dict()
+        lora_da.schedule.free_memory_bytes = lambda device: FAKE_FREE_BYTES
+        lora_da.schedule.MIN_MICRO_BATCH_POSITIONS = min_positions
         lora_da.adapter.solve_working_bytes, lora_da.adapter.probe_batch = solve_bytes, probe
         # Asked for, with no batch on rank 1: one clear error on both ranks.
         try:
@@ -314,6 +329,24 @@ class TestShardedStatistics:
             assert report.passes == 2  # the same plan in one process
             assert reports[0]["data_hash"] == report.data_hash
             assert_factors_match([r[key] for r in results], lora_state(model))
+
+    def test_micro_batches_when_a_whole_batch_leaves_too_little(self, ranks, monkeypatch):
+        results, _ = ranks
+        import lora_da.adapter
+        import lora_da.schedule
+
+        reports = [r["micro_report"] for r in results]
+        assert all(r["passes"] == 1 and not r["statistics_sharded"] for r in reports)
+        assert all(r["activation_bytes"] < MICRO_ACTIVATION_BYTES for r in reports)  # one example's, not a batch's
+        monkeypatch.setattr(lora_da.adapter, "solve_working_bytes", lambda *shape: 1000)
+        monkeypatch.setattr(lora_da.schedule, "free_memory_bytes", lambda device: MICRO_FREE_BYTES)
+        monkeypatch.setattr(lora_da.schedule, "MIN_MICRO_BATCH_POSITIONS", 1)
+        monkeypatch.setattr(lora_da.adapter, "probe_batch", measuring_activations_as(lora_da.adapter,
+                                                                                      MICRO_ACTIVATION_BYTES))
+        model = wrap(tiny_llama())
+        report = initialize_lora_da(model, batches(examples(8), 2), CFG)
+        assert report.passes == 1 and report.activation_bytes == reports[0]["activation_bytes"]
+        assert_factors_match([r["micro"] for r in results], lora_state(model))
 
     def test_a_rank_without_batch_is_refused_on_every_rank(self, ranks):
         results, _ = ranks

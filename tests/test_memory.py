@@ -275,21 +275,24 @@ def test_micro_batches_slice_every_tensor_of_the_batch():
         assert all(p["scale"] == 0.5 and p["bias"] is batch["bias"] for p in parts)
 
 
-def test_plan_micro_batches_takes_the_most_examples_that_fit_one_pass(monkeypatch):
+def test_plan_micro_batches_takes_the_fewest_passes_with_the_most_examples(monkeypatch):
     estimate = schedule.ActivationEstimate(bytes_per_position=10.0, largest_batch=800, longest_example=100,
                                            most_examples=8)
     assert estimate.bytes() == 8000 and estimate.bytes(3) == 3000 and estimate.bytes(20) == 8000
 
-    def plan(activation_bytes: int) -> schedule.PassPlan:  # 1 pass where 4500 bytes or fewer are left to them
-        return schedule.PassPlan([["a"]] * (1 if activation_bytes <= 4500 else 2), [1], 0, 10_000, "automatic",
-                                 activation_bytes=activation_bytes)
+    def plan(activation_bytes: int) -> schedule.PassPlan:  # fewer passes, the fewer bytes left to activations
+        passes = 1 if activation_bytes <= 4500 else 2 if activation_bytes <= 6500 else 3
+        return schedule.PassPlan([["a"]] * passes, [1], 0, 10_000, "automatic", activation_bytes=activation_bytes)
 
     monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 1)
-    chosen = schedule.plan_micro_batches(plan, estimate)
-    assert chosen.micro_batch_examples == 4 and chosen.activation_bytes == 4000
+    chosen = schedule.plan_micro_batches(plan, estimate, passes=3)
+    assert chosen.micro_batch_examples == 4 and chosen.activation_bytes == 4000 and len(chosen.passes) == 1
     assert "micro-batches of at most 4 examples" in chosen.describe()
-    monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 500)  # at least 5 examples: none fits
-    assert schedule.plan_micro_batches(plan, estimate) is None
+    monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 500)  # at least 5 examples: 2 passes at best
+    chosen = schedule.plan_micro_batches(plan, estimate, passes=3)
+    assert chosen.micro_batch_examples == 6 and len(chosen.passes) == 2
+    monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 700)  # 7 examples: no fewer passes than 8
+    assert schedule.plan_micro_batches(plan, estimate, passes=3) is None
 
 
 def test_one_pass_in_micro_batches_where_whole_batches_leave_too_little(monkeypatch, caplog):

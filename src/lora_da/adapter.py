@@ -230,8 +230,8 @@ def initialize_lora_da(
     `memory_budget` (bytes of statistics) set them instead. When that takes several passes, the statistics pass's
     forward of the first batch (its graph dropped) finds the layers that read one input, so that each shared `Z`
     is counted once, and measures the activations kept for a backward, so that the automatic plan gives the
-    statistics what they leave free; `Z` is then summed without float32 chunks where that saves passes, and in one
-    process the batches are passed in micro-batches where that makes one pass fit (the statistics are the same).
+    statistics what they leave free; `Z` is then summed without float32 chunks, and the batches passed in
+    micro-batches (the statistics are the same sums), where that saves passes.
 
     `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
     reduced to it batch by batch (see `collect_statistics`), which divides the memory per pass by about the
@@ -460,14 +460,6 @@ def _gather_and_solve(
                   for unit in units}
         plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget, chunk_sizes=chunks,
                            activation_bytes=activations)
-        if plan.rule == "automatic" and world_size == 1:  # one pass in micro-batches, where that fits
-
-            def plan_for(activation_bytes: int) -> PassPlan:
-                return plan_memory(sizes, solve_sizes, device, chunk_sizes=chunks, activation_bytes=activation_bytes)
-
-            micro = plan_micro_batches(plan_for, estimate)
-            if micro is not None:
-                plan, batches = micro, MicroBatches(batches, micro.micro_batch_examples)
     if world_size > 1 and shard_statistics is not False:
         if shard:  # sharded here, so that each rank can see whether it has a batch
             batches, shard = shard_batches(batches), False
@@ -478,6 +470,16 @@ def _gather_and_solve(
             plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass,
                                memory_budget=memory_budget, shards=world_size, activation_bytes=activations)
     shard_statistics = bool(shard_statistics) and world_size > 1
+    if estimate is not None and plan.rule == "automatic":  # fewer passes in micro-batches, where that fits
+        shards = world_size if shard_statistics else 1
+
+        def plan_for(activation_bytes: int) -> PassPlan:
+            return plan_memory(sizes, solve_sizes, device, shards=shards, chunk_sizes=chunks,
+                               activation_bytes=activation_bytes)
+
+        micro = plan_micro_batches(plan_for, estimate, len(plan.passes))
+        if micro is not None:
+            plan, batches = micro, MicroBatches(batches, micro.micro_batch_examples)
     if groups and not shard_statistics and not any(isinstance(layer, ParameterTarget) for layer in layers.values()):
         gradients = {unit: size - statistics_bytes(0, shapes[unit][1]) for unit, size in sizes.items()}
         plan = plan_inputs_apart(plan, gradients, {unit: INPUT_DTYPE.itemsize * packed_size(shapes[unit][1])

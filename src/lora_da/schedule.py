@@ -52,9 +52,9 @@ def plan_passes(
 # Share of the free memory the automatic plan gives the statistics of one pass while the activations of a batch
 # are not known: the rest is left to them.
 STATISTICS_SHARE = 0.5
-# Micro-batches keep at least this many positions (or one whole example): fewer would make the GEMMs of a GPU
-# so small that a forward more (the plan that gathers Z apart) costs less.
-MIN_MICRO_BATCH_POSITIONS = 1024
+# Micro-batches keep at least this many positions (or one whole example): a GPU runs GEMMs of fewer rows well
+# below its peak.
+MIN_MICRO_BATCH_POSITIONS = 512
 # Share of the free memory that what the plan counts may fill: a pass's statistics with the measured activations
 # of its largest batch, and after the pass with the largest solve. The rest is slack for the allocator and the
 # backward's passing tensors.
@@ -192,15 +192,19 @@ class ActivationEstimate:
         return max(1, -(-MIN_MICRO_BATCH_POSITIONS // max(1, self.longest_example)))
 
 
-def plan_micro_batches(plan: Callable[[int], PassPlan], estimate: ActivationEstimate) -> PassPlan | None:
-    """The plan of one pass with each batch cut into micro-batches of as many examples as that allows, from
-    `plan(activation_bytes)`, or None where no micro-batch of at least MIN_MICRO_BATCH_POSITIONS positions does.
-    Splitting a batch changes no statistic: each is a sum over examples or tokens."""
+def plan_micro_batches(plan: Callable[[int], PassPlan], estimate: ActivationEstimate, passes: int) -> PassPlan | None:
+    """The plan, from `plan(activation_bytes)`, with each batch cut into micro-batches of at least
+    MIN_MICRO_BATCH_POSITIONS positions that takes the fewest passes, if fewer than the whole batches' `passes`:
+    of those, the one with the most examples. Splitting a batch changes no statistic: each is a sum over examples
+    or tokens."""
+    best = None
     for examples in range(estimate.most_examples - 1, estimate.smallest_micro_batch() - 1, -1):
         candidate = plan(estimate.bytes(examples))
+        if len(candidate.passes) < (len(best.passes) if best else passes):
+            best = dataclasses.replace(candidate, micro_batch_examples=examples)
         if len(candidate.passes) == 1:
-            return dataclasses.replace(candidate, micro_batch_examples=examples)
-    return None
+            break
+    return best
 
 
 class MicroBatches:
@@ -234,7 +238,7 @@ def plan_inputs_apart(plan: PassPlan, gradient_sizes: Mapping[str, int], input_s
             total + plan.solve_bytes > FILL_SHARE * plan.free_bytes:
         return plan
     return PassPlan([list(gradient_sizes)], [total], plan.solve_bytes, plan.free_bytes, "inputs apart",
-                    activation_bytes=plan.activation_bytes)
+                    activation_bytes=plan.activation_bytes, micro_batch_examples=plan.micro_batch_examples)
 
 
 def pass_budget(free: int, solve_bytes: int, largest_statistics: int = 0, shards: int = 1,
