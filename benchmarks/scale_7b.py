@@ -103,10 +103,12 @@ def dtype(args) -> torch.dtype:
 
 
 def run_part(args) -> dict:
-    model, batches, lora, get_peft_model = build(args)
     device = torch.device(args.device)
-    floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
     part = args.part.split("#")[0]
+    if part == "activations":  # models of its own
+        return activation_part(device)
+    model, batches, lora, get_peft_model = build(args)
+    floor_pass(model, batches[:1])  # warm-up in every process: kernels and thread pools, not the measured work
     if part in ("floor", "floor-rows"):
         return measured(device, lambda: floor_pass(model, batches, head_rows=part == "floor-rows"))
     if part == "released":
@@ -114,8 +116,6 @@ def run_part(args) -> dict:
     peft_model = get_peft_model(model, lora)
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
-    if part == "activations":
-        return activation_part()
     if part == "lora-da-apart":  # the plan for statistics that fit beside the activations only without Z
         free, activations = apart_memory(args)
         schedule.free_memory_bytes = lambda device: free
@@ -125,20 +125,21 @@ def run_part(args) -> dict:
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
 
 
-def activation_part() -> dict:
+def activation_part(device: torch.device) -> dict:
     """What the statistics pass keeps for a batch's backward (`probe_batch`) on 1 and 2 bf16 7B-shaped blocks
     (2 examples of PROJECTED_BATCH's length), per position: a block's share and the rest's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     examples, tokens = 2, PROJECTED_BATCH[1]
     ids = torch.randint(0, 512, (examples, tokens), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device),
+             "labels": ids.to(device)}
     kept = []
     for blocks in (1, 2):
         torch.manual_seed(0)
         config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                              num_hidden_layers=blocks, vocab_size=512, max_position_embeddings=tokens)
-        model = LlamaForCausalLM(config).eval().to(torch.bfloat16)
+        model = LlamaForCausalLM(config).eval().to(device, torch.bfloat16)
         names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
                  and name != "lm_head"]
         kept.append(probe_batch(model, batch, names, LoraDAConfig(population_size=POPULATION)).activation_bytes)
