@@ -93,3 +93,16 @@ def assert_factors_match(per_rank: list[dict], reference: dict) -> None:
     for key, expected in reference.items():
         assert torch.equal(per_rank[0][key], per_rank[1][key]), f"ranks differ at {key}"
         assert relative_error(per_rank[0][key], expected) <= factor_tolerance(key), key
+
+
+def bytes_a_pass_adds(model, batch: dict, names: list[str], config) -> int:
+    """The most tensor bytes a statistics pass's forward+backward of `batch` adds beside every layer's statistics
+    (its second pass through one collector), traced allocation by allocation."""
+    from lora_da.bench.memory import peak_tensor_bytes
+    from lora_da.collect import _run_pass
+    from lora_da.hooks import Collector
+    from lora_da.layers import resolve_layers
+
+    collector = Collector(resolve_layers(model, names), config)
+    _run_pass(model, [batch], collector, config, None)
+    return peak_tensor_bytes(lambda: _run_pass(model, [batch], collector, config, None))

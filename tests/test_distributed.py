@@ -29,9 +29,9 @@ FAKE_FREE_BYTES = 370_000
 # all statistics (151 kB with Z summed straight into float64) do not fit one pass beside them, but G and y (65 kB)
 # do, and then Z too without the activations.
 FAKE_ACTIVATION_BYTES = 180_000
-# The first batch (2 examples of 12 tokens) measured at this, 16.7 kB a position: the 14 to 15 tokens of the
-# longest example then take at most 250 kB, and a batch of two at least 400 kB. With the free memory below, all
-# statistics (194 kB) fit one pass beside the former, not beside the latter, even without Z's chunks (151 kB).
+# The batch with the longest examples (2 of them) measured at this: 200 kB an example. With the free memory below,
+# all statistics (194 kB) fit one pass beside one example's activations, not beside two examples', even without
+# Z's chunks (151 kB).
 MICRO_ACTIVATION_BYTES = 400_000
 MICRO_FREE_BYTES = int((194_048 + 260_000 + 1000) / 0.85)
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 import torch
-from _tiny import batches, examples, lora_state, tiny_llama, wrap
+from _tiny import batches, bytes_a_pass_adds, examples, lora_state, tiny_llama, wrap
 
 from lora_da import LoraDAConfig, LoraDAError, adapter, hooks, initialize_lora_da, schedule
 from lora_da.collect import collect_statistics, estimate_statistics_bytes, probe_batch
@@ -203,6 +203,28 @@ def test_probe_measures_what_a_pass_keeps_for_the_backward():
     assert small_bytes >= inputs_per_position * small["input_ids"].numel()
 
 
+def test_probe_counts_most_of_what_a_pass_adds():
+    """The rest is the backward's passing tensors (gradients of activations, the head's), within the plan's slack."""
+    model, names, batch = tiny_llama(), list(_names()), batches(examples(6), 6)[0]
+    added = bytes_a_pass_adds(model, batch, names, CFG)
+    assert 0.75 * added < probe_batch(model, batch, names, CFG).activation_bytes <= added
+
+
+def test_can_cut_only_batches_whose_tensors_follow_the_examples():
+    batch = batches(examples(4), 4)[0]
+    assert schedule.can_cut(batch) and schedule.can_cut({**batch, "scale": 0.5, "temperature": torch.tensor(1.0)})
+    assert not schedule.can_cut({**batch, "pixel_values": torch.zeros(9, 3)})  # image patches, not examples
+    assert not schedule.can_cut({**batch, "texts": ["a", "b", "c", "d"]})
+
+
+def test_activations_that_leave_no_room_are_reported(monkeypatch):
+    data = batches(examples(4), 2)
+    free = int(_measured_activations(wrap(tiny_llama()), data) / schedule.FILL_SHARE)
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    with pytest.warns(UserWarning, match="Pass smaller batches"):
+        initialize_lora_da(wrap(tiny_llama()), data, CFG)
+
+
 def test_measured_activations_let_one_pass_hold_more_than_the_share(monkeypatch):
     """Free memory where the share left to unknown activations needs several passes, but the measured
     activations of batches of one example leave room for every layer's statistics in one pass."""
@@ -255,13 +277,12 @@ def _grouped_bytes(input_chunk: bool) -> int:
 
 
 def _measured_activations(model, data, examples: int | None = None) -> int:
-    """What the plan reads: the first batch's bytes kept for its backward, in proportion to the positions of the
-    largest batch (or of `examples` examples of the longest)."""
-    first = probe_batch(model.get_base_model(), data[0], list(_names()), CFG).activation_bytes
-    largest = max(b["input_ids"].numel() for b in data)
-    if examples is not None:
-        largest = min(largest, examples * max(b["input_ids"].shape[1] for b in data))
-    return int(first / data[0]["input_ids"].numel() * largest)
+    """What the plan reads: the bytes kept for the backward of the batch with the longest examples, per example,
+    for as many examples as the batch with the most (or `examples`)."""
+    longest = max(data, key=lambda batch: batch["input_ids"].shape[1])
+    kept = probe_batch(model.get_base_model(), longest, list(_names()), CFG).activation_bytes
+    most = max(batch["input_ids"].shape[0] for batch in data)
+    return int(kept / longest["input_ids"].shape[0] * min(examples or most, most))
 
 
 def test_micro_batches_slice_every_tensor_of_the_batch():
@@ -276,8 +297,7 @@ def test_micro_batches_slice_every_tensor_of_the_batch():
 
 
 def test_plan_micro_batches_takes_the_fewest_passes_with_the_most_examples(monkeypatch):
-    estimate = schedule.ActivationEstimate(bytes_per_position=10.0, largest_batch=800, longest_example=100,
-                                           most_examples=8)
+    estimate = schedule.ActivationEstimate(bytes_per_example=1000.0, longest_example=100, most_examples=8)
     assert estimate.bytes() == 8000 and estimate.bytes(3) == 3000 and estimate.bytes(20) == 8000
 
     def plan(activation_bytes: int) -> schedule.PassPlan:  # fewer passes, the fewer bytes left to activations

@@ -11,13 +11,15 @@ import pytest
 import torch
 import transformers as tf
 from _ranks import recording_failure, run_ranks, save_results
-from _tiny import VOCAB, batches, examples, lora_state, relative_error, tiny_llama
+from _tiny import VOCAB, batches, bytes_a_pass_adds, examples, lora_state, relative_error, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.nn import functional as F
 
 from lora_da import LoraDAConfig, LoraDAError, LoraDAStatistics, collect_statistics, initialize_lora_da
 from lora_da.cache import compute_and_save_statistics
+from lora_da.collect import probe_batch
+from lora_da.layers import target_layer_names
 from lora_da.solver import solve_layer
 from lora_da.statistics import statistics_bytes
 
@@ -363,6 +365,14 @@ class TestMemoryPlan:
         wrappers = [wrapper_of(model, b, p) for b in (0, 1) for p in ("gate_up_proj", "down_proj")]
         expected = sum(w.num_experts * statistics_bytes(w.out_features, w.in_features) for w in wrappers)
         assert report.statistics_bytes_estimate == expected
+
+    def test_probe_counts_the_inputs_each_expert_holds(self):
+        """The observer holds each expert's routed tokens until the backward; with them, the probe counts most of
+        what a pass adds."""
+        model = tiny_mixtral()
+        names, batch = expert_names(model) + target_layer_names(model), data()[0]
+        added = bytes_a_pass_adds(model, batch, names, CFG)
+        assert 0.75 * added < probe_batch(model, batch, names, CFG).activation_bytes <= added
 
     def test_memory_budget_passes_give_the_one_pass_factors(self):
         one = adapt(tiny_mixtral())

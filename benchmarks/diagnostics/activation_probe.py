@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from torch.profiler import ProfilerActivity, profile
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _harness
 from _harness import command_line, hardware, results_dir, run_parts, write_results  # noqa: E402
 
 from lora_da import LoraDAConfig  # noqa: E402
+from lora_da.bench.memory import peak_tensor_bytes  # noqa: E402
 from lora_da.collect import _run_pass, probe_batch  # noqa: E402
 from lora_da.data import calibration_batches, encode_examples, load_examples  # noqa: E402
 from lora_da.hooks import Collector  # noqa: E402
@@ -45,18 +44,6 @@ def measure(batch_size: int, examples: int) -> dict:
     added = peak_tensor_bytes(lambda: _run_pass(model, [batch], collector, CONFIG, None))
     return {"positions": batch["input_ids"].numel(), "shape": list(batch["input_ids"].shape),
             "probe_mib": probed / 2**20, "pass_mib": added / 2**20}
-
-
-def peak_tensor_bytes(work) -> int:
-    """The most bytes of CPU tensors alive at once while `work()` runs, over those alive when it starts."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        work()
-    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from .allocation import RankAllocation
 from .cache import check_statistics
 from .collect import (
     EXPERTS_NOT_SHARDED,
-    BatchProbe,
     PerExampleLoss,
     collect_in_two_passes,
     collect_statistics,
@@ -60,9 +59,11 @@ from .ranks import (
     resize_lora_layers,
 )
 from .schedule import (
+    FILL_SHARE,
     ActivationEstimate,
     MicroBatches,
     PassPlan,
+    can_cut,
     plan_inputs_apart,
     plan_memory,
     plan_micro_batches,
@@ -228,10 +229,10 @@ def initialize_lora_da(
     default the groups follow the memory free on the model's device (see `schedule.plan_memory`; the plan is
     logged, and printed when `config.show_progress`); `layers_per_pass` (a number of layers) and/or
     `memory_budget` (bytes of statistics) set them instead. When that takes several passes, the statistics pass's
-    forward of the first batch (its graph dropped) finds the layers that read one input, so that each shared `Z`
-    is counted once, and measures the activations kept for a backward, so that the automatic plan gives the
-    statistics what they leave free; `Z` is then summed without float32 chunks, and the batches passed in
-    micro-batches (the statistics are the same sums), where that saves passes.
+    forward of a batch (its graph dropped) finds the layers that read one input, so that each shared `Z` is
+    counted once, and, for the automatic plan, measures on the batch with the longest examples the activations
+    kept for a backward, so that the statistics get what they leave free; `Z` is then summed without float32
+    chunks, and the batches passed in micro-batches (the statistics are the same sums), where that saves passes.
 
     `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
     reduced to it batch by batch (see `collect_statistics`), which divides the memory per pass by about the
@@ -445,7 +446,7 @@ def _gather_and_solve(
     units = {name: [name] for name in shapes}  # what the plan keeps together: a layer, or layers sharing an input
     plan = plan_memory(sizes, solve_sizes, device, layers_per_pass=layers_per_pass, memory_budget=memory_budget)
     several = len(plan.passes) > 1 and layers_per_pass is None
-    probe = _probe_first_batch(model, batches, list(layers), config, loss_fn) if several else None
+    probe = _probe_batches(model, batches, list(layers), config, loss_fn, memory_budget is None) if several else None
     groups, estimate = probe if probe else (None, None)
     activations = estimate.bytes() if estimate else None  # for whole batches
     world_size = get_world_size()
@@ -456,8 +457,9 @@ def _gather_and_solve(
         sizes = {unit: statistics_bytes(sum(shapes[name][0] for name in members), shapes[unit][1])
                  for unit, members in units.items()}
         solve_sizes = {unit: max(solve_sizes[name] for name in members) for unit, members in units.items()}
-        chunks = {unit: statistics_bytes(0, shapes[unit][1]) - statistics_bytes(0, shapes[unit][1], input_chunk=False)
-                  for unit in units}
+    chunks = {unit: statistics_bytes(0, shapes[unit][1]) - statistics_bytes(0, shapes[unit][1], input_chunk=False)
+              for unit in units}  # the float32 chunk of each unit's Z
+    if groups:
         plan = plan_memory(sizes, solve_sizes, device, memory_budget=memory_budget, chunk_sizes=chunks,
                            activation_bytes=activations)
     if world_size > 1 and shard_statistics is not False:
@@ -491,6 +493,16 @@ def _gather_and_solve(
     report.activation_bytes = plan.activation_bytes
     if is_main_process():
         _announce(plan.describe(), config)
+        crowded = plan.activation_bytes is not None and plan.free_bytes is not None and \
+            plan.activation_bytes >= FILL_SHARE * plan.free_bytes
+        if crowded:
+            warnings.warn(
+                f"A batch's activations ({plan.activation_bytes / 2**20:.0f} MiB, measured on the batch with the "
+                f"longest examples) take the {FILL_SHARE:.0%} of the {plan.free_bytes / 2**20:.0f} MiB free that a "
+                "pass may use, even in micro-batches: the pass will likely run out of memory. Pass smaller batches "
+                "(fewer examples or tokens).",
+                stacklevel=3,
+            )
         too_big = [name for name in sizes if memory_budget is not None and sizes[name] > memory_budget]
         if too_big:
             warnings.warn(
@@ -538,48 +550,46 @@ def _gather_and_solve(
     return solutions
 
 
-def _probe_first_batch(
+def _probe_batches(
     model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     names: list[str],
     config: LoraDAConfig,
     loss_fn: PerExampleLoss | None,
-) -> tuple[dict[str, str], ActivationEstimate] | None:
-    """The layers' input groups and the activations a pass keeps for a batch (the first batch's, in proportion to
-    the positions), from the statistics pass's forward of the first batch (on every rank, or on none: a sharded
-    model's forward is collective); None where the batches cannot be looked at twice or a rank has none."""
+    measure: bool,
+) -> tuple[dict[str, str], ActivationEstimate | None] | None:
+    """The layers' input groups and (`measure`) the activations a pass keeps for a batch, from the statistics pass's
+    forward of a batch: with `measure`, the batch with the longest examples, found by looking at every batch; else
+    the first. On every rank, or on none (a sharded model's forward is collective); None where the batches cannot
+    be looked at twice or a rank has none."""
     iterator = iter(batches)
     first = None if iterator is batches else next(iterator, None)
     distributed = is_distributed()
     if not (all(all_gather_objects(first is not None)) if distributed else first is not None):
         return None
 
-    def probe() -> BatchProbe:
+    def probe() -> tuple[dict[str, str], tuple[float, int, int] | None]:
+        longest, most, cut = first, 1, True
+        for batch in batches if measure else ():
+            longest = max(longest, batch, key=lambda b: _examples_and_length(b)[1])
+            most, cut = max(most, _examples_and_length(batch)[0]), cut and can_cut(batch)
         with model.disable_adapter():
-            return probe_batch(model, first, names, config, loss_fn)
+            found = probe_batch(model, longest, names, config, loss_fn)
+        examples, length = _examples_and_length(longest)
+        return found.input_groups, (found.activation_bytes / examples, length, most if cut else 1) if measure else None
 
-    found = on_every_rank(probe)
-    shapes = [_examples_and_length(batch) for batch in batches]
-    estimate = ActivationEstimate(found.activation_bytes / _positions(first), max(e * n for e, n in shapes),
-                                  max(n for _, n in shapes), max(e for e, _ in shapes))
-    if not distributed:
-        return found.input_groups, estimate
-    everywhere = all_gather_objects((found.input_groups, dataclasses.astuple(estimate)))
-    return everywhere[0][0], ActivationEstimate(*map(max, zip(*(fields for _, fields in everywhere), strict=True)))
+    groups, measured = on_every_rank(probe)
+    if distributed:
+        everywhere = all_gather_objects((groups, measured))
+        groups, measured = everywhere[0][0], measured and tuple(map(max, zip(*(m for _, m in everywhere),
+                                                                               strict=True)))
+    return groups, ActivationEstimate(*measured) if measured else None
 
 
 def _examples_and_length(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """Examples in a batch and positions per example (from its `input_ids`; (1, 1) without them)."""
-    ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or not ids.dim():
-        return 1, 1
-    return ids.shape[0], max(1, ids.numel() // max(1, ids.shape[0]))
-
-
-def _positions(batch: Mapping[str, torch.Tensor]) -> int:
-    """Positions in a batch (the elements of its `input_ids`, 1 without them): what its activations grow with."""
-    examples, length = _examples_and_length(batch)
-    return examples * length
+    """Examples in a batch and positions per example (from its `input_ids`)."""
+    ids = batch["input_ids"]
+    return ids.shape[0], ids.numel() // max(1, ids.shape[0])
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:

@@ -205,22 +205,17 @@ def probe_batch(
     kept: set[tuple[int, int]] = set()
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
-        # a sharded model's gathered weights are parameters too, though not the model's own
-        storage = None if isinstance(tensor, nn.Parameter) else _storage(tensor)
+        # a sharded model's gathered weights (and an expert's slice of them) are parameters, though not the model's
+        weight = isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter)
+        storage = None if weight else _storage(tensor)
         if storage is not None and storage not in weights:
             kept.add(storage)
         return tensor
 
-    def held_input(module, args, output) -> None:  # a hook holds the input only where gradients are recorded
-        if args and isinstance(args[0], torch.Tensor) and torch.is_grad_enabled():
-            keep(args[0])
-
+    collector.on_hold = keep
     with ExitStack() as stack:
         stack.enter_context(_statistics_mode(model))
         stack.enter_context(collector.attached(model))
-        for module in modules.values():
-            if not isinstance(module, ParameterTarget):
-                stack.callback(module.register_forward_hook(held_input).remove)
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor))
         _forward(model, ModelTask.of(model), batch, model_device(model), collector, config, loss_fn, hash_it=False)
     collector.finalize_groups()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack, contextmanager
 
 import torch
@@ -73,6 +73,8 @@ class Collector:
         self._selects_all = True
         self.parameter_targets = {name: t for name, t in modules.items() if isinstance(t, ParameterTarget)}
         self.observer: ParameterObserver | None = None
+        # called with each input the hooks hold until the backward (see `collect.probe_batch`)
+        self.on_hold: Callable[[torch.Tensor], object] | None = None
 
     @contextmanager
     def attached(self, model: nn.Module):
@@ -176,6 +178,8 @@ class Collector:
             if not torch.is_grad_enabled():
                 return  # e.g. the no-grad first pass of reentrant checkpointing; the recompute counts
             x = x.detach()
+            if self.on_hold is not None:
+                self.on_hold(x)
             handed_on = None
             if not output.requires_grad:
                 # Nothing before this layer needs a gradient, so the graph starts here with a leaf; the model gets a
@@ -198,6 +202,8 @@ class Collector:
         if not output.requires_grad:
             output.requires_grad_(True)  # a leaf here: the input and the weight need no grad
         x = x.detach()
+        if self.on_hold is not None:
+            self.on_hold(x)
         output.register_hook(lambda grad: self._accumulate(name, x, grad, masks))
 
     def _row_masks(self, name: str, leading: tuple[int, ...], rows: tuple[torch.Tensor, int] | None):

@@ -173,19 +173,17 @@ def plan_memory(
 
 @dataclass(frozen=True)
 class ActivationEstimate:
-    """What a pass keeps for a batch's backward, from one batch measured (see `collect.probe_batch`), in proportion
-    to the positions (the elements of `input_ids`)."""
+    """What a pass keeps for a batch's backward, from the batch with the longest examples measured (see
+    `collect.probe_batch`), per example: an upper bound for any batch of as many examples, however the batches
+    are shuffled."""
 
-    bytes_per_position: float
-    largest_batch: int  # positions of the largest batch
-    longest_example: int  # positions of one example of the batch with the longest examples
-    most_examples: int  # examples of the batch with the most
+    bytes_per_example: float
+    longest_example: int  # positions of an example of that batch
+    most_examples: int  # examples of the batch with the most; 1 where batches cannot be cut (see MicroBatches)
 
     def bytes(self, examples: int | None = None) -> int:
-        """For the largest batch, or for micro-batches of at most `examples` examples."""
-        positions = self.largest_batch if examples is None else min(self.largest_batch,
-                                                                    examples * self.longest_example)
-        return int(self.bytes_per_position * positions)
+        """For the batch with the most examples, or for micro-batches of at most `examples` examples."""
+        return int(self.bytes_per_example * min(examples or self.most_examples, self.most_examples))
 
     def smallest_micro_batch(self) -> int:
         """Examples a micro-batch needs to keep MIN_MICRO_BATCH_POSITIONS positions."""
@@ -209,8 +207,8 @@ def plan_micro_batches(plan: Callable[[int], PassPlan], estimate: ActivationEsti
 
 class MicroBatches:
     """`batches` with each batch cut into consecutive micro-batches of at most `examples` examples: every tensor
-    whose first dimension is the batch's (that of `input_ids`) is sliced, other values are passed on as they are.
-    Iterable as often as `batches` is."""
+    whose first dimension is the batch's (that of `input_ids`) is sliced, other values are passed on as they are
+    (see `can_cut`). Iterable as often as `batches` is."""
 
     def __init__(self, batches: Iterable[Mapping[str, torch.Tensor]], examples: int):
         self.batches = batches
@@ -223,6 +221,14 @@ class MicroBatches:
                 yield {key: value[start : start + self.examples]
                        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size else value
                        for key, value in batch.items()}
+
+
+def can_cut(batch: Mapping) -> bool:
+    """Whether `MicroBatches` can cut `batch`: every tensor's first dimension is the batch's (0-d tensors and
+    scalars apart); a list, or a tensor over other items (e.g. image patches), would not follow its examples."""
+    examples = batch["input_ids"].shape[0]
+    return all(value.dim() == 0 or value.shape[0] == examples if isinstance(value, torch.Tensor)
+               else value is None or isinstance(value, (bool, int, float, str)) for value in batch.values())
 
 
 def plan_inputs_apart(plan: PassPlan, gradient_sizes: Mapping[str, int], input_sizes: Mapping[str, int]) -> PassPlan:

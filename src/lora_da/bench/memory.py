@@ -1,9 +1,13 @@
-"""Peak resident memory of this process while a block runs, sampled from /proc by a thread."""
+"""Peak memory while a block runs: resident memory of this process, sampled from /proc by a thread, or the bytes
+of CPU tensors alive at once, traced by torch.profiler."""
 
 from __future__ import annotations
 
 import resource
 import threading
+from collections.abc import Callable
+
+from torch.profiler import ProfilerActivity, profile
 
 
 class PeakRSS:
@@ -45,3 +49,16 @@ class PeakRSS:
         if self._thread is not None:
             self._thread.join()
         self.peak_mb = max(self.peak_mb, self.current_mb())
+
+
+def peak_tensor_bytes(work: Callable[[], object]) -> int:
+    """The most bytes of CPU tensors alive at once while `work()` runs, over those alive when it started, traced
+    allocation by allocation (`torch.profiler` with `profile_memory`)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        work()
+    events = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
