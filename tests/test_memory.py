@@ -217,6 +217,22 @@ def test_can_cut_only_batches_whose_tensors_follow_the_examples():
     assert not schedule.can_cut({**batch, "texts": ["a", "b", "c", "d"]})
 
 
+def test_batches_that_cannot_be_cut_are_counted_whole():
+    """A value that does not follow the examples (here position ids shared by the batch) keeps batches whole: the
+    estimate is still a whole batch's, and no micro-batch is planned."""
+    model, names = wrap(tiny_llama()), list(_names())
+    data = [{**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}
+            for batch in batches(examples(8), 4)]
+    layers = list(adapter.find_adapted_weights(model, "default")[0])
+    _, estimate = adapter._probe_batches(model, data, layers, CFG, None, measure=True)
+    longest = max(data, key=lambda batch: batch["input_ids"].shape[1])
+    assert not estimate.cuttable and estimate.most_examples == 4
+    assert estimate.bytes() >= probe_batch(model.get_base_model(), longest, names, CFG).activation_bytes * 0.99
+    plan = schedule.plan_micro_batches(lambda activation_bytes: schedule.PassPlan([["a"]], [1], 0, 1, "automatic"),
+                                       estimate, passes=2)
+    assert plan is None
+
+
 def test_activations_that_leave_no_room_are_reported(monkeypatch):
     data = batches(examples(4), 2)
     free = int(_measured_activations(wrap(tiny_llama()), data) / schedule.FILL_SHARE)
@@ -331,7 +347,7 @@ def test_one_pass_in_micro_batches_where_whole_batches_leave_too_little(monkeypa
     monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
     with caplog.at_level(logging.INFO, logger="lora_da"):
         report = initialize_lora_da(model, data, CFG)
-    assert report.passes == 1 and report.num_examples == 12
+    assert report.passes == 1 and report.num_examples == 12 and report.micro_batch_examples == 3
     plan_line = next(r.message for r in caplog.records if "LoRA-DA plan" in r.message)
     assert "micro-batches of at most 3 examples" in plan_line
     assert_close_to_one_pass(lora_state(model), lora_state(reference))

@@ -91,7 +91,8 @@ class LoraDAReport:
     passes: int = 1
     statistics_bytes_estimate: int = 0  # upper bound of the largest pass's accumulators, before gathering
     statistics_bytes: int = 0  # the largest pass's accumulators, as gathered
-    activation_bytes: int | None = None  # what a pass keeps for its largest batch's backward, where the plan measured
+    activation_bytes: int | None = None  # what a pass keeps for a (micro-)batch's backward, where the plan measured
+    micro_batch_examples: int | None = None  # the batches were passed in micro-batches of at most this many examples
     world_size: int = 1
     statistics_sharded: bool = False  # each rank held only the statistics of the layers it solved
     data_hash: str | None = None
@@ -127,6 +128,7 @@ class LoraDAReport:
             "statistics_bytes_estimate": self.statistics_bytes_estimate,
             "statistics_bytes": self.statistics_bytes,
             "activation_bytes": self.activation_bytes,
+            "micro_batch_examples": self.micro_batch_examples,
             "world_size": self.world_size,
             "statistics_sharded": self.statistics_sharded,
             "data_hash": self.data_hash,
@@ -490,7 +492,7 @@ def _gather_and_solve(
     passes = [[name for unit in group for name in units[unit]] for group in plan.passes]
     report.passes = plan.data_passes
     report.statistics_bytes_estimate = max(plan.pass_bytes)
-    report.activation_bytes = plan.activation_bytes
+    report.activation_bytes, report.micro_batch_examples = plan.activation_bytes, plan.micro_batch_examples
     if is_main_process():
         _announce(plan.describe(), config)
         crowded = plan.activation_bytes is not None and plan.free_bytes is not None and \
@@ -568,22 +570,27 @@ def _probe_batches(
     if not (all(all_gather_objects(first is not None)) if distributed else first is not None):
         return None
 
-    def probe() -> tuple[dict[str, str], tuple[float, int, int] | None]:
-        longest, most, cut = first, 1, True
+    def probe() -> tuple[dict[str, str], ActivationEstimate | None]:
+        longest, most, cuttable = first, 1, True
         for batch in batches if measure else ():
             longest = max(longest, batch, key=lambda b: _examples_and_length(b)[1])
-            most, cut = max(most, _examples_and_length(batch)[0]), cut and can_cut(batch)
+            most, cuttable = max(most, _examples_and_length(batch)[0]), cuttable and can_cut(batch)
         with model.disable_adapter():
             found = probe_batch(model, longest, names, config, loss_fn)
         examples, length = _examples_and_length(longest)
-        return found.input_groups, (found.activation_bytes / examples, length, most if cut else 1) if measure else None
+        estimate = ActivationEstimate(found.activation_bytes / examples, length, most, cuttable) if measure else None
+        return found.input_groups, estimate
 
-    groups, measured = on_every_rank(probe)
-    if distributed:
-        everywhere = all_gather_objects((groups, measured))
-        groups, measured = everywhere[0][0], measured and tuple(map(max, zip(*(m for _, m in everywhere),
-                                                                               strict=True)))
-    return groups, ActivationEstimate(*measured) if measured else None
+    groups, estimate = on_every_rank(probe)
+    if distributed:  # the largest of every rank's, cut only where every rank's batches can be
+        everywhere = all_gather_objects((groups, estimate))
+        groups = everywhere[0][0]
+        if estimate is not None:
+            estimates = [e for _, e in everywhere]
+            estimate = ActivationEstimate(max(e.bytes_per_example for e in estimates),
+                                          max(e.longest_example for e in estimates),
+                                          max(e.most_examples for e in estimates), all(e.cuttable for e in estimates))
+    return groups, estimate
 
 
 def _examples_and_length(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:

@@ -71,7 +71,7 @@ class PassPlan:
     free_bytes: int | None  # memory free on the device when planned (automatic plan only)
     rule: str  # "one pass", "memory_budget", "layers_per_pass", "automatic" or "inputs apart"
     shards: int = 1  # ranks that the statistics are sharded over (each holds about 1/shards of a pass)
-    activation_bytes: int | None = None  # what a pass keeps for its largest batch's backward, where measured
+    activation_bytes: int | None = None  # what a pass keeps for a (micro-)batch's backward, where measured
     input_chunks: bool = True  # whether Z is summed in float32 chunks (see `hooks.Collector`)
     micro_batch_examples: int | None = None  # each batch is passed in slices of at most this many examples
 
@@ -179,7 +179,8 @@ class ActivationEstimate:
 
     bytes_per_example: float
     longest_example: int  # positions of an example of that batch
-    most_examples: int  # examples of the batch with the most; 1 where batches cannot be cut (see MicroBatches)
+    most_examples: int  # examples of the batch with the most
+    cuttable: bool = True  # whether every batch can be cut into micro-batches (see `can_cut`)
 
     def bytes(self, examples: int | None = None) -> int:
         """For the batch with the most examples, or for micro-batches of at most `examples` examples."""
@@ -196,7 +197,8 @@ def plan_micro_batches(plan: Callable[[int], PassPlan], estimate: ActivationEsti
     of those, the one with the most examples. Splitting a batch changes no statistic: each is a sum over examples
     or tokens."""
     best = None
-    for examples in range(estimate.most_examples - 1, estimate.smallest_micro_batch() - 1, -1):
+    for examples in range(estimate.most_examples - 1 if estimate.cuttable else 0, estimate.smallest_micro_batch() - 1,
+                          -1):
         candidate = plan(estimate.bytes(examples))
         if len(candidate.passes) < (len(best.passes) if best else passes):
             best = dataclasses.replace(candidate, micro_batch_examples=examples)
