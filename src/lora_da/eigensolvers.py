@@ -13,6 +13,9 @@ import torch
 # The iterative solver adds `K r` to its expansion (a preconditioner for the stiff variance term) once the
 # largest Ritz value is this many times the wanted ones: below that plain residuals converged faster.
 STIFF_RATIO = 300.0
+# Ritz pairs beyond the wanted ones whose residuals also grow the basis: a block wider than that keeps more of the
+# spectrum at each restart, but expanding by all of its residuals made each iteration dearer without fewer of them.
+GUARD_VECTORS = 8
 
 @dataclass
 class Eigenpairs:
@@ -35,8 +38,8 @@ def davidson_steps(
     """Block Davidson for the `rank` smallest eigenpairs of a symmetric operator, as a generator that yields each
     block [n, k] the operator must be applied to and is sent its image (`run_in_step` drives it, so that several
     such solves can share their applications). Rayleigh-Ritz on a basis grown by the residuals of the current
-    Ritz vectors (the block Krylov space, without its breakdowns), restarted from the Ritz vectors when it reaches
-    6 blocks. Converged when the residual of the wanted pairs, relative to the size of the wanted end of the
+    Ritz vectors (the block Krylov space, without its breakdowns; those of the wanted pairs and GUARD_VECTORS more),
+    restarted from the block's Ritz vectors when it reaches 6 blocks. Converged when the residual of the wanted pairs, relative to the size of the wanted end of the
     spectrum (not ||M||, which a stiff variance term can make 1e6 times larger), is <= tol. `precondition` (K)
     joins the expansion while the spectrum is stiff: it maps the huge eigenvalues of K^{-1} back to order one."""
     n, block = start.shape
@@ -55,7 +58,7 @@ def davidson_steps(
         first = float(residuals[:, 0].norm()) / (abs(float(values[0])) or 1.0)
         if residual <= tol or basis.shape[1] == n:
             return Eigenpairs(vectors, values[:kept], residual, first, iteration, residual <= tol)
-        expansion = residuals
+        expansion = residuals[:, : rank + GUARD_VECTORS]
         if precondition is not None and float(values[-1]) > STIFF_RATIO * scale:
             expansion = torch.cat([residuals, precondition(residuals)], dim=1)
         if basis.shape[1] + expansion.shape[1] > max_basis:

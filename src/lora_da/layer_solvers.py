@@ -342,10 +342,10 @@ def _implicit_solved(layer: ImplicitLayer, operator: ImplicitGuidance, found: Ei
 
 
 def block_size(rank: int, n: int) -> int:
-    """Vectors iterated at once: twice the rank (at least rank + 8), four times (at least rank + 24) for wide
-    layers. Convergence of the wanted r depends on the gap to the (block + 1)-th eigenvalue, and the triangular
-    solves of a wide layer are bound by reading L, so more columns cost little more (down_proj of a 7B block:
-    30 iterations, 19 s with 32 vectors; 50 iterations, 26 s with 16)."""
+    """Ritz vectors kept at once: twice the rank (at least rank + 8), four times (at least rank + 24) for wide
+    layers. Convergence of the wanted r depends on the gap to the (block + 1)-th eigenvalue, so a wide layer's
+    restarts keep more of the spectrum; its basis grows by the residuals of the wanted pairs and a few more
+    (`davidson_steps`), which keeps each iteration's products small."""
     if n >= DENSE_MAX_SIZE:
         return min(max(4 * rank, rank + 24), n)
     return min(max(2 * rank, rank + 8), n)
