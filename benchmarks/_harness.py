@@ -294,7 +294,8 @@ def init_summary(report: dict) -> dict:
     """Timings and solver summary of a LoRA-DA init's report (`LoraDAReport.to_dict()`)."""
     layers = report["layers"].values()
     return {"statistics_seconds": report["statistics_seconds"], "solve_seconds": report["solve_seconds"],
-            "passes": report["passes"], "layers": len(layers),
+            "passes": report["passes"], "micro_batch_examples": report.get("micro_batch_examples"),
+            "layers": len(layers),
             "solvers_used": sorted({v["eigensolver"] for v in layers}),
             "max_residual": max(v["residual"] for v in layers)}
 

@@ -116,11 +116,13 @@ def run_part(args) -> dict:
     peft_model = get_peft_model(model, lora)
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
-    if part == "lora-da-apart":  # the plan for statistics that fit beside the activations only without Z
-        free, activations = apart_memory(args)
+    if part in ("lora-da-apart", "lora-da-micro"):  # statistics that fit beside a whole batch's activations only
+        free, activations = apart_memory(args)  # without Z: the plan cuts the batches or gathers Z in a forward
         schedule.free_memory_bytes = lambda device: free
         probe = adapter.probe_batch
         adapter.probe_batch = lambda *a, **k: dataclasses.replace(probe(*a, **k), activation_bytes=activations)
+        if part == "lora-da-apart":
+            adapter.can_cut = lambda batch: False
         return {**measured(device, lambda: ours_init(peft_model, batches, POPULATION)), "free_bytes": free}
     return measured(device, lambda: ours_init(peft_model, batches, POPULATION))
 
@@ -161,9 +163,10 @@ def projected_activations(shape: Shape, measured: dict, examples: int = PROJECTE
 
 
 def apart_memory(args) -> tuple[int, int]:
-    """Free memory and a batch's activations under which the init's plan gathers G and y in one forward+backward
-    and Z in a forward: all statistics and the largest solve just within the plan's FILL_SHARE, and activations
-    larger than the solve, so that one pass (statistics and activations together) would not fit."""
+    """Free memory and a batch's activations under which one pass of whole batches does not fit: all statistics
+    and the largest solve just within the plan's FILL_SHARE, and activations larger than the solve. The plan then
+    passes the batches in micro-batches, or for batches that cannot be cut gathers G and y in one
+    forward+backward and Z in a forward."""
     eigensolver = LoraDAConfig(population_size=POPULATION).eigensolver_on(torch.device(args.device).type)
     solve = max(solve_working_bytes(m, n, eigensolver) for m, n in MEASURED.layers())
     inputs = MEASURED.block_input_bytes() * args.blocks
@@ -274,10 +277,15 @@ def report(args, results: dict) -> str:
     if "floor-rows" in parts:
         rows.append(("floor, only supervised positions projected (as our statistics pass)", parts["floor-rows"]))
     rows.append(("LoRA-DA init (ours), total", ours))
+    if "lora-da-micro" in parts:
+        micro = parts["lora-da-micro"]
+        rows.append((f"LoRA-DA init, batches passed in micro-batches of {micro.get('micro_batch_examples')} examples "
+                     f"({micro.get('passes')} pass; the plan under {micro.get('free_bytes', 0) / 2**30:.1f} GiB free)",
+                     micro))
     if "lora-da-apart" in parts:
         apart = parts["lora-da-apart"]
-        rows.append((f"LoRA-DA init, G and y in a forward+backward, then Z in a forward ({apart.get('passes')} passes; "
-                     f"the plan under {apart.get('free_bytes', 0) / 2**30:.1f} GiB free)", apart))
+        rows.append((f"LoRA-DA init, G and y in a forward+backward, then Z in a forward (the plan under the same "
+                     f"memory for batches that cannot be cut: {apart.get('passes')} passes)", apart))
     if "released" in parts:
         rows.append(("released implementation, total", parts["released"]))
     for label, row in rows:
@@ -361,7 +369,8 @@ def main() -> None:
             results["runs"].update(run_parts(__file__, args.add_parts, ["--device", args.device]))
             results["parts"] = best_runs(results["runs"])
     else:
-        parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-apart"], args.repeats) + ["profile", "activations"]
+        parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-micro", "lora-da-apart"], args.repeats)
+        parts += ["profile", "activations"]
         parts += ["released"] if args.released else []
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "device": args.device,
                    "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),
