@@ -344,10 +344,12 @@ def test_one_pass_in_micro_batches_where_whole_batches_leave_too_little(monkeypa
     assert whole_batches < _grouped_bytes(input_chunk=False)
     monkeypatch.setattr(schedule, "MIN_MICRO_BATCH_POSITIONS", 1)
     monkeypatch.setattr(adapter, "solve_working_bytes", lambda *shape: 1000)
-    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: free)
+    readings = []
+    monkeypatch.setattr(schedule, "free_memory_bytes", lambda device: readings.append(device) or free)
     with caplog.at_level(logging.INFO, logger="lora_da"):
         report = initialize_lora_da(model, data, CFG)
     assert report.passes == 1 and report.num_examples == 12 and report.micro_batch_examples == 3
+    assert len(readings) == 2  # before and after the probe, not once per micro-batch size tried
     plan_line = next(r.message for r in caplog.records if "LoRA-DA plan" in r.message)
     assert "micro-batches of at most 3 examples" in plan_line
     assert_close_to_one_pass(lora_state(model), lora_state(reference))

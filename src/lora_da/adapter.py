@@ -475,11 +475,11 @@ def _gather_and_solve(
                                memory_budget=memory_budget, shards=world_size, activation_bytes=activations)
     shard_statistics = bool(shard_statistics) and world_size > 1
     if estimate is not None and plan.rule == "automatic":  # fewer passes in micro-batches, where that fits
-        shards = world_size if shard_statistics else 1
+        shards, free = world_size if shard_statistics else 1, plan.free_bytes
 
-        def plan_for(activation_bytes: int) -> PassPlan:
+        def plan_for(activation_bytes: int) -> PassPlan:  # each candidate against the same free memory
             return plan_memory(sizes, solve_sizes, device, shards=shards, chunk_sizes=chunks,
-                               activation_bytes=activation_bytes)
+                               activation_bytes=activation_bytes, free_bytes=free)
 
         micro = plan_micro_batches(plan_for, estimate, len(plan.passes))
         if micro is not None:

@@ -38,9 +38,10 @@ def davidson_steps(
     """Block Davidson for the `rank` smallest eigenpairs of a symmetric operator, as a generator that yields each
     block [n, k] the operator must be applied to and is sent its image (`run_in_step` drives it, so that several
     such solves can share their applications). Rayleigh-Ritz on a basis grown by the residuals of the current
-    Ritz vectors (the block Krylov space, without its breakdowns; those of the wanted pairs and GUARD_VECTORS more),
-    restarted from the block's Ritz vectors when it reaches 6 blocks. Converged when the residual of the wanted pairs, relative to the size of the wanted end of the
-    spectrum (not ||M||, which a stiff variance term can make 1e6 times larger), is <= tol. `precondition` (K)
+    Ritz vectors (the block Krylov space, without its breakdowns; those of the wanted pairs and GUARD_VECTORS
+    more), restarted from the block's Ritz vectors when it reaches 6 blocks. Converged when the residual of the
+    wanted pairs, relative to the size of the wanted end of the spectrum (not ||M||, which a stiff variance term
+    can make 1e6 times larger), is <= tol. `precondition` (K)
     joins the expansion while the spectrum is stiff: it maps the huge eigenvalues of K^{-1} back to order one."""
     n, block = start.shape
     max_basis = min(6 * block, n)

@@ -136,9 +136,11 @@ def plan_memory(
     shards: int = 1,
     chunk_sizes: Mapping[str, int] | None = None,
     activation_bytes: int | None = None,
+    free_bytes: int | None = None,
 ) -> PassPlan:
     """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else by `pass_budget` of the memory
-    free on `device` (the smallest of all ranks), with `activation_bytes` where measured. With statistics sharded
+    free on `device` (the smallest of all ranks; `free_bytes` if an earlier plan measured it), with
+    `activation_bytes` where measured. With statistics sharded
     over `shards` ranks, bytes are per rank: 1/shards of each layer's bytes. `sizes` count Z's float32 chunks;
     given each unit's `chunk_sizes`, the plan sums Z without them where that takes fewer passes."""
     solve_bytes = max(solve_sizes.values(), default=0)
@@ -149,9 +151,11 @@ def plan_memory(
     if layers_per_pass is not None or memory_budget is not None:
         rule = "layers_per_pass" if memory_budget is None else "memory_budget"
     else:
-        free = free_memory_bytes(device)
-        if is_distributed():
-            free = min(all_gather_objects(free))
+        free = free_bytes
+        if free is None:
+            free = free_memory_bytes(device)
+            if is_distributed():
+                free = min(all_gather_objects(free))
         budget = pass_budget(free, solve_bytes, largest, shards, activation_bytes)
         if sum(sizes.values()) <= budget:
             rule = "one pass"
