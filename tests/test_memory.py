@@ -405,3 +405,27 @@ def _names():
     from lora_da.layers import target_layer_names
 
     return target_layer_names(tiny_llama())
+
+
+def test_an_example_s_positions_count_the_decoder_s_for_encoder_decoder_models():
+    """The probe measures the batch whose examples have the most positions: a seq2seq model's decoder positions
+    (`decoder_input_ids`, else `labels`) count with its encoder's; a causal LM's labels repeat its inputs."""
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 9, dtype=torch.long)}
+    assert adapter._examples_and_length(batch, seq2seq=True) == (2, 14)
+    assert adapter._examples_and_length({**batch, "decoder_input_ids": torch.ones(2, 3)}, seq2seq=True) == (2, 8)
+    assert adapter._examples_and_length(batch) == (2, 5)
+
+
+def test_of_batches_of_one_length_the_probe_measures_the_most_supervised(monkeypatch):
+    """Padded to one length, batches differ in how many positions the statistics pass projects onto the
+    vocabulary: the probe measures the batch with the most supervised positions."""
+    dense = batches(examples(2), 2)[0]
+    sparse = {**dense, "labels": dense["labels"].clone()}
+    sparse["labels"][:, 1:] = -100
+    probed = []
+    monkeypatch.setattr(adapter, "probe_batch",
+                        lambda model, batch, *rest: probed.append(batch) or probe_batch(model, batch, *rest))
+    model = wrap(tiny_llama())
+    layers = list(adapter.find_adapted_weights(model, "default")[0])
+    adapter._probe_batches(model, [sparse, dense], layers, CFG, None, measure=True)
+    assert len(probed) == 1 and probed[0] is dense

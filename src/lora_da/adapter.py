@@ -51,6 +51,7 @@ from .layers import (
     unwrap_model,
     writable_parameters,
 )
+from .model_tasks import ModelTask
 from .ranks import (
     allocate_from_solutions,
     check_rank_allocation,
@@ -561,23 +562,25 @@ def _probe_batches(
     measure: bool,
 ) -> tuple[dict[str, str], ActivationEstimate | None] | None:
     """The layers' input groups and (`measure`) the activations a pass keeps for a batch, from the statistics pass's
-    forward of a batch: with `measure`, the batch with the longest examples, found by looking at every batch; else
-    the first. On every rank, or on none (a sharded model's forward is collective); None where the batches cannot
-    be looked at twice or a rank has none."""
+    forward of a batch: with `measure`, the batch with the longest examples (of one length, the most supervised),
+    found by looking at every batch; else the first. On every rank, or on none (a sharded model's forward is
+    collective); None where the batches cannot be looked at twice or a rank has none."""
     iterator = iter(batches)
     first = None if iterator is batches else next(iterator, None)
     distributed = is_distributed()
     if not (all(all_gather_objects(first is not None)) if distributed else first is not None):
         return None
 
+    seq2seq = ModelTask.of(model).kind == "seq2seq"
+
     def probe() -> tuple[dict[str, str], ActivationEstimate | None]:
         longest, most, cuttable = first, 1, True
         for batch in batches if measure else ():
-            longest = max(longest, batch, key=lambda b: _examples_and_length(b)[1])
-            most, cuttable = max(most, _examples_and_length(batch)[0]), cuttable and can_cut(batch)
+            longest = max(longest, batch, key=lambda b: (_examples_and_length(b, seq2seq)[1], _supervised_share(b)))
+            most, cuttable = max(most, _examples_and_length(batch, seq2seq)[0]), cuttable and can_cut(batch)
         with model.disable_adapter():
             found = probe_batch(model, longest, names, config, loss_fn)
-        examples, length = _examples_and_length(longest)
+        examples, length = _examples_and_length(longest, seq2seq)
         estimate = ActivationEstimate(found.activation_bytes / examples, length, most, cuttable) if measure else None
         return found.input_groups, estimate
 
@@ -593,10 +596,23 @@ def _probe_batches(
     return groups, estimate
 
 
-def _examples_and_length(batch: Mapping[str, torch.Tensor]) -> tuple[int, int]:
-    """Examples in a batch and positions per example (from its `input_ids`)."""
+def _examples_and_length(batch: Mapping[str, torch.Tensor], seq2seq: bool = False) -> tuple[int, int]:
+    """Examples in a batch and positions per example: its `input_ids`', and for an encoder-decoder model also the
+    decoder's (`decoder_input_ids`, else `labels`)."""
     ids = batch["input_ids"]
-    return ids.shape[0], ids.numel() // max(1, ids.shape[0])
+    decoder = batch.get("decoder_input_ids", batch.get("labels")) if seq2seq else None
+    positions = ids.numel() + (decoder.numel() if decoder is not None else 0)
+    return ids.shape[0], positions // max(1, ids.shape[0])
+
+
+def _supervised_share(batch: Mapping[str, torch.Tensor]) -> float:
+    """Share of a batch's label positions that are supervised: of batches of one length, the pass keeps the most
+    for the one with the most, whose logits it projects onto the vocabulary."""
+    labels = batch.get("labels")
+    if labels is None:
+        mask = batch.get("attention_mask")
+        return float(mask.float().mean()) if mask is not None else 1.0
+    return float((labels != -100).float().mean()) if labels.numel() else 0.0
 
 
 def _peek(batches: Iterable) -> tuple[bool, Iterable]:
