@@ -61,7 +61,7 @@ def davidson_steps(
             return Eigenpairs(vectors, values[:kept], residual, first, iteration, residual <= tol)
         expansion = residuals[:, : rank + GUARD_VECTORS]
         if precondition is not None and float(values[-1]) > STIFF_RATIO * scale:
-            expansion = torch.cat([residuals, precondition(residuals)], dim=1)
+            expansion = torch.cat([expansion, precondition(expansion)], dim=1)
         if basis.shape[1] + expansion.shape[1] > max_basis:
             basis, image = vectors, images  # thick restart from the current best block
         fresh = orthonormal_complement(expansion, basis, generator)[:, : n - basis.shape[1]]
