@@ -297,7 +297,19 @@ def init_summary(report: dict) -> dict:
             "passes": report["passes"], "micro_batch_examples": report.get("micro_batch_examples"),
             "layers": len(layers),
             "solvers_used": sorted({v["eigensolver"] for v in layers}),
-            "max_residual": max(v["residual"] for v in layers)}
+            "max_residual": max(v["residual"] for v in layers), "iterations": iteration_ranges(report["layers"])}
+
+
+def iteration_ranges(layers: dict[str, dict]) -> dict[str, list[int]]:
+    """Per kind of layer (the last part of its name), the fewest and the most iterations of an iterative
+    eigensolver (none where every layer was solved dense)."""
+    ranges: dict[str, list[int]] = {}
+    for name, info in layers.items():
+        if info.get("iterations") is not None:
+            kind = name.rsplit(".", 1)[-1]
+            low, high = ranges.get(kind, [info["iterations"]] * 2)
+            ranges[kind] = [min(low, info["iterations"]), max(high, info["iterations"])]
+    return ranges
 
 
 def profile_statistics(peft_model: nn.Module, batches: list[dict], rows: int = 12) -> str:
@@ -337,7 +349,10 @@ def step_rows(cells: str, label: str, row: dict, floor: dict) -> list[str]:
         passes = f"{row['passes']} pass" + ("es" if row["passes"] != 1 else "")
         rows.append(f"| {cells}- statistics ({passes}) | {row['statistics_seconds']:.1f} | "
                     f"{row['statistics_seconds'] / floor['seconds']:.2f} | |")
-        rows.append(f"| {cells}- solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}) | "
+        iterations = ", ".join(f"{kind} {low}-{high}" if low != high else f"{kind} {low}"
+                               for kind, (low, high) in row.get("iterations", {}).items())
+        rows.append(f"| {cells}- solve ({', '.join(row['solvers_used'])}; max residual {row['max_residual']:.1e}"
+                    f"{'; iterations: ' if iterations else ''}{iterations}) | "
                     f"{row['solve_seconds']:.1f} | {row['solve_seconds'] / floor['seconds']:.2f} | |")
     return rows
 
