@@ -398,11 +398,13 @@ class Shape:
 
 
 def memory_account(shape: Shape, blocks: int, floor: dict, ours: dict, weight_itemsize: int,
-                   smallest_batch_tokens: int) -> list[str]:
+                   smallest_batch_tokens: int, traced: dict | None = None) -> list[str]:
     """Rows: what the init of `blocks` blocks of `shape` holds during its pass (the floor's activations, its
     statistics in place of the weight gradients) and after it (solving the layers of one input together,
     releasing each group's statistics: the group's working set beside the statistics not yet solved), against its
-    measured growth."""
+    measured growth; with `traced` (`floor_mib`, `init_mib`: the most tensor bytes alive at once over those alive
+    at the start, see `lora_da.bench.memory.peak_tensor_bytes`) the same account from the floor's tensors, against
+    the init's."""
     mib = 2**20
     groups = shape.input_groups() * blocks
     chunked = smallest_batch_tokens < FOLD_TOKENS  # a float32 chunk of Z; else each batch goes straight to the total
@@ -427,4 +429,9 @@ def memory_account(shape: Shape, blocks: int, floor: dict, ours: dict, weight_it
         f"| during the pass: the floor's activations + statistics | {during / mib:.0f} |",
         f"| after it: a group's solve beside the statistics not yet solved, at most | {after / mib:.0f} |",
         f"| LoRA-DA init, grown (measured) | {ours['grown_mib']:.0f} |",
-    ]
+    ] + ([
+        f"| floor, tensors traced: activations + weight gradients | {traced['floor_mib']:.0f} |",
+        f"| during the pass, from the floor's traced tensors: activations + statistics | "
+        f"{traced['floor_mib'] - (weight_gradients - statistics) / mib:.0f} |",
+        f"| LoRA-DA init, tensors traced | {traced['init_mib']:.0f} |",
+    ] if traced and "error" not in traced else [])

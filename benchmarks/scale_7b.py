@@ -41,6 +41,7 @@ from _harness import (
 )
 
 from lora_da import LoraDAConfig, adapter, schedule
+from lora_da.bench.memory import peak_tensor_bytes
 from lora_da.collect import probe_batch
 from lora_da.schedule import (
     FILL_SHARE,
@@ -113,6 +114,11 @@ def run_part(args) -> dict:
         return measured(device, lambda: floor_pass(model, batches, head_rows=part == "floor-rows"))
     if part == "released":
         return measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
+    if part == "memory-trace":  # the tensors alone, apart from what a CPU's allocator keeps resident
+        floor = peak_tensor_bytes(lambda: floor_pass(model, batches))
+        peft_model = get_peft_model(model, lora)
+        init = peak_tensor_bytes(lambda: ours_init(peft_model, batches, POPULATION))
+        return {"floor_mib": floor / 2**20, "init_mib": init / 2**20}
     peft_model = get_peft_model(model, lora)
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
@@ -300,7 +306,7 @@ def report(args, results: dict) -> str:
                   "then solves the layers of one input at a time, each group's statistics released as it is solved "
                   "(`lora_da.solver.solve_working_bytes` bounds a solve's working set).", "",
                   *memory_account(MEASURED, args.blocks, floor, ours, dtype(args).itemsize,
-                                 args.batch_size * args.tokens)]
+                                 args.batch_size * args.tokens, traced=parts.get("memory-trace"))]
     if "profile" in parts:
         profile = parts["profile"]
         lines += ["", f"Our statistics pass under torch.profiler (top ops by self time, batch {args.batch_size}):", "",
@@ -370,7 +376,7 @@ def main() -> None:
             results["parts"] = best_runs(results["runs"])
     else:
         parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-micro", "lora-da-apart"], args.repeats)
-        parts += ["profile", "activations"]
+        parts += ["profile", "activations"] + (["memory-trace"] if args.device == "cpu" else [])
         parts += ["released"] if args.released else []
         results = {"blocks": args.blocks, "examples": args.examples, "tokens": args.tokens, "device": args.device,
                    "batch_size": args.batch_size, "rank": args.rank, "command": command_line(sys.argv[1:]),
