@@ -307,6 +307,10 @@ def report(args, results: dict) -> str:
                   "(`lora_da.solver.solve_working_bytes` bounds a solve's working set).", "",
                   *memory_account(MEASURED, args.blocks, floor, ours, dtype(args).itemsize,
                                  args.batch_size * args.tokens, traced=parts.get("memory-trace"))]
+        if "init_mib" in parts.get("memory-trace", {}):
+            lines += ["", "Resident memory also counts what the allocator keeps of freed blocks; the traced rows "
+                          "(`python benchmarks/scale_7b.py --add-parts memory-trace`, torch.profiler) count tensors "
+                          "alone, allocation by allocation, from the start of each step."]
     if "profile" in parts:
         profile = parts["profile"]
         lines += ["", f"Our statistics pass under torch.profiler (top ops by self time, batch {args.batch_size}):", "",
