@@ -376,7 +376,8 @@ def main() -> None:
             setattr(args, key, results[key])
         args.device = results.get("device", "cpu")
         if args.add_parts:  # each such part records its own commit
-            results["runs"].update(run_parts(__file__, args.add_parts, ["--device", args.device]))
+            added = run_parts(__file__, args.add_parts, ["--device", args.device])
+            results["runs"].update({part: {**row, "commit": commit()} for part, row in added.items()})
             results["parts"] = best_runs(results["runs"])
     else:
         parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-micro", "lora-da-apart"], args.repeats)
