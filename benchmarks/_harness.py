@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_da.bench.memory import PeakRSS
+from lora_da.bench.memory import PeakRSS, peak_tensor_bytes
 from lora_da.gram import packed_size
 from lora_da.hooks import FOLD_TOKENS
 from lora_da.solver import solve_working_bytes
@@ -158,6 +158,21 @@ def run_parts(script: str, parts: Sequence[str], argv: Sequence[str]) -> dict[st
         results[part] = json.loads(lines[-1]) if ok else {"error": f"exit status {done.returncode}"}
         print(part, results[part], flush=True)
     return results
+
+
+def add_parts(script: str, results: dict, parts: Sequence[str], argv: Sequence[str]) -> None:
+    """Run `parts` of `script` (see `run_parts`) into existing `results`, each run stamped with this checkout's
+    commit (the results' provenance names the commit of the runs they started with)."""
+    added = run_parts(script, parts, argv)
+    results["runs"].update({part: {**row, "commit": commit()} for part, row in added.items()})
+    results["parts"] = best_runs(results["runs"])
+
+
+def traced_memory(model: nn.Module, batches: list[dict], init: Callable[[], object]) -> dict:
+    """The most tensor bytes alive at once (MiB, `lora_da.bench.memory.peak_tensor_bytes`) in the floor's pass over
+    `batches`, then in `init()`: what a CPU's tensors take, apart from what its allocator keeps resident."""
+    floor = peak_tensor_bytes(lambda: floor_pass(model, batches))
+    return {"floor_mib": floor / 2**20, "init_mib": peak_tensor_bytes(init) / 2**20}
 
 
 def best_runs(runs: dict[str, dict]) -> dict[str, dict]:

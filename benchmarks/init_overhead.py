@@ -21,6 +21,7 @@ from _harness import (
     MEMORY_NOTE,
     Shape,
     add_common_arguments,
+    add_parts,
     best_runs,
     command_line,
     floor_pass,
@@ -34,6 +35,7 @@ from _harness import (
     results_dir,
     run_parts,
     step_rows,
+    traced_memory,
     write_results,
 )
 
@@ -79,6 +81,8 @@ def run_part(args) -> dict:
         lora = LoraConfig(r=args.rank, lora_alpha=16, use_rslora=True, target_modules="all-linear", lora_dropout=0.0)
         if part == "profile":
             return {"table": profile_statistics(get_peft_model(model, lora), batches)}
+        if part == "memory-trace":
+            return traced_memory(model, batches, lambda: ours_init(get_peft_model(model, lora), batches, POPULATION))
         result = measured(device, lambda: ours_init(get_peft_model(model, lora), batches, POPULATION))
     return {**result, "tokens": sum(per_batch), "smallest_batch_tokens": min(per_batch)}
 
@@ -88,6 +92,7 @@ def parts_for(args) -> list[str]:
     for size in args.batch_sizes:
         parts += repeated([f"floor@{size}", f"floor-rows@{size}", f"lora-da@{size}", f"lora-ga@{size}"], args.repeats)
         parts += [f"released@{size}"] if args.released else []
+        parts += [f"memory-trace@{size}"] if args.device == "cpu" else []
     return parts + [f"profile@{args.batch_sizes[-1]}"]
 
 
@@ -138,7 +143,8 @@ def report(args, results: dict) -> str:
             floor, ours = results["parts"][f"floor@{size}"], results["parts"][f"lora-da@{size}"]
             if "grown_mib" in floor and "grown_mib" in ours:
                 smallest = ours.get("smallest_batch_tokens", 0)  # 0: not recorded, so a chunk of Z is counted
-                lines += ["", f"Batch {size}:", "", *memory_account(SMOLLM2, SMOLLM2.blocks, floor, ours, 4, smallest)]
+                lines += ["", f"Batch {size}:", "", *memory_account(SMOLLM2, SMOLLM2.blocks, floor, ours, 4, smallest,
+                                                                      results["parts"].get(f"memory-trace@{size}"))]
     profile = results["parts"][f"profile@{args.batch_sizes[-1]}"]
     lines += ["", f"Our statistics pass under torch.profiler (batch {args.batch_sizes[-1]}):", "", "```",
               profile.get("table", profile.get("error", "")).rstrip(), "```", ""]
@@ -157,17 +163,24 @@ def main() -> None:
                         help="default: benchmarks/results/init_overhead (init_overhead_gpu with --device cuda)")
     add_common_arguments(parser)
     parser.add_argument("--report-only", action="store_true", help="rewrite report.md from results.json")
+    parser.add_argument("--add-parts", nargs="+", metavar="PART",
+                        help="run only these parts (e.g. memory-trace@8) and add them to the results in --out")
     args = parser.parse_args()
     if args.part:
         print(json.dumps(run_part(args)))
         return
     out = args.out or results_dir("init_overhead_gpu" if args.device.startswith("cuda") else "init_overhead")
-    if args.report_only:
+    if args.report_only or args.add_parts:
         results = json.loads((out / "results.json").read_text())
         for key in ("model", "examples", "max_length", "rank", "batch_sizes"):
             setattr(args, key, results[key])
         args.released = results["released"]
         args.repeats = max(len([r for r in results["runs"] if r.startswith(f"floor@{args.batch_sizes[0]}")]), 1)
+        if args.add_parts:
+            add_parts(__file__, results, args.add_parts, ["--model", args.model, "--device", args.device,
+                                                          "--examples", str(args.examples),
+                                                          "--max-length", str(args.max_length),
+                                                          "--rank", str(args.rank)])
     else:
         results = {"model": args.model, "examples": args.examples, "max_length": args.max_length, "rank": args.rank,
                    "batch_sizes": args.batch_sizes, "released": bool(args.released),

@@ -23,6 +23,7 @@ from _harness import (
     MEMORY_NOTE,
     Shape,
     add_common_arguments,
+    add_parts,
     best_runs,
     command_line,
     commit,
@@ -37,11 +38,11 @@ from _harness import (
     results_dir,
     run_parts,
     step_rows,
+    traced_memory,
     write_results,
 )
 
 from lora_da import LoraDAConfig, adapter, schedule
-from lora_da.bench.memory import peak_tensor_bytes
 from lora_da.collect import probe_batch
 from lora_da.schedule import (
     FILL_SHARE,
@@ -114,11 +115,8 @@ def run_part(args) -> dict:
         return measured(device, lambda: floor_pass(model, batches, head_rows=part == "floor-rows"))
     if part == "released":
         return measured(device, lambda: released_init(args.released, model, batches, args.rank, POPULATION))
-    if part == "memory-trace":  # the tensors alone, apart from what a CPU's allocator keeps resident
-        floor = peak_tensor_bytes(lambda: floor_pass(model, batches))
-        peft_model = get_peft_model(model, lora)
-        init = peak_tensor_bytes(lambda: ours_init(peft_model, batches, POPULATION))
-        return {"floor_mib": floor / 2**20, "init_mib": init / 2**20}
+    if part == "memory-trace":
+        return traced_memory(model, batches, lambda: ours_init(get_peft_model(model, lora), batches, POPULATION))
     peft_model = get_peft_model(model, lora)
     if part == "profile":
         return {"table": profile_statistics(peft_model, batches)}
@@ -376,9 +374,7 @@ def main() -> None:
             setattr(args, key, results[key])
         args.device = results.get("device", "cpu")
         if args.add_parts:  # each such part records its own commit
-            added = run_parts(__file__, args.add_parts, ["--device", args.device])
-            results["runs"].update({part: {**row, "commit": commit()} for part, row in added.items()})
-            results["parts"] = best_runs(results["runs"])
+            add_parts(__file__, results, args.add_parts, ["--device", args.device])
     else:
         parts = repeated(["floor", "floor-rows", "lora-da", "lora-da-micro", "lora-da-apart"], args.repeats)
         parts += ["profile", "activations"] + (["memory-trace"] if args.device == "cpu" else [])
