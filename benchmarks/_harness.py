@@ -195,6 +195,11 @@ def repeated(parts: Sequence[str], repeats: int) -> list[str]:
     return [f"{part}#{i}" for i in range(repeats) for part in (parts if i % 2 == 0 else parts[::-1])]
 
 
+#: What the `memory-trace` parts count, for the reports.
+TRACED_NOTE = ("Resident memory also counts what the allocator keeps of freed blocks; the traced rows (the "
+               "`memory-trace` part, torch.profiler) count tensors alone, allocation by allocation, from the start "
+               "of each step.")
+
 #: How `measured` counts memory, for the reports.
 MEMORY_NOTE = ("memory grown is the peak resident memory while the step runs over what was resident when it "
                "started (sampled every 50 ms; on CUDA the allocator's peak over its memory in use)")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from _harness import (
     MEMORY_NOTE,
+    TRACED_NOTE,
     Shape,
     add_common_arguments,
     add_parts,
@@ -145,6 +146,8 @@ def report(args, results: dict) -> str:
                 smallest = ours.get("smallest_batch_tokens", 0)  # 0: not recorded, so a chunk of Z is counted
                 lines += ["", f"Batch {size}:", "", *memory_account(SMOLLM2, SMOLLM2.blocks, floor, ours, 4, smallest,
                                                                       results["parts"].get(f"memory-trace@{size}"))]
+        if any(f"memory-trace@{size}" in results["parts"] for size in args.batch_sizes):
+            lines += ["", TRACED_NOTE]
     profile = results["parts"][f"profile@{args.batch_sizes[-1]}"]
     lines += ["", f"Our statistics pass under torch.profiler (batch {args.batch_sizes[-1]}):", "", "```",
               profile.get("table", profile.get("error", "")).rstrip(), "```", ""]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from _harness import (
     MEMORY_NOTE,
+    TRACED_NOTE,
     Shape,
     add_common_arguments,
     add_parts,
@@ -306,9 +307,7 @@ def report(args, results: dict) -> str:
                   *memory_account(MEASURED, args.blocks, floor, ours, dtype(args).itemsize,
                                  args.batch_size * args.tokens, traced=parts.get("memory-trace"))]
         if "init_mib" in parts.get("memory-trace", {}):
-            lines += ["", "Resident memory also counts what the allocator keeps of freed blocks; the traced rows "
-                          "(`python benchmarks/scale_7b.py --add-parts memory-trace`, torch.profiler) count tensors "
-                          "alone, allocation by allocation, from the start of each step."]
+            lines += ["", TRACED_NOTE]
     if "profile" in parts:
         profile = parts["profile"]
         lines += ["", f"Our statistics pass under torch.profiler (top ops by self time, batch {args.batch_size}):", "",
