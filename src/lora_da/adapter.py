@@ -597,8 +597,8 @@ def _probe_batches(
 
 
 def _examples_and_length(batch: Mapping[str, torch.Tensor], seq2seq: bool = False) -> tuple[int, int]:
-    """Examples in a batch and positions per example: its `input_ids`', and for an encoder-decoder model also the
-    decoder's (`decoder_input_ids`, else `labels`)."""
+    """Examples in a batch and positions per example: those of its `input_ids`, and for an encoder-decoder model
+    also the decoder's (`decoder_input_ids`, else `labels`)."""
     ids = batch["input_ids"]
     decoder = batch.get("decoder_input_ids", batch.get("labels")) if seq2seq else None
     positions = ids.numel() + (decoder.numel() if decoder is not None else 0)

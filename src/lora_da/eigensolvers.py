@@ -41,8 +41,8 @@ def davidson_steps(
     Ritz vectors (the block Krylov space, without its breakdowns; those of the wanted pairs and GUARD_VECTORS
     more), restarted from the block's Ritz vectors when it reaches 6 blocks. Converged when the residual of the
     wanted pairs, relative to the size of the wanted end of the spectrum (not ||M||, which a stiff variance term
-    can make 1e6 times larger), is <= tol. `precondition` (K)
-    joins the expansion while the spectrum is stiff: it maps the huge eigenvalues of K^{-1} back to order one."""
+    can make 1e6 times larger), is <= tol. `precondition` (K) joins the expansion while the spectrum is stiff: it
+    maps the huge eigenvalues of K^{-1} back to order one."""
     n, block = start.shape
     max_basis = min(6 * block, n)
     basis = orthonormal_complement(start, None, generator)

@@ -140,9 +140,9 @@ def plan_memory(
 ) -> PassPlan:
     """Plan the passes: by `layers_per_pass` / `memory_budget` when given, else by `pass_budget` of the memory
     free on `device` (the smallest of all ranks; `free_bytes` if an earlier plan measured it), with
-    `activation_bytes` where measured. With statistics sharded
-    over `shards` ranks, bytes are per rank: 1/shards of each layer's bytes. `sizes` count Z's float32 chunks;
-    given each unit's `chunk_sizes`, the plan sums Z without them where that takes fewer passes."""
+    `activation_bytes` where measured. With statistics sharded over `shards` ranks, bytes are per rank: 1/shards
+    of each layer's bytes. `sizes` count Z's float32 chunks; given each unit's `chunk_sizes`, the plan sums Z
+    without them where that takes fewer passes."""
     solve_bytes = max(solve_sizes.values(), default=0)
     largest = max(sizes.values(), default=0)
     if shards > 1:
