@@ -574,10 +574,13 @@ def _probe_batches(
     seq2seq = ModelTask.of(model).kind == "seq2seq"
 
     def probe() -> tuple[dict[str, str], ActivationEstimate | None]:
-        longest, most, cuttable = first, 1, True
+        longest, longest_key, most, cuttable = first, None, 1, True
         for batch in batches if measure else ():
-            longest = max(longest, batch, key=lambda b: (_examples_and_length(b, seq2seq)[1], _supervised_share(b)))
-            most, cuttable = max(most, _examples_and_length(batch, seq2seq)[0]), cuttable and can_cut(batch)
+            examples, length = _examples_and_length(batch, seq2seq)
+            key = (length, _supervised_share(batch))
+            if longest_key is None or key > longest_key:
+                longest, longest_key = batch, key
+            most, cuttable = max(most, examples), cuttable and can_cut(batch)
         with model.disable_adapter():
             found = probe_batch(model, longest, names, config, loss_fn)
         examples, length = _examples_and_length(longest, seq2seq)

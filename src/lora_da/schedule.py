@@ -200,9 +200,10 @@ def plan_micro_batches(plan: Callable[[int], PassPlan], estimate: ActivationEsti
     MIN_MICRO_BATCH_POSITIONS positions that takes the fewest passes, if fewer than the whole batches' `passes`:
     of those, the one with the most examples. Splitting a batch changes no statistic: each is a sum over examples
     or tokens."""
+    if not estimate.cuttable:
+        return None
     best = None
-    for examples in range(estimate.most_examples - 1 if estimate.cuttable else 0, estimate.smallest_micro_batch() - 1,
-                          -1):
+    for examples in range(estimate.most_examples - 1, estimate.smallest_micro_batch() - 1, -1):
         candidate = plan(estimate.bytes(examples))
         if len(candidate.passes) < (len(best.passes) if best else passes):
             best = dataclasses.replace(candidate, micro_batch_examples=examples)
