@@ -74,6 +74,8 @@ def main() -> None:
         # save_pretrained keeps only the adapter's tensors of the state dict given.
         peft_model.save_pretrained(args.output_dir, state_dict=state)
         print(f"Saved {args.output_dir}")
+    # Without it the other ranks tear gloo down while rank 0 still saves, which can abort them at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 
