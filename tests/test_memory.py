@@ -203,11 +203,12 @@ def test_probe_measures_what_a_pass_keeps_for_the_backward():
     assert small_bytes >= inputs_per_position * small["input_ids"].numel()
 
 
-def test_probe_counts_most_of_what_a_pass_adds():
-    """The rest is the backward's passing tensors (gradients of activations, the head's), within the plan's slack."""
+def test_probe_counts_what_a_pass_adds():
+    """What the pass keeps for the backward and the gradients passing through it: without the latter (twice the
+    largest tensor kept) the probe would count 84% of the pass."""
     model, names, batch = tiny_llama(), list(_names()), batches(examples(6), 6)[0]
     added = bytes_a_pass_adds(model, batch, names, CFG)
-    assert 0.75 * added < probe_batch(model, batch, names, CFG).activation_bytes <= added
+    assert 0.88 * added < probe_batch(model, batch, names, CFG).activation_bytes <= 1.05 * added
 
 
 def test_can_cut_only_batches_whose_tensors_follow_the_examples():

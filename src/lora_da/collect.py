@@ -185,7 +185,8 @@ class BatchProbe:
     """What the statistics pass's forward of one batch shows before any statistics exist."""
 
     input_groups: dict[str, str]  # layer -> first layer of the group that reads its input (q/k/v, gate/up)
-    activation_bytes: int  # kept for the batch's backward: tensors autograd saves, layer inputs the hooks hold
+    activation_bytes: int  # for the batch's backward: tensors autograd saves, layer inputs the hooks hold, and
+    # the gradients passing through it (see `probe_batch`)
 
 
 def probe_batch(
@@ -196,8 +197,10 @@ def probe_batch(
     loss_fn: PerExampleLoss | None = None,
 ) -> BatchProbe:
     """The statistics pass's forward of `batch`, its graph dropped unused: which target layers read one input (the
-    memory plan then counts each group's `Z` once) and how many bytes the pass keeps for the batch's backward (the
-    plan leaves them to the activations). Each storage is counted once; the model's parameters and buffers not."""
+    memory plan then counts each group's `Z` once) and how many bytes the batch's backward needs (the plan leaves
+    them to the activations): what the pass keeps for it, each storage once and the model's parameters and buffers
+    not, and twice the largest of those for the gradients passing through the backward (the loss's gradient with
+    respect to the log-probabilities and then to the logits are alive at once, each the logits' size)."""
     model = unwrap_model(model)
     modules = resolve_layers(model, target_modules)
     collector = Collector(modules, config)
@@ -219,7 +222,8 @@ def probe_batch(
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor))
         _forward(model, ModelTask.of(model), batch, model_device(model), collector, config, loss_fn, hash_it=False)
     collector.finalize_groups()
-    return BatchProbe(collector.input_groups, sum(size for _, size in kept))
+    sizes = [size for _, size in kept]
+    return BatchProbe(collector.input_groups, sum(sizes) + 2 * max(sizes, default=0))
 
 
 def _storage(tensor: torch.Tensor) -> tuple[int, int] | None:
