@@ -233,8 +233,8 @@ def initialize_lora_da(
     logged, and printed when `config.show_progress`); `layers_per_pass` (a number of layers) and/or
     `memory_budget` (bytes of statistics) set them instead. When that takes several passes, the statistics pass's
     forward of a batch (its graph dropped) finds the layers that read one input, so that each shared `Z` is
-    counted once, and, for the automatic plan, measures on the batch with the longest examples the activations
-    kept for a backward, so that the statistics get what they leave free; `Z` is then summed without float32
+    counted once, and, for the automatic plan, measures on the batch with the longest examples the memory its
+    backward needs, so that the statistics get what that leaves free; `Z` is then summed without float32
     chunks, and the batches passed in micro-batches (the statistics are the same sums), where that saves passes.
 
     `shard_statistics` (under `torch.distributed`): each rank keeps only the statistics of the layers it solves,
@@ -561,7 +561,7 @@ def _probe_batches(
     loss_fn: PerExampleLoss | None,
     measure: bool,
 ) -> tuple[dict[str, str], ActivationEstimate | None] | None:
-    """The layers' input groups and (`measure`) the activations a pass keeps for a batch, from the statistics pass's
+    """The layers' input groups and (`measure`) the memory a batch's backward needs, from the statistics pass's
     forward of a batch: with `measure`, the batch with the longest examples (of one length, the most supervised),
     found by looking at every batch; else the first. On every rank, or on none (a sharded model's forward is
     collective); None where the batches cannot be looked at twice or a rank has none."""

@@ -56,8 +56,7 @@ STATISTICS_SHARE = 0.5
 # below its peak.
 MIN_MICRO_BATCH_POSITIONS = 512
 # Share of the free memory that what the plan counts may fill: a pass's statistics with the measured activations
-# of its largest batch, and after the pass with the largest solve. The rest is slack for the allocator and the
-# backward's passing tensors.
+# of its largest batch, and after the pass with the largest solve. The rest is slack for the allocator.
 FILL_SHARE = 0.85
 
 
@@ -177,7 +176,7 @@ def plan_memory(
 
 @dataclass(frozen=True)
 class ActivationEstimate:
-    """What a pass keeps for a batch's backward, from the batch with the longest examples measured (see
+    """What a batch's backward needs, from the batch with the longest examples measured (see
     `collect.probe_batch`), per example: an upper bound for any batch of as many examples, however the batches
     are shuffled."""
 
