@@ -160,10 +160,12 @@ def activation_part(device: torch.device) -> dict:
 def projected_activations(shape: Shape, measured: dict, examples: int = PROJECTED_BATCH[0]) -> int:
     """A pass's activations for `examples` examples of PROJECTED_BATCH's length on `shape`: the measured bytes per
     position of a 7B-shaped block, in proportion to the block's widths (hidden + intermediate), over its blocks, with
-    the rest measured outside them and the output head's float32 logits and log-probabilities."""
+    the rest measured outside them, and the output head's float32 logits and log-probabilities with the two
+    gradients of their size passing through the backward (counted beside the measured model's passing gradients:
+    an upper bound)."""
     widths = (shape.hidden + shape.intermediate) / (MEASURED.hidden + MEASURED.intermediate)
     per_position = (measured["per_block_position_bytes"] * widths * shape.blocks + measured["rest_position_bytes"]
-                    + 2 * 4 * PROJECTED_VOCABULARY)
+                    + 4 * 4 * PROJECTED_VOCABULARY)
     return int(per_position * examples * PROJECTED_BATCH[1])
 
 
@@ -328,7 +330,8 @@ def report(args, results: dict) -> str:
             f"and 2 bf16 7B-shaped blocks at commit {activations.get('commit')}: "
             f"{activations['per_block_position_bytes'] / 1024:.0f} KiB per position and block, in proportion to "
             "hidden + intermediate for the other shapes, with the float32 logits and log-probabilities of a "
-            f"{PROJECTED_VOCABULARY}-token head); one pass's statistics with them, and with the largest solve after "
+            f"{PROJECTED_VOCABULARY}-token head and the two gradients of their size passing through the "
+            "backward); one pass's statistics with them, and with the largest solve after "
             f"it (chebyshev's, the default on CUDA), within {FILL_SHARE:.0%} of the memory free when the pass starts "
             "(the default automatic plan), Z summed without its float32 chunks where that takes fewer passes, and "
             "the batch passed in micro-batches of at least 512 positions where that takes fewer passes (at the same "
