@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 @contextmanager
@@ -21,8 +22,12 @@ def recording_failure(out: str, rank: int) -> Iterator[None]:
         raise
 
 
-def save_results(out: str, rank: int, results: dict) -> None:
+def save_results_and_finish(out: str, rank: int, results: dict) -> None:
+    """Save this rank's results, then leave the process group together with the other ranks (a rank that tears
+    gloo down while another still works can abort at exit)."""
     torch.save(results, Path(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def free_port() -> int:
@@ -34,7 +39,8 @@ def free_port() -> int:
 
 def run_ranks(worker: Callable[[int, int, str], None], out: Path, world: int, timeout: float) -> list[dict]:
     """Run `worker(rank, port, out)` on `world` forked processes (no re-import of torch: a fast start); the
-    results each saved with `save_results`, rank 0 first. A rank's error fails the calling test with its traceback."""
+    results each saved with `save_results_and_finish`, rank 0 first. A rank's error fails the calling test with its
+    traceback."""
     port = free_port()
     context = multiprocessing.get_context("fork")
     processes = [context.Process(target=worker, args=(rank, port, str(out))) for rank in range(world)]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _ranks import recording_failure, run_ranks, save_results
+from _ranks import recording_failure, run_ranks, save_results_and_finish
 from _tiny import assert_factors_match, batches, collate, examples, lora_state, tiny_llama, wrap
 from transformers import TrainerState
 
@@ -61,8 +61,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         callback = LoraDACallback(num_samples=8, config={"show_progress": False})
         callback.on_train_begin(args, TrainerState(), None, model=engine.module, train_dataloader=loader)
         results["callback_zero3"] = _lora_weights(engine)
-        save_results(out, rank, results)
-        torch.distributed.destroy_process_group()
+        save_results_and_finish(out, rank, results)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _ranks import recording_failure, run_ranks, save_results
+from _ranks import recording_failure, run_ranks, save_results_and_finish
 from _tiny import assert_factors_match, batches, collate, examples, lora_state, relative_error, tiny_llama, wrap
 from transformers import TrainerState
 
@@ -187,8 +187,7 @@ def _worker(rank: int, port: int, out: str) -> None:
             results["error"] = None
         except Exception as exc:
             results["error"] = f"{type(exc).__name__}: {exc}"
-        save_results(out, rank, results)
-        dist.destroy_process_group()
+        save_results_and_finish(out, rank, results)
 
 
 @pytest.fixture(scope="module")

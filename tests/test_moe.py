@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import torch
 import transformers as tf
-from _ranks import recording_failure, run_ranks, save_results
+from _ranks import recording_failure, run_ranks, save_results_and_finish
 from _tiny import VOCAB, batches, bytes_a_pass_adds, examples, lora_state, relative_error, tiny_llama
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -430,8 +430,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         fully_shard(dora)
         initialize_lora_da(dora, dora_data(), CFG, shard=True)
         results["dora_fsdp2"] = {k: v.full_tensor().clone() for k, v in dora.state_dict().items() if "lora_" in k}
-        save_results(out, rank, results)
-        dist.destroy_process_group()
+        save_results_and_finish(out, rank, results)
 
 
 class TestDataParallel:
