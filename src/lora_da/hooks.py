@@ -180,15 +180,13 @@ class Collector:
             x = x.detach()
             if self.on_hold is not None:
                 self.on_hold(x)
-            handed_on = None
             if not output.requires_grad:
-                # Nothing before this layer needs a gradient, so the graph starts here with a leaf; the model gets a
-                # copy of it, since it may change the layer's output in place (e.g. `out += residual`).
-                output = output.detach().requires_grad_(True)
-                handed_on = output.clone()
+                # Nothing before this layer needs a gradient, so the graph starts here: adding a zero that needs one,
+                # in place, makes the output a node the model may still change in place (e.g. `out += residual`),
+                # where a leaf would have to be handed on as a copy.
+                output.add_(torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
             # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
             output.register_hook(lambda grad: self._accumulate(name, x, grad, self._masks.get(tuple(x.shape[:-1]))))
-            return handed_on
 
         return hook
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -114,8 +115,11 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
     if adapter is None or str(getattr(adapter, "peft_type", "")).split(".")[-1] != "LORA":
         raise ValueError(f"regime {config.regime!r} trains a LoRA adapter; this model has none (e.g. method 'full')")
     if config.regime == "lora_fa":
-        return create_lorafa_optimizer(model, r=adapter.r, lora_alpha=adapter.lora_alpha, lr=config.lr,
-                                       weight_decay=config.weight_decay)
+        # PEFT from 0.22 reads each layer's scaling from the model (passing r and lora_alpha is deprecated there);
+        # earlier versions need the adapter's r and lora_alpha.
+        legacy = "r" in inspect.signature(create_lorafa_optimizer).parameters
+        sizes = {"r": adapter.r, "lora_alpha": adapter.lora_alpha} if legacy else {}
+        return create_lorafa_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, **sizes)
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=config.lr, loraplus_lr_ratio=LORAPLUS_LR_RATIO,
                                      loraplus_weight_decay=config.weight_decay)
 
