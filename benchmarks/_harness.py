@@ -437,6 +437,7 @@ def memory_account(shape: Shape, blocks: int, floor: dict, ours: dict, weight_it
     def working(group: list[tuple[int, int]]) -> int:  # the layers iterate in step, each with a float64 G
         return max(solve_working_bytes(m, n) - 8 * m * n for m, n in group) + sum(8 * m * n for m, n in group)
 
+    traced_at = f" (commit {traced['commit']})" if traced and traced.get("commit") else ""
     weight_gradients = sum(weight_itemsize * m * n for group in groups for m, n in group)
     statistics = sum(map(held, groups))
     during = floor["grown_mib"] * mib - weight_gradients + statistics
@@ -450,8 +451,8 @@ def memory_account(shape: Shape, blocks: int, floor: dict, ours: dict, weight_it
         f"| after it: a group's solve beside the statistics not yet solved, at most | {after / mib:.0f} |",
         f"| LoRA-DA init, grown (measured) | {ours['grown_mib']:.0f} |",
     ] + ([
-        f"| floor, tensors traced: activations + weight gradients | {traced['floor_mib']:.0f} |",
+        f"| floor, tensors traced{traced_at}: activations + weight gradients | {traced['floor_mib']:.0f} |",
         f"| during the pass, from the floor's traced tensors: activations + statistics | "
         f"{traced['floor_mib'] - (weight_gradients - statistics) / mib:.0f} |",
-        f"| LoRA-DA init, tensors traced | {traced['init_mib']:.0f} |",
+        f"| LoRA-DA init, tensors traced{traced_at} | {traced['init_mib']:.0f} |",
     ] if traced and "error" not in traced else [])
