@@ -181,10 +181,7 @@ class Collector:
             if self.on_hold is not None:
                 self.on_hold(x)
             if not output.requires_grad:
-                # Nothing before this layer needs a gradient, so the graph starts here: adding a zero that needs one,
-                # in place, makes the output a node the model may still change in place (e.g. `out += residual`),
-                # where a leaf would have to be handed on as a copy.
-                output.add_(torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
+                _start_graph(output)
             # Pairing x with g in one closure counts each token once, even if the forward is recomputed.
             output.register_hook(lambda grad: self._accumulate(name, x, grad, self._masks.get(tuple(x.shape[:-1]))))
 
@@ -198,7 +195,7 @@ class Collector:
             return
         masks = self._row_masks(name, tuple(x.shape[:-1]), rows)
         if not output.requires_grad:
-            output.requires_grad_(True)  # a leaf here: the input and the weight need no grad
+            _start_graph(output)
         x = x.detach()
         if self.on_hold is not None:
             self.on_hold(x)
@@ -345,6 +342,13 @@ class Collector:
 def unrouted_metadata(unrouted) -> dict[str, str]:
     """The statistics' record of the experts' weights that no calibration token reached."""
     return {UNROUTED_KEY: json.dumps(sorted(unrouted))}
+
+
+def _start_graph(output: torch.Tensor) -> None:
+    """Make a layer's output, that nothing before needs a gradient of, the start of the graph: adding a zero that
+    needs one, in place, leaves it a node that the model may still change in place (e.g. `out += residual`),
+    where a leaf would have to be handed on as a copy, and gives the backward no gradient of its size to keep."""
+    output.add_(torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True))
 
 
 def _masks_of(example: torch.Tensor, token: torch.Tensor | None, per_token: torch.Tensor,
